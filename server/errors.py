@@ -1,0 +1,28 @@
+"""The one domain error family. The transport maps each class to a gRPC status
+code in one place (transport/errors.py); nothing else inspects messages."""
+
+from __future__ import annotations
+
+
+class AcroscreenError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class InvalidRequest(AcroscreenError):
+    """The request or stream is malformed as a whole (e.g. frames before options)."""
+
+
+class Overloaded(AcroscreenError):
+    """A limit was reached; the caller may retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(AcroscreenError):
+    """The server is starting or draining and takes no new work."""
+
+
+class ModelError(AcroscreenError):
+    """The model could not be loaded or failed while running."""

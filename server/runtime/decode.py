@@ -1,0 +1,98 @@
+"""Frame bytes → BGR pixels. Every failure is a per-frame rejection with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .types import EncodedImage, FrameRejected, ImageEncoding, PixelFormat, RejectReason
+
+_JPEG_MAGIC = b"\xff\xd8"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeLimits:
+    max_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+
+
+def decode_image(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    """Decode to a contiguous uint8 H×W×3 BGR array (grey input is expanded)."""
+    if not image.data:
+        raise FrameRejected(RejectReason.DECODE_FAILED, "empty image bytes")
+    if len(image.data) > limits.max_bytes:
+        raise FrameRejected(
+            RejectReason.TOO_LARGE, f"{len(image.data)} bytes exceeds the limit of {limits.max_bytes}"
+        )
+    if image.encoding is ImageEncoding.RAW:
+        return _decode_raw(image, limits)
+    return _decode_compressed(image, limits)
+
+
+def _decode_raw(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    if image.pixel_format is None:
+        raise FrameRejected(RejectReason.BAD_FORMAT, "raw frame without a known pixel format")
+    if image.width <= 0 or image.height <= 0:
+        raise FrameRejected(RejectReason.BAD_FORMAT, f"raw frame size {image.width}x{image.height}")
+    if image.width * image.height > limits.max_pixels:
+        raise FrameRejected(
+            RejectReason.TOO_LARGE,
+            f"{image.width}x{image.height} exceeds the limit of {limits.max_pixels} pixels",
+        )
+    channels = image.pixel_format.channels
+    expected = image.width * image.height * channels
+    if len(image.data) != expected:
+        raise FrameRejected(
+            RejectReason.BAD_FORMAT,
+            f"raw {image.pixel_format.value} {image.width}x{image.height} needs {expected} bytes, got {len(image.data)}",
+        )
+    pixels = np.frombuffer(image.data, dtype=np.uint8).reshape(image.height, image.width, channels)
+    if image.pixel_format is PixelFormat.GRAY8:
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+    if image.pixel_format is PixelFormat.RGB24:
+        return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    return pixels.copy()
+
+
+def _decode_compressed(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    magic = _JPEG_MAGIC if image.encoding is ImageEncoding.JPEG else _PNG_MAGIC
+    if not image.data.startswith(magic):
+        raise FrameRejected(
+            RejectReason.DECODE_FAILED, f"bytes are not {image.encoding.value.upper()} (bad signature)"
+        )
+    buffer = np.frombuffer(image.data, dtype=np.uint8)
+    width, height = _declared_size(image.data, image.encoding)
+    if width * height > limits.max_pixels:
+        raise FrameRejected(
+            RejectReason.TOO_LARGE, f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels"
+        )
+    pixels = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if pixels is None or pixels.size == 0:
+        raise FrameRejected(RejectReason.DECODE_FAILED, f"corrupt or truncated {image.encoding.value.upper()}")
+    return pixels
+
+
+def _declared_size(data: bytes, encoding: ImageEncoding) -> tuple[int, int]:
+    """Read width and height from the header, so decompression bombs are refused before decoding."""
+    if encoding is ImageEncoding.PNG:
+        if len(data) < 24:
+            raise FrameRejected(RejectReason.DECODE_FAILED, "truncated PNG header")
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    offset = 2
+    while offset + 9 < len(data):
+        if data[offset] != 0xFF:
+            break
+        marker = data[offset + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            offset += 2
+            continue
+        length = int.from_bytes(data[offset + 2 : offset + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(data[offset + 5 : offset + 7], "big")
+            width = int.from_bytes(data[offset + 7 : offset + 9], "big")
+            return width, height
+        offset += 2 + length
+    raise FrameRejected(RejectReason.DECODE_FAILED, "JPEG without a frame header (corrupt or truncated)")
