@@ -1,0 +1,163 @@
+"""The `acroscreen` command. Server verbs import server code lazily, so a
+client-only install (no torch, no dlib) can still run `screen` and `model-info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .client import ScreeningClient, ScreenOptions
+from .errors import AcroscreenClientError
+from .types import FrameResult, SubjectResult
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except AcroscreenClientError as error:
+        print(f"acroscreen: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as error:
+        print(f"acroscreen: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acroscreen", description="Acromegaly facial screening service (research use).")
+    verbs = parser.add_subparsers(title="commands")
+
+    serve = verbs.add_parser("serve", help="run the gRPC screening server")
+    _add_server_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    screen = verbs.add_parser("screen", help="screen a video file, image, folder of images or webcam")
+    screen.add_argument("source", help="video file, image file, folder of images, or webcam index")
+    screen.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    screen.add_argument("--subject-id", default="", help="your identifier for the subject (echoed back)")
+    screen.add_argument("--json", action="store_true", help="print exactly one JSON object: the final subject result")
+    screen.add_argument("--max-frames", type=int, default=0, help="stop analysing after this many frames")
+    screen.add_argument(
+        "--realtime",
+        action="store_true",
+        help="let the server skip frames it cannot keep up with (default for webcams; videos analyse every frame)",
+    )
+    screen.add_argument("--jpeg-quality", type=int, default=85)
+    screen.add_argument("--timeout", type=float, default=None, help="deadline for the whole call, seconds")
+    screen.set_defaults(run=_screen)
+
+    info = verbs.add_parser("model-info", help="show the model the server runs")
+    info.add_argument("--server", default="127.0.0.1:50051")
+    info.set_defaults(run=_model_info)
+
+    demo = verbs.add_parser("demo", help="start a server and screen the shipped demo clips")
+    demo.add_argument("--frames", type=int, default=60, help="frames per demo clip")
+    _add_server_flags(demo)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    from acroscreen.server.config import add_flags  # config is pure stdlib: safe without the server extra
+
+    add_flags(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from acroscreen.server.config import Settings, with_overrides
+    from acroscreen.server.main import serve
+
+    return serve(with_overrides(Settings.load(), args))
+
+
+def _screen(args: argparse.Namespace) -> int:
+    from . import sources
+
+    source = sources.describe(args.source)
+    options = ScreenOptions(
+        subject_id=args.subject_id,
+        max_analyzed_frames=args.max_frames,
+        analyze_every_frame=source.kind == "video" and not args.realtime,
+    )
+    progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
+    with ScreeningClient(args.server, timeout_s=args.timeout) as client:
+        if source.kind == "images" and source.frame_count <= 32:
+            result = client.screen_images(sources.frames(source), options)
+        else:
+            frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)
+            result = client.screen(frames, options, on_event=progress.update)
+    progress.done()
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    else:
+        print(_describe(result))
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    with ScreeningClient(args.server) as client:
+        print(json.dumps(client.model_info().to_dict(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from acroscreen.server.demo.run import run_demo
+
+    return run_demo(args)
+
+
+class _Progress:
+    """One self-rewriting line on a terminal; silent when stderr is not one."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._total = total
+        self._enabled = enabled
+        self._counts = {"analyzed": 0, "rejected": 0, "skipped": 0}
+
+    def update(self, event: FrameResult | SubjectResult) -> None:
+        if not self._enabled:
+            return
+        if isinstance(event, FrameResult):
+            self._counts[event.status] = self._counts.get(event.status, 0) + 1
+        seen = sum(self._counts.values())
+        total = f"/{self._total}" if self._total else ""
+        text = ", ".join(f"{n} {k}" for k, n in self._counts.items())
+        score = ""
+        if isinstance(event, SubjectResult) and event.expected_score is not None:
+            score = f"  expected score {event.expected_score:.2f}"
+        print(f"\rframes {seen}{total}: {text}{score}   ", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._enabled:
+            print(file=sys.stderr)
+
+
+def _describe(result: SubjectResult) -> str:
+    lines = [f"subject {result.subject_id or '(no id)'}: {result.status.upper()}"]
+    if result.predicted_score is not None:
+        p1, p2, p3 = result.probabilities
+        lines.append(f"  predicted score {result.predicted_score}   expected score {result.expected_score:.2f}")
+        if result.expected_score_interval:
+            low, high = result.expected_score_interval
+            lines.append(f"  95% interval of the expected score: {low:.2f} – {high:.2f}")
+        lines.append(f"  probabilities  1: {p1:.3f}  2: {p2:.3f}  3: {p3:.3f}")
+    lines.append(
+        f"  frames received {result.frames_received}, analysed {result.frames_analyzed}, skipped {result.frames_skipped}"
+    )
+    if result.rejected:
+        lines.append("  rejected: " + ", ".join(f"{reason} {count}" for reason, count in sorted(result.rejected.items())))
+    if result.model:
+        lines.append(f"  model {result.model.name} {result.model.version} (kind: {result.model.kind})")
+        if result.model.kind != "clinical":
+            lines.append("  NOT A CLINICAL MODEL: for demonstration and pipeline validation only")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The client's exceptions. Every gRPC failure is re-raised as one of these,
+chosen by status code (never by message text), with the RpcError as __cause__.
+
+    AcroscreenClientError
+    ├── InvalidRequestError      INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
+    ├── ServerBusyError          RESOURCE_EXHAUSTED (retry_after_s from the server's pushback)
+    ├── UnavailableError         UNAVAILABLE (server down, starting or draining; safe to retry)
+    ├── DeadlineExceededError    DEADLINE_EXCEEDED
+    ├── AuthenticationError      UNAUTHENTICATED, PERMISSION_DENIED
+    ├── CancelledError           CANCELLED
+    └── ServerError              INTERNAL, UNKNOWN and anything else
+"""
+
+from __future__ import annotations
+
+import grpc
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class AcroscreenClientError(Exception):
+    """Base of every error the client raises for a failed call."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidRequestError(AcroscreenClientError):
+    """The server refused the request as malformed; retrying will not help."""
+
+
+class ServerBusyError(AcroscreenClientError):
+    """A server limit was reached; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code)
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(AcroscreenClientError):
+    """No server answered, or it is starting or shutting down."""
+
+
+class DeadlineExceededError(AcroscreenClientError):
+    """The call ran past its deadline."""
+
+
+class AuthenticationError(AcroscreenClientError):
+    """Credentials missing or refused."""
+
+
+class CancelledError(AcroscreenClientError):
+    """The call was cancelled."""
+
+
+class ServerError(AcroscreenClientError):
+    """The server failed; details are in its logs, not in this message."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[AcroscreenClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ServerBusyError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> AcroscreenClientError:
+    """The client exception for a failed call (raise it `from error`)."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    kind = _BY_CODE.get(code, ServerError)
+    message = f"{code.name}: {details}"
+    if kind is ServerBusyError:
+        return ServerBusyError(message, code, retry_after_s=_pushback_s(error))
+    return kind(message, code)
+
+
+def _pushback_s(error: grpc.RpcError) -> float | None:
+    if not isinstance(error, grpc.Call):
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return int(value) / 1000.0
+            except ValueError:
+                return None
+    return None

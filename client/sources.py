@@ -1,0 +1,108 @@
+"""Frame sources for the client: video files (PyAV), images or folders of images, webcams.
+
+Video frames are sent as JPEG (quality 85 by default: ~37 KB for 640×480).
+Photo files already in JPEG or PNG are sent byte for byte, without re-encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .types import FrameData, ImageKind
+
+IMAGE_SUFFIXES = {".jpg": ImageKind.JPEG, ".jpeg": ImageKind.JPEG, ".png": ImageKind.PNG}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What to screen: `kind` is video, images or webcam; `frame_count` is 0 when unknown."""
+
+    kind: str
+    location: str
+    frame_count: int
+
+
+def describe(spec: str) -> Source:
+    """Classify a SOURCE argument: an integer is a webcam index, else a file or folder."""
+    if spec.isdigit():
+        return Source("webcam", spec, 0)
+    path = Path(spec)
+    if path.is_dir():
+        return Source("images", spec, len(image_paths(path)))
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file, folder or webcam: {spec}")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return Source("images", spec, 1)
+    if suffix in VIDEO_SUFFIXES:
+        return Source("video", spec, video_frame_count(path))
+    raise ValueError(f"unsupported file type {suffix!r}: use a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or JPEG/PNG")
+
+
+def frames(source: Source, jpeg_quality: int = 85, max_frames: int = 0) -> Iterator[FrameData]:
+    if source.kind == "video":
+        return video_frames(Path(source.location), jpeg_quality)
+    if source.kind == "images":
+        return image_frames(Path(source.location))
+    return webcam_frames(int(source.location), jpeg_quality, max_frames or 300)
+
+
+def image_paths(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_frames(path: Path) -> Iterator[FrameData]:
+    for index, image_path in enumerate(image_paths(path)):
+        yield FrameData(image_path.read_bytes(), IMAGE_SUFFIXES[image_path.suffix.lower()], index=index)
+
+
+def video_frame_count(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return container.streams.video[0].frames
+
+
+def video_frames(path: Path, jpeg_quality: int = 85) -> Iterator[FrameData]:
+    """Decode with PyAV; timestamps come from the stream's presentation times."""
+    import av
+    import cv2
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for index, frame in enumerate(container.decode(stream)):
+            pixels = frame.to_ndarray(format="bgr24")
+            timestamp_us = int(frame.time * 1_000_000) if frame.time is not None else 0
+            yield FrameData(_jpeg(cv2, pixels, jpeg_quality), ImageKind.JPEG, index=index, timestamp_us=timestamp_us)
+
+
+def webcam_frames(device: int, jpeg_quality: int = 85, max_frames: int = 300) -> Iterator[FrameData]:
+    import time
+
+    import cv2
+
+    capture = cv2.VideoCapture(device)
+    if not capture.isOpened():
+        raise OSError(f"cannot open webcam {device}")
+    started = time.monotonic()
+    try:
+        for index in range(max_frames):
+            ok, pixels = capture.read()
+            if not ok:
+                return
+            timestamp_us = int((time.monotonic() - started) * 1_000_000)
+            yield FrameData(_jpeg(cv2, pixels, jpeg_quality), ImageKind.JPEG, index=index, timestamp_us=timestamp_us)
+    finally:
+        capture.release()
+
+
+def _jpeg(cv2, pixels, quality: int) -> bytes:  # noqa: ANN001 — cv2 is imported lazily (media extra)
+    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return encoded.tobytes()

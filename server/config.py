@@ -1,0 +1,113 @@
+"""One Settings object for the server: defaults, overridden by ACROSCREEN_* environment
+variables, overridden by command-line flags. Read once in main() and passed down."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ACROSCREEN_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 or [::] in containers)")
+    port: int = _setting(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    model: Path | None = _setting(None, "weights file (.safetensors); default: the shipped demo weights")
+    allow_untrained: bool = _setting(False, "serve random weights when no weights file is available")
+    device: str = _setting("cpu", "where the model runs: cpu or cuda")
+    max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
+    max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
+    max_streams: int = _setting(32, "concurrent streams; more get RESOURCE_EXHAUSTED")
+    analysis_backlog: int = _setting(8, "frames a stream may have waiting for analysis")
+    max_batch_size: int = _setting(16, "faces per model batch")
+    max_batch_delay_ms: float = _setting(5.0, "longest wait to fill a batch")
+    batch_queue_capacity: int = _setting(256, "faces waiting for the model, across streams")
+    landmark_points: int = _setting(5, "landmark model: 5 (commercial use ok) or 68 (research only)")
+    update_every_frames: int = _setting(10, "analysed frames between provisional subject updates")
+    min_frames_for_score: int = _setting(3, "analysed frames needed before a subject gets a score")
+    torch_threads: int = _setting(0, "intra-op threads for CPU inference (0 = torch default)")
+    grace_period_s: float = _setting(10.0, "time running streams get to finish on SIGTERM")
+    log_level: str = _setting("INFO", "logging level")
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] = os.environ, argv: list[str] | None = None) -> Settings:
+        """Defaults ← ACROSCREEN_* environment ← flags in argv (already-parsed namespaces too)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        if argv is not None:
+            parser = argparse.ArgumentParser(add_help=False)
+            add_flags(parser)
+            namespace = parser.parse_args(argv)
+            values.update(overrides_from(namespace))
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.landmark_points not in (5, 68):
+            raise ValueError("landmark_points must be 5 or 68")
+        for name in ("max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+def env_names() -> list[str]:
+    """Every environment variable the server reads."""
+    return [ENV_PREFIX + f.name.upper() for f in fields(Settings)]
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per setting; defaults are None so unset flags don't override the environment."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def overrides_from(namespace: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = getattr(namespace, f.name, None)
+        if raw is not None:
+            values[f.name] = raw if isinstance(raw, bool) else _parse(f, str(raw))
+    return values
+
+
+def with_overrides(settings: Settings, namespace: argparse.Namespace) -> Settings:
+    return dataclasses.replace(settings, **overrides_from(namespace))
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path | None":
+            return Path(raw) if raw else None
+        return raw
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}: cannot read {raw!r} as {kind}") from None

@@ -1,0 +1,158 @@
+"""Composition root: builds runtime → service → transport from one Settings object."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .errors import ModelError
+from .metrics import Metrics
+from .service.screening import ScreeningService
+from .transport.server import GrpcServer
+
+log = logging.getLogger("acroscreen.server")
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "phantom-demo.safetensors"
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    """A started server; `stop()` drains it."""
+
+    port: int
+    metrics_port: int
+    service: ScreeningService
+    grpc_server: GrpcServer
+    metrics: Metrics
+    _closers: tuple
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.grpc_server.drain()
+        self.service.stop_accepting()
+        self.service.wait_idle(grace_s)
+        self.grpc_server.stop(grace_s)
+        for close in self._closers:
+            close()
+
+
+def start(settings: Settings) -> RunningServer:
+    """Listen at once (health NOT_SERVING), load and warm the model, then serve."""
+    from prometheus_client import start_http_server
+
+    metrics = Metrics()
+    grpc_server = GrpcServer(settings)
+    grpc_server.start()
+    metrics_port = -1
+    closers: list = []
+    if settings.metrics_port >= 0:
+        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+        closers.append(httpd.shutdown)
+    try:
+        service, stop_batcher = _build_service(settings, metrics)
+    except Exception:
+        grpc_server.stop(0)
+        for close in closers:
+            close()
+        raise
+    closers.insert(0, stop_batcher)
+    grpc_server.attach(service)
+    metrics.model_ready.set(1)
+    log.info("serving on %s:%d, metrics on port %d", settings.host, grpc_server.port, metrics_port)
+    return RunningServer(grpc_server.port, metrics_port, service, grpc_server, metrics, tuple(closers))
+
+
+def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
+    import torch
+
+    from .runtime.decode import DecodeLimits
+    from .runtime.landmarks import LICENCE_NOTICES
+    from .runtime.model import SeverityModel
+    from .runtime.preprocess import FacePreprocessor, PreprocessSettings
+    from .runtime.weights import ModelLoadError, load_weights, untrained_weights
+    from .service.batcher import BatcherConfig, DynamicBatcher
+    from .service.pipeline import FrameAnalyzer, model_batch_runner
+    from .service.types import ModelInfo, ModelRef, PreprocessingInfo
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    path = settings.model or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
+    try:
+        if path is not None:
+            weights = load_weights(path)
+        elif settings.allow_untrained:
+            log.warning("no weights file: serving UNTRAINED random weights; results mean nothing")
+            weights = untrained_weights()
+        else:
+            raise ModelError("no weights file: pass --model PATH, or --allow-untrained to serve random weights")
+    except ModelLoadError as error:
+        raise ModelError(str(error)) from error
+    card = weights.card
+    log.info("model %s %s (%s) sha256=%s", card.name, card.version, card.kind, weights.sha256 or "-")
+    model = SeverityModel(weights.net, card, settings.device)
+    model.warmup()
+
+    preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)
+    preprocessor = FacePreprocessor(preprocess_settings)
+    batcher = DynamicBatcher(
+        model_batch_runner(model.predict),
+        BatcherConfig(
+            max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_batch_delay_ms,
+            queue_capacity=settings.batch_queue_capacity,
+        ),
+        metrics,
+    )
+    batcher.start()
+    p = card.preprocessing
+    info = ModelInfo(
+        model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=weights.sha256),
+        class_labels=tuple(card.labels),
+        preprocessing=PreprocessingInfo(
+            input_size=p.input_size,
+            mean=p.mean,
+            std=p.std,
+            channel_order=p.channel_order,
+            box_height_expand=p.box_height_expand,
+            alignment=p.alignment,
+            landmark_points=preprocess_settings.landmark_points,
+        ),
+        temperature=card.temperature,
+        architecture=card.architecture,
+        intended_use=card.intended_use,
+        notices=(*card.notices, LICENCE_NOTICES[preprocess_settings.landmark_points]),
+    )
+    analyzer = FrameAnalyzer(
+        preprocessor=preprocessor,
+        batcher=batcher,
+        decode_limits=DecodeLimits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_frame_pixels),
+        metrics=metrics,
+    )
+    service = ScreeningService(
+        analyzer=analyzer,
+        model_info=info,
+        metrics=metrics,
+        max_streams=settings.max_streams,
+        analysis_backlog=settings.analysis_backlog,
+        update_every_frames=settings.update_every_frames,
+        min_frames_for_score=settings.min_frames_for_score,
+    )
+    return service, batcher.stop
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    running = start(settings)
+    print(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})", flush=True)
+    stop_requested.wait()
+    log.info("draining for up to %.1f s", settings.grace_period_s)
+    running.stop(settings.grace_period_s)
+    return 0

@@ -1,0 +1,126 @@
+"""One dynamic batcher shared by every stream, so model batches span streams.
+
+Queue + condition + one future per item (after Ray Serve's batching.py). The
+queue is bounded: a full queue refuses new work with Overloaded at once rather
+than letting waits grow without limit. A failing batch is split and retried so
+one bad item or an out-of-memory error fails only what it must.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ..errors import ModelError, Overloaded
+from ..metrics import Metrics
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatcherConfig:
+    max_batch_size: int = 16
+    max_delay_ms: float = 5.0
+    queue_capacity: int = 256  # when full, submit() raises Overloaded
+
+
+@dataclass(slots=True)
+class _Pending(Generic[Item, Result]):
+    item: Item
+    future: Future[Result]
+    enqueued_at: float
+
+
+class DynamicBatcher(Generic[Item, Result]):
+    """Collects items until max_batch_size or max_delay_ms, runs them as one batch."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], Sequence[Result]],
+        config: BatcherConfig,
+        metrics: Metrics,
+    ) -> None:
+        self._run_batch = run_batch
+        self._config = config
+        self._metrics = metrics
+        self._queue: collections.deque[_Pending[Item, Result]] = collections.deque()
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="acroscreen-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the worker thread."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, item: Item) -> Future[Result]:
+        future: Future[Result] = Future()
+        with self._condition:
+            if self._stopping:
+                raise Overloaded("the model is shutting down")
+            if len(self._queue) >= self._config.queue_capacity:
+                raise Overloaded(f"inference queue full ({self._config.queue_capacity} faces)")
+            self._queue.append(_Pending(item, future, time.monotonic()))
+            self._metrics.queue_depth.labels(queue="inference").set(len(self._queue))
+            self._condition.notify()
+        return future
+
+    def _take_batch(self) -> list[_Pending[Item, Result]] | None:
+        with self._condition:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._condition.wait()
+            deadline = self._queue[0].enqueued_at + self._config.max_delay_ms / 1000.0
+            while len(self._queue) < self._config.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            batch = []
+            while self._queue and len(batch) < self._config.max_batch_size:
+                pending = self._queue.popleft()
+                if pending.future.set_running_or_notify_cancel():
+                    batch.append(pending)
+            self._metrics.queue_depth.labels(queue="inference").set(len(self._queue))
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            if not batch:
+                continue
+            now = time.monotonic()
+            for pending in batch:
+                self._metrics.stage_seconds.labels(stage="queue_wait").observe(now - pending.enqueued_at)
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+        started = time.monotonic()
+        try:
+            results = self._run_batch([p.item for p in batch])
+            if len(results) != len(batch):
+                raise ModelError(f"model returned {len(results)} results for a batch of {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 — delivered to every waiter, never lost
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                self._run(batch[:middle])
+                self._run(batch[middle:])
+                return
+            batch[0].future.set_exception(exc if isinstance(exc, ModelError) else ModelError(f"inference failed: {exc}"))
+            return
+        self._metrics.stage_seconds.labels(stage="infer").observe(time.monotonic() - started)
+        self._metrics.batch_size.observe(len(batch))
+        for pending, result in zip(batch, results):
+            pending.future.set_result(result)

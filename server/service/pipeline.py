@@ -1,0 +1,140 @@
+"""One frame's way through the compute stages: decode → face analysis → crop → batcher.
+
+Results are delivered through a callback, synchronously for frames rejected
+before the model and from the batcher thread for analysed ones, so a stream's
+worker never waits on the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from ..errors import Overloaded
+from ..metrics import Metrics
+from ..runtime.decode import DecodeLimits, decode_image
+from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
+from ..runtime.tracking import FaceTracker
+from ..runtime.types import FaceCrop, FrameRejected, RejectReason
+from .aggregator import SubjectAggregator
+from .batcher import DynamicBatcher
+from .types import FrameInput, FramePrediction, FrameStatus
+
+Probabilities = tuple[float, float, float]
+Deliver = Callable[[FramePrediction], None]
+
+
+class FrameAnalyzer:
+    """Shared by all streams; per-stream state lives in the tracker and aggregator passed in."""
+
+    def __init__(
+        self,
+        *,
+        preprocessor: FacePreprocessor,
+        batcher: DynamicBatcher[FaceCrop, Probabilities],
+        decode_limits: DecodeLimits,
+        metrics: Metrics,
+    ) -> None:
+        self._preprocessor = preprocessor
+        self._batcher = batcher
+        self._decode_limits = decode_limits
+        self._metrics = metrics
+
+    def new_tracker(self) -> FaceTracker:
+        return self._preprocessor.new_tracker()
+
+    def analyze(
+        self, frame: FrameInput, tracker: FaceTracker | None, aggregator: SubjectAggregator, deliver: Deliver
+    ) -> None:
+        """Analyse one frame; `deliver` is called exactly once with its outcome."""
+        stage = self._metrics.stage_seconds
+        analysis: FaceAnalysis | None = None
+        try:
+            started = time.monotonic()
+            image = decode_image(frame.image, self._decode_limits)
+            stage.labels(stage="decode").observe(time.monotonic() - started)
+            analysis = self._preprocessor.analyze(image, tracker)
+            self._observe_stages(analysis)
+            if analysis.detection is not None:
+                aggregator.add_faces(analysis.detection.face_count)
+                self._metrics.faces_detected.inc(analysis.detection.face_count)
+            if analysis.rejection is not None:
+                raise FrameRejected(analysis.rejection, analysis.detail)
+            started = time.monotonic()
+            crop = self._preprocessor.crop(image, analysis)
+            stage.labels(stage="warp").observe(time.monotonic() - started)
+            future = self._batcher.submit(crop)
+        except FrameRejected as rejected:
+            deliver(self._rejected(frame, aggregator, rejected.reason, rejected.detail, analysis))
+            return
+        except Overloaded as overloaded:
+            deliver(self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(overloaded), analysis))
+            return
+        accepted = analysis
+        future.add_done_callback(lambda done: deliver(self._completed(frame, aggregator, accepted, done)))
+
+    def _completed(
+        self, frame: FrameInput, aggregator: SubjectAggregator, analysis: FaceAnalysis, done: Future[Probabilities]
+    ) -> FramePrediction:
+        if done.cancelled() or done.exception() is not None:
+            reason = "cancelled" if done.cancelled() else str(done.exception())
+            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, reason, analysis)
+        probabilities = done.result()
+        quality = analysis.quality
+        aggregator.add_prediction(probabilities, quality.score if quality is not None else 1.0)
+        self._metrics.frames_analyzed.inc()
+        latency = time.monotonic() - frame.received_at
+        self._metrics.stage_seconds.labels(stage="end_to_end").observe(latency)
+        return FramePrediction(
+            index=frame.index,
+            timestamp_us=frame.timestamp_us,
+            status=FrameStatus.ANALYZED,
+            face_count=analysis.detection.face_count if analysis.detection else 0,
+            box=analysis.detection.box if analysis.detection else None,
+            quality=analysis.quality,
+            pose=analysis.pose,
+            probabilities=probabilities,
+            latency_ms=latency * 1000.0,
+        )
+
+    def _rejected(
+        self,
+        frame: FrameInput,
+        aggregator: SubjectAggregator,
+        reason: RejectReason,
+        detail: str,
+        analysis: FaceAnalysis | None,
+    ) -> FramePrediction:
+        aggregator.add_rejected(reason)
+        self._metrics.frames_rejected.labels(reason=reason.value).inc()
+        detection = analysis.detection if analysis is not None else None
+        return FramePrediction(
+            index=frame.index,
+            timestamp_us=frame.timestamp_us,
+            status=FrameStatus.REJECTED,
+            reject_reason=reason,
+            detail=detail,
+            face_count=detection.face_count if detection else 0,
+            box=detection.box if detection else None,
+            quality=analysis.quality if analysis is not None else None,
+            pose=analysis.pose if analysis is not None else None,
+            latency_ms=(time.monotonic() - frame.received_at) * 1000.0,
+        )
+
+    def _observe_stages(self, analysis: FaceAnalysis) -> None:
+        for name, seconds in analysis.stage_seconds:
+            self._metrics.stage_seconds.labels(stage=name).observe(seconds)
+
+
+def model_batch_runner(predict: Callable[..., object]) -> Callable[[Sequence[FaceCrop]], list[Probabilities]]:
+    """Adapt the model's batch predict (uint8 N×S×S×3 RGB → .probabilities N×3) to the batcher."""
+
+    def run(crops: Sequence[FaceCrop]) -> list[Probabilities]:
+        batch = np.stack([crop.pixels for crop in crops])
+        probabilities = predict(batch).probabilities  # type: ignore[attr-defined]
+        return [(float(p[0]), float(p[1]), float(p[2])) for p in probabilities]
+
+    return run

@@ -1,0 +1,123 @@
+"""The data plane: everything the transport calls, with no gRPC in sight."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from ..errors import InvalidRequest, NotReady, Overloaded
+from ..metrics import Metrics
+from .aggregator import SubjectAggregator
+from .pipeline import FrameAnalyzer
+from .session import StreamSession
+from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, SubjectResult
+
+MAX_SUBJECT_ID_LENGTH = 128
+
+
+class ScreeningService:
+    def __init__(
+        self,
+        *,
+        analyzer: FrameAnalyzer,
+        model_info: ModelInfo,
+        metrics: Metrics,
+        max_streams: int,
+        analysis_backlog: int,
+        update_every_frames: int,
+        min_frames_for_score: int,
+    ) -> None:
+        self._analyzer = analyzer
+        self._model_info = model_info
+        self._metrics = metrics
+        self._max_streams = max_streams
+        self._backlog = analysis_backlog
+        self._update_every = update_every_frames
+        self._min_frames = min_frames_for_score
+        self._lock = threading.Lock()
+        self._sessions: set[StreamSession] = set()
+        self._accepting = True
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    @property
+    def active_streams(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open_stream(self, options: SessionOptions) -> StreamSession:
+        _check_options(options)
+        with self._lock:
+            if not self._accepting:
+                raise NotReady("the server is shutting down")
+            if len(self._sessions) >= self._max_streams:
+                raise Overloaded(f"{self._max_streams} streams are open; try again later", retry_after_s=2.0)
+            session = StreamSession(
+                options=options,
+                analyzer=self._analyzer,
+                aggregator=self._aggregator(options),
+                backlog_size=self._backlog,
+                update_every_frames=options.update_every_frames or self._update_every,
+                metrics=self._metrics,
+                on_close=self._closed,
+            )
+            self._sessions.add(session)
+            self._metrics.active_streams.set(len(self._sessions))
+        return session
+
+    def _closed(self, session: StreamSession) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+            self._metrics.active_streams.set(len(self._sessions))
+            self._idle.notify_all()
+
+    def screen_images(self, options: SessionOptions, frames: Sequence[FrameInput]) -> SubjectResult:
+        """Analyse every photograph (no rate policy) and return the final subject result."""
+        _check_options(options)
+        if not frames:
+            raise InvalidRequest("ScreenImages needs at least one image")
+        with self._lock:
+            if not self._accepting:
+                raise NotReady("the server is shutting down")
+        aggregator = SubjectAggregator(options.subject_id, self._model_info.model, min_frames_for_score=1)
+        remaining = threading.Semaphore(0)
+
+        def deliver(_: FramePrediction) -> None:
+            remaining.release()
+
+        for frame in frames:
+            aggregator.add_received()
+            self._metrics.frames_received.inc()
+            self._analyzer.analyze(frame, None, aggregator, deliver)
+        for _ in frames:
+            remaining.acquire()
+        result = aggregator.result(final=True)
+        self._metrics.subjects_completed.labels(predicted_score=str(result.predicted_score)).inc()
+        return result
+
+    def _aggregator(self, options: SessionOptions) -> SubjectAggregator:
+        return SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every open stream has ended; False if the time ran out."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._sessions:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+
+def _check_options(options: SessionOptions) -> None:
+    if len(options.subject_id) > MAX_SUBJECT_ID_LENGTH:
+        raise InvalidRequest(f"subject_id longer than {MAX_SUBJECT_ID_LENGTH} characters")

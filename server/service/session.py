@@ -1,0 +1,179 @@
+"""One stream's state: options, tracker, aggregator, bounded analysis backlog.
+
+The reader (the transport's thread) never decodes and never waits for the
+model: it counts the frame, applies the analysis-rate policy and puts the frame
+into a bounded backlog. When the backlog is full the frame is acknowledged as
+SKIPPED, unless the client asked for every frame to be analysed, in which case
+the reader waits for room (gRPC flow control then slows the sender). A worker
+thread per stream analyses frames in order (the tracker needs that) and hands
+faces to the shared batcher without waiting for results.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from ..metrics import Metrics
+from .aggregator import SubjectAggregator
+from .pipeline import FrameAnalyzer
+from .types import FrameInput, FramePrediction, FrameStatus, SessionOptions, SubjectResult
+
+StreamEvent = FramePrediction | SubjectResult
+_END = object()
+
+
+class StreamSession:
+    def __init__(
+        self,
+        *,
+        options: SessionOptions,
+        analyzer: FrameAnalyzer,
+        aggregator: SubjectAggregator,
+        backlog_size: int,
+        update_every_frames: int,
+        metrics: Metrics,
+        on_close: Callable[[StreamSession], None],
+    ) -> None:
+        self.options = options
+        self._analyzer = analyzer
+        self._aggregator = aggregator
+        self._metrics = metrics
+        self._on_close = on_close
+        self._update_every = max(1, update_every_frames)
+        self._tracker = analyzer.new_tracker()
+        self._backlog: queue.Queue[FrameInput | object] = queue.Queue(maxsize=backlog_size)
+        self._events: queue.Queue[StreamEvent | object] = queue.Queue()
+        self._selected = 0
+        self._last_selected_us: int | None = None
+        self._outstanding = 0
+        self._outstanding_done = threading.Condition()
+        self._cancelled = threading.Event()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="acroscreen-stream", daemon=True)
+        self._worker.start()
+
+    # ---- reader side -------------------------------------------------------------
+    def submit(self, frame: FrameInput) -> None:
+        """Acknowledge a frame: queue it for analysis or answer SKIPPED at once."""
+        self._aggregator.add_received()
+        self._metrics.frames_received.inc()
+        policy = self._skip_policy(frame)
+        if policy is None:
+            if self.options.analyze_every_frame:
+                while not self._cancelled.is_set():
+                    try:
+                        self._backlog.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                self._metrics.queue_depth.labels(queue="analysis").inc()
+                return
+            try:
+                self._backlog.put_nowait(frame)
+                self._metrics.queue_depth.labels(queue="analysis").inc()
+                return
+            except queue.Full:
+                policy = "backlog_full"
+                self._selected -= 1
+        self._aggregator.add_skipped()
+        self._metrics.frames_skipped.labels(policy=policy).inc()
+        self._events.put(
+            FramePrediction(
+                index=frame.index,
+                timestamp_us=frame.timestamp_us,
+                status=FrameStatus.SKIPPED,
+                detail=f"not analysed ({policy.replace('_', ' ')})",
+                latency_ms=(time.monotonic() - frame.received_at) * 1000.0,
+            )
+        )
+
+    def _skip_policy(self, frame: FrameInput) -> str | None:
+        cap = self.options.max_analyzed_frames
+        if cap and self._selected >= cap:
+            return "max_analyzed_frames"
+        interval_us = self.options.min_analysis_interval_ms * 1000
+        if interval_us and self._last_selected_us is not None and frame.timestamp_us - self._last_selected_us < interval_us:
+            return "analysis_interval"
+        self._selected += 1
+        self._last_selected_us = frame.timestamp_us
+        return None
+
+    def finish(self) -> None:
+        """The client half-closed: analyse what is queued, then send the final result."""
+        self._backlog.put(_END)
+
+    def cancel(self) -> None:
+        """The client went away: stop at once and free everything."""
+        self._cancelled.set()
+        try:
+            self._backlog.put_nowait(_END)
+        except queue.Full:
+            pass
+        self._events.put(_END)
+
+    # ---- response side -----------------------------------------------------------
+    def events(self) -> Iterator[StreamEvent]:
+        """Frame results and subject updates, ending with the final subject result."""
+        try:
+            while True:
+                event = self._events.get()
+                if event is _END:
+                    return
+                yield event  # type: ignore[misc]
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        self._worker.join(timeout=5.0)
+        self._on_close(self)
+
+    # ---- worker side -------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            frame = self._backlog.get()
+            if frame is _END:
+                break
+            self._metrics.queue_depth.labels(queue="analysis").dec()
+            if self._cancelled.is_set():
+                continue
+            with self._outstanding_done:
+                self._outstanding += 1
+            self._analyzer.analyze(frame, self._tracker, self._aggregator, self._deliver)  # type: ignore[arg-type]
+        self._drain_backlog_gauge()
+        if self._cancelled.is_set():
+            return
+        with self._outstanding_done:
+            while self._outstanding and not self._cancelled.is_set():
+                self._outstanding_done.wait(timeout=0.1)
+        if self._cancelled.is_set():
+            return
+        final = self._aggregator.result(final=True)
+        self._metrics.subjects_completed.labels(predicted_score=str(final.predicted_score)).inc()
+        self._events.put(final)
+        self._events.put(_END)
+
+    def _drain_backlog_gauge(self) -> None:
+        while True:
+            try:
+                item = self._backlog.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _END:
+                self._metrics.queue_depth.labels(queue="analysis").dec()
+
+    def _deliver(self, prediction: FramePrediction) -> None:
+        """Called once per analysed frame, from the worker or the batcher thread."""
+        if not self._cancelled.is_set():
+            self._events.put(prediction)
+            if prediction.status is FrameStatus.ANALYZED and self._aggregator.frames_analyzed % self._update_every == 0:
+                self._events.put(self._aggregator.result(final=False))
+        with self._outstanding_done:
+            self._outstanding -= 1
+            self._outstanding_done.notify_all()

@@ -1,0 +1,100 @@
+"""The one mapping from domain errors to gRPC status codes, applied by one interceptor.
+
+Unexpected exceptions are logged with their traceback and reach the client as
+INTERNAL with a fixed message: raw exception text never leaves the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ..errors import AcroscreenError, InvalidRequest, ModelError, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[AcroscreenError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    ModelError: grpc.StatusCode.INTERNAL,
+}
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def status_code(error: AcroscreenError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in STATUS_CODES:
+            return STATUS_CODES[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    if isinstance(error, AcroscreenError):
+        if isinstance(error, Overloaded):
+            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(int(error.retry_after_s * 1000))),))
+        context.abort(status_code(error), str(error))
+    log.exception("unexpected error in %s", type(error).__name__, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_streaming(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+            if _is_abort(error):
+                raise
+            _abort(context, error)
+
+    return wrapped
+
+
+def _wrap_streaming(
+    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+            if _is_abort(error):
+                raise
+            _abort(context, error)
+
+    return wrapped
+
+
+def _is_abort(error: Exception) -> bool:
+    """context.abort() raises a bare Exception after setting the status; let it through."""
+    return type(error) is Exception

@@ -1,0 +1,85 @@
+"""The gRPC servicer: converts wire messages to domain values and back, nothing more."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from acroscreen.v1 import screening_pb2 as pb
+from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+
+from ..errors import AcroscreenError, InvalidRequest, NotReady
+from ..service.screening import ScreeningService
+from ..service.session import StreamSession
+from ..service.types import FramePrediction
+from . import convert
+
+
+class ScreeningServicer(pb_grpc.ScreeningServicer):
+    """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded)."""
+
+    def __init__(self) -> None:
+        self._attached: ScreeningService | None = None
+
+    def attach(self, service: ScreeningService) -> None:
+        self._attached = service
+
+    @property
+    def _service(self) -> ScreeningService:
+        if self._attached is None:
+            raise NotReady("the model is still loading")
+        return self._attached
+
+    def ScreenStream(
+        self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ScreenResponse]:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidRequest("empty stream: the first message must carry options")
+        session = self._service.open_stream(convert.first_options(first))
+        context.add_callback(session.cancel)
+        reader = _StreamReader(request_iterator, session)
+        reader.start()
+        for event in session.events():
+            if isinstance(event, FramePrediction):
+                yield convert.frame_result(event)
+            else:
+                yield pb.ScreenResponse(subject=convert.subject_result(event))
+        reader.join()
+        if reader.error is not None:
+            raise reader.error
+
+    def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
+        frames = [convert.frame_input(image) for image in request.images]
+        result = self._service.screen_images(convert.session_options(request.options), frames)
+        return convert.subject_result(result)
+
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        return convert.model_info(self._service.model_info)
+
+
+class _StreamReader(threading.Thread):
+    """Reads requests so the response side never waits on the sender (and vice versa)."""
+
+    def __init__(self, requests: Iterator[pb.ScreenRequest], session: StreamSession) -> None:
+        super().__init__(name="acroscreen-reader", daemon=True)
+        self._requests = requests
+        self._session = session
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            for request in self._requests:
+                self._session.submit(convert.frame_of(request))
+        except AcroscreenError as error:
+            self.error = error
+            self._session.cancel()
+        except grpc.RpcError:
+            self._session.cancel()  # the client cancelled or disconnected
+        except Exception as error:  # noqa: BLE001 — re-raised on the handler thread, mapped there
+            self.error = error
+            self._session.cancel()
+        else:
+            self._session.finish()

@@ -1,0 +1,86 @@
+import threading
+import time
+
+import pytest
+
+from acroscreen.server.errors import ModelError, Overloaded
+from acroscreen.server.metrics import Metrics
+from acroscreen.server.service.batcher import BatcherConfig, DynamicBatcher
+
+
+def _batcher(run, **config) -> DynamicBatcher:
+    batcher = DynamicBatcher(run, BatcherConfig(**config), Metrics())
+    batcher.start()
+    return batcher
+
+
+def test_items_from_many_threads_share_batches() -> None:
+    sizes: list[int] = []
+
+    def run(items):
+        sizes.append(len(items))
+        time.sleep(0.01)
+        return [item * 2 for item in items]
+
+    batcher = _batcher(run, max_batch_size=8, max_delay_ms=20)
+    futures = []
+    lock = threading.Lock()
+
+    def submit(start: int) -> None:
+        for i in range(start, start + 8):
+            future = batcher.submit(i)
+            with lock:
+                futures.append((i, future))
+
+    threads = [threading.Thread(target=submit, args=(k * 8,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(future.result(timeout=5) == i * 2 for i, future in futures)
+    batcher.stop()
+    assert sum(sizes) == 32 and max(sizes) <= 8
+    assert max(sizes) > 1, "items submitted together should be batched"
+
+
+def test_full_queue_refuses_at_once() -> None:
+    release = threading.Event()
+
+    def run(items):
+        release.wait(5)
+        return items
+
+    batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=2)
+    first = batcher.submit(0)
+    time.sleep(0.05)  # the worker now holds item 0
+    batcher.submit(1)
+    batcher.submit(2)
+    with pytest.raises(Overloaded):
+        batcher.submit(3)
+    release.set()
+    assert first.result(timeout=5) == 0
+    batcher.stop()
+
+
+def test_a_failing_item_fails_alone() -> None:
+    def run(items):
+        if "bad" in items:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [item.upper() for item in items]
+
+    batcher = _batcher(run, max_batch_size=4, max_delay_ms=50)
+    futures = [batcher.submit(item) for item in ("a", "bad", "c", "d")]
+    assert futures[0].result(timeout=5) == "A"
+    assert futures[2].result(timeout=5) == "C" and futures[3].result(timeout=5) == "D"
+    with pytest.raises(ModelError):
+        futures[1].result(timeout=5)
+    batcher.stop()
+
+
+def test_wrong_result_count_is_an_error() -> None:
+    batcher = _batcher(lambda items: items[:-1] if len(items) > 1 else [], max_batch_size=2, max_delay_ms=50)
+    futures = [batcher.submit(1), batcher.submit(2)]
+    for future in futures:
+        with pytest.raises(ModelError):
+            future.result(timeout=5)
+    batcher.stop()

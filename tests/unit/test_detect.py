@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from acroscreen.server.runtime.detect import HaarFaceDetector, primary_score
+from acroscreen.server.runtime.types import Box
+
+
+def test_portrait_has_a_face(portrait_bgr: np.ndarray) -> None:
+    detection = HaarFaceDetector().detect(portrait_bgr)
+    assert detection is not None
+    assert 0.0 <= detection.confidence <= 1.0
+    # The face is in the upper middle of the NASA portrait.
+    cx, cy = detection.box.center
+    assert 150 < cx < 400 and 80 < cy < 300
+
+
+def test_photos_without_faces_give_none(shared_data: Path) -> None:
+    detector = HaarFaceDetector()
+    for path in sorted((shared_data / "faces" / "none").glob("*.jpg")):
+        assert detector.detect(cv2.imread(str(path))) is None, path.name
+
+
+def test_group_photos_count_every_face(shared_data: Path) -> None:
+    detector = HaarFaceDetector()
+    for path in sorted((shared_data / "faces" / "multi").glob("*.jpg")):
+        image = cv2.imread(str(path))
+        detection = detector.detect(image)
+        assert detection is not None and detection.face_count > 1, path.name
+        faces = detector.detect_all(image)
+        best = max(faces, key=lambda face: primary_score(face[0], image.shape[1], image.shape[0]))
+        assert detection.box == best[0]
+
+
+def test_primary_prefers_large_and_central() -> None:
+    central = Box(280, 200, 80, 80)
+    corner_same_size = Box(0, 0, 80, 80)
+    assert primary_score(central, 640, 480) > primary_score(corner_same_size, 640, 480)
+    big_corner = Box(0, 0, 200, 200)
+    assert primary_score(big_corner, 640, 480) > primary_score(central, 640, 480)
