@@ -96,7 +96,7 @@ def _screen(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     else:
-        print(_describe(result))
+        print(describe_result(result))
     return 0
 
 
@@ -138,7 +138,8 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _describe(result: SubjectResult) -> str:
+def describe_result(result: SubjectResult) -> str:
+    """A few human-readable lines for a subject result."""
     lines = [f"subject {result.subject_id or '(no id)'}: {result.status.upper()}"]
     if result.predicted_score is not None:
         p1, p2, p3 = result.probabilities

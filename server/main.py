@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import ModelError
+from .errors import AcroscreenError, ModelError
 from .metrics import Metrics
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
@@ -52,6 +52,7 @@ def start(settings: Settings) -> RunningServer:
         httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = httpd.server_port
         closers.append(httpd.shutdown)
+        closers.append(httpd.server_close)
     try:
         service, stop_batcher = _build_service(settings, metrics)
     except Exception:
@@ -150,7 +151,11 @@ def serve(settings: Settings) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-    running = start(settings)
+    try:
+        running = start(settings)
+    except AcroscreenError as error:
+        log.error("cannot start: %s", error)
+        return 1
     print(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})", flush=True)
     stop_requested.wait()
     log.info("draining for up to %.1f s", settings.grace_period_s)

@@ -44,7 +44,7 @@ class FrameAnalyzer:
         self._metrics = metrics
 
     def new_tracker(self) -> FaceTracker:
-        return self._preprocessor.new_tracker()
+        return self._preprocessor.settings.new_tracker()
 
     def analyze(
         self, frame: FrameInput, tracker: FaceTracker | None, aggregator: SubjectAggregator, deliver: Deliver
@@ -56,8 +56,9 @@ class FrameAnalyzer:
             started = time.monotonic()
             image = decode_image(frame.image, self._decode_limits)
             stage.labels(stage="decode").observe(time.monotonic() - started)
+            started = time.monotonic()
             analysis = self._preprocessor.analyze(image, tracker)
-            self._observe_stages(analysis)
+            stage.labels(stage="face_analysis").observe(time.monotonic() - started)
             if analysis.detection is not None:
                 aggregator.add_faces(analysis.detection.face_count)
                 self._metrics.faces_detected.inc(analysis.detection.face_count)
@@ -123,10 +124,6 @@ class FrameAnalyzer:
             pose=analysis.pose if analysis is not None else None,
             latency_ms=(time.monotonic() - frame.received_at) * 1000.0,
         )
-
-    def _observe_stages(self, analysis: FaceAnalysis) -> None:
-        for name, seconds in analysis.stage_seconds:
-            self._metrics.stage_seconds.labels(stage=name).observe(seconds)
 
 
 def model_batch_runner(predict: Callable[..., object]) -> Callable[[Sequence[FaceCrop]], list[Probabilities]]:

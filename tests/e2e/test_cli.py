@@ -1,0 +1,98 @@
+"""The issue's definition of done, through the installed `acroscreen` command in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from acroscreen.client import ScreeningClient
+
+ACROSCREEN = shutil.which("acroscreen", path=str(Path(sys.executable).parent)) or "acroscreen"
+
+
+@pytest.fixture()
+def served() -> tuple[subprocess.Popen, int, int]:
+    env = {**os.environ, "ACROSCREEN_ALLOW_UNTRAINED": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [ACROSCREEN, "serve", "--port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    ports = None
+    for line in process.stdout:
+        match = re.search(r"serving on [\d.]+:(\d+) \(metrics :(\d+)\)", line)
+        if match:
+            ports = int(match.group(1)), int(match.group(2))
+            break
+    assert ports is not None, "server did not report its ports"
+    yield process, *ports
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    process.stdout.close()
+
+
+def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: Path) -> None:
+    process, port, metrics_port = served
+    with ScreeningClient(f"127.0.0.1:{port}") as client:
+        assert client.health() == "SERVING"
+    video = shared_data / "videos" / "retalking_face1.mp4"
+    screen = subprocess.run(
+        [ACROSCREEN, "screen", str(video), "--json", "--server", f"127.0.0.1:{port}", "--subject-id", "e2e-1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert screen.returncode == 0, screen.stderr
+    result = json.loads(screen.stdout)  # exactly one JSON object on stdout
+    assert result["status"] == "final"
+    assert result["frames_received"] == 135
+    assert result["subject_id"] == "e2e-1"
+    assert result["predicted_score"] in (1, 2, 3)
+    assert result["model"]["kind"] == "untrained"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    received = re.search(r"^acroscreen_frames_received_total (\S+)$", metrics, re.MULTILINE)
+    assert received is not None and float(received.group(1)) == 135.0
+    analyzed = re.search(r"^acroscreen_frames_analyzed_total (\S+)$", metrics, re.MULTILINE)
+    assert analyzed is not None and float(analyzed.group(1)) == result["frames_analyzed"]
+    assert "e2e-1" not in metrics
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_serve_refuses_to_start_without_weights(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACROSCREEN_")}
+    run = subprocess.run(
+        [ACROSCREEN, "serve", "--port", "0", "--metrics-port", "-1", "--model", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode != 0
+    assert "absent.safetensors" in run.stderr
+
+
+def test_screen_reports_an_unreachable_server() -> None:
+    run = subprocess.run(
+        [ACROSCREEN, "screen", str(Path(__file__).resolve().parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg"),
+         "--server", "127.0.0.1:1", "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "UNAVAILABLE" in run.stderr

@@ -1,0 +1,186 @@
+"""ScreenStream end to end against a real server: real video decoding, detection, model."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from acroscreen.client import FrameData, FrameResult, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client.errors import InvalidRequestError, ServerBusyError
+from acroscreen.client.sources import video_frames
+from acroscreen.server.main import RunningServer
+from tests.helpers import jpeg_bytes, png_bytes
+
+from .conftest import start_server
+
+
+def _metric(server: RunningServer, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _grey_gradient() -> np.ndarray:
+    """A well-exposed frame with no face in it."""
+    row = np.linspace(60, 200, 160, dtype=np.float32)
+    return np.repeat(np.tile(row, (120, 1))[:, :, None], 3, axis=2).astype(np.uint8)
+
+
+def test_health_and_model_info(client: ScreeningClient) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("acroscreen.v1.Screening") == "SERVING"
+    info = client.model_info()
+    assert info.model.kind in ("untrained", "phantom-demo", "clinical")
+    assert info.input_size == 160 and len(info.class_labels) == 3
+    assert info.mean == 127.5 and info.std == 128.0
+
+
+def test_video_stream_gives_one_result_per_frame_and_a_final_subject(
+    client: ScreeningClient, server: RunningServer, shared_data: Path
+) -> None:
+    video = shared_data / "videos" / "retalking_face1.mp4"
+    received_before = _metric(server, "acroscreen_frames_received_total")
+    events = list(client.screen_stream(video_frames(video), ScreenOptions(subject_id="s-video", analyze_every_frame=True)))
+    frames = [e for e in events if isinstance(e, FrameResult)]
+    subjects = [e for e in events if isinstance(e, SubjectResult)]
+    assert sorted(f.index for f in frames) == list(range(135))
+    final = subjects[-1]
+    assert isinstance(events[-1], SubjectResult) and final.status == "final"
+    assert final.frames_received == 135
+    assert final.frames_analyzed == sum(f.status == "analyzed" for f in frames) >= 100
+    assert final.frames_skipped == 0
+    assert final.predicted_score in (1, 2, 3)
+    assert sum(final.probabilities) == pytest.approx(1.0, abs=1e-4)
+    assert final.subject_id == "s-video" and final.model is not None
+    assert any(s.status == "provisional" for s in subjects[:-1])
+    analyzed = [f for f in frames if f.status == "analyzed"]
+    assert all(f.box is not None and f.quality is not None and f.pose is not None for f in analyzed)
+    assert _metric(server, "acroscreen_frames_received_total") - received_before == 135
+
+
+def test_bad_frames_are_rejected_and_the_stream_goes_on(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
+    good = jpeg_bytes(portrait_bgr)
+    frames = [
+        FrameData(good, ImageKind.JPEG, index=0),
+        FrameData(b"", ImageKind.JPEG, index=1),
+        FrameData(b"\xff\xd8garbage", ImageKind.JPEG, index=2),
+        FrameData(good[: len(good) // 3], ImageKind.JPEG, index=3),
+        FrameData(b"\x00" * 10, ImageKind.RAW_BGR24, index=4, width=64, height=48),
+        FrameData(png_bytes(_grey_gradient()), ImageKind.PNG, index=5),
+        FrameData(png_bytes(portrait_bgr), ImageKind.PNG, index=6),
+        FrameData(portrait_bgr.tobytes(), ImageKind.RAW_BGR24, index=7, width=512, height=512),
+    ]
+    events = list(client.screen_stream(frames, ScreenOptions(subject_id="bad", analyze_every_frame=True)))
+    by_index = {e.index: e for e in events if isinstance(e, FrameResult)}
+    assert len(by_index) == 8
+    assert [by_index[i].status for i in (0, 6, 7)] == ["analyzed"] * 3
+    assert by_index[1].reject_reason == "decode_failed"
+    assert by_index[2].reject_reason == "decode_failed"
+    assert by_index[3].reject_reason == "decode_failed"
+    assert by_index[4].reject_reason == "bad_format" and "needs" in by_index[4].detail
+    assert by_index[5].reject_reason == "no_face"
+    final = events[-1]
+    assert isinstance(final, SubjectResult) and final.status == "final"
+    assert final.frames_received == 8 and final.frames_analyzed == 3
+    assert final.rejected == {"decode_failed": 3, "bad_format": 1, "no_face": 1}
+
+
+def test_stream_must_start_with_options(server: RunningServer) -> None:
+    import grpc
+
+    from acroscreen.v1 import screening_pb2 as pb
+    from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ScreeningStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ScreenStream(iter([pb.ScreenRequest(frame=pb.Frame(index=0, jpeg=b"x"))]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ScreenStream(iter([]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        options = pb.ScreenRequest(options=pb.SessionOptions(subject_id="twice"))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ScreenStream(iter([options, options]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_maps_status_codes_to_its_exceptions(client: ScreeningClient) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        client.screen_images([], ScreenOptions())
+    assert caught.value.__cause__ is not None
+    with pytest.raises(InvalidRequestError):
+        client.screen_images([FrameData(b"x", ImageKind.JPEG)], ScreenOptions(subject_id="x" * 200))
+
+
+def test_analysis_cap_skips_but_acknowledges(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
+    good = jpeg_bytes(portrait_bgr)
+    frames = [FrameData(good, ImageKind.JPEG, index=i, timestamp_us=i * 33_000) for i in range(12)]
+    events = list(client.screen_stream(frames, ScreenOptions(max_analyzed_frames=4, analyze_every_frame=True)))
+    results = [e for e in events if isinstance(e, FrameResult)]
+    assert len(results) == 12
+    assert sum(r.status == "skipped" for r in results) == 8
+    final = events[-1]
+    assert isinstance(final, SubjectResult)
+    assert (final.frames_received, final.frames_analyzed, final.frames_skipped) == (12, 4, 8)
+
+
+def test_streams_beyond_the_limit_are_refused_and_others_go_on(portrait_bgr: np.ndarray) -> None:
+    running = start_server(max_streams=1)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        gate = threading.Event()
+        good = jpeg_bytes(portrait_bgr)
+
+        def slow_frames():
+            yield FrameData(good, ImageKind.JPEG, index=0)
+            gate.wait(30)
+            yield FrameData(good, ImageKind.JPEG, index=1)
+
+        results: list[SubjectResult] = []
+        with ScreeningClient(target, timeout_s=60) as first, ScreeningClient(target, timeout_s=60) as second:
+            worker = threading.Thread(target=lambda: results.append(first.screen(slow_frames(), ScreenOptions())))
+            worker.start()
+            deadline = 100
+            while running.service.active_streams == 0 and deadline:
+                threading.Event().wait(0.05)
+                deadline -= 1
+            with pytest.raises(ServerBusyError) as caught:
+                second.screen([FrameData(good, ImageKind.JPEG)], ScreenOptions())
+            assert caught.value.retry_after_s is not None
+            gate.set()
+            worker.join(60)
+        assert results and results[0].frames_received == 2 and results[0].frames_analyzed == 2
+        assert running.service.active_streams == 0
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_screen_images_on_photos(client: ScreeningClient, shared_data: Path) -> None:
+    faces = sorted((shared_data / "faces" / "identities" / "Barack_Obama").glob("*.jpg"))
+    result = client.screen_images([FrameData(p.read_bytes(), ImageKind.JPEG, index=i) for i, p in enumerate(faces)])
+    assert result.status == "final" and result.frames_received == len(faces)
+    assert result.frames_analyzed >= 1 and result.predicted_score in (1, 2, 3)
+    none = sorted((shared_data / "faces" / "none").glob("*.jpg"))
+    empty = client.screen_images([FrameData(p.read_bytes(), ImageKind.JPEG) for p in none])
+    assert empty.status == "insufficient_evidence" and empty.predicted_score is None
+    assert empty.rejected == {"no_face": len(none)}
+
+
+def test_frames_above_the_pixel_limit_are_rejected(portrait_bgr: np.ndarray) -> None:
+    running = start_server(max_frame_pixels=256 * 256, metrics_port=-1)
+    try:
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as small:
+            big = cv2.resize(portrait_bgr, (300, 300))
+            result = small.screen([FrameData(jpeg_bytes(big), ImageKind.JPEG)], ScreenOptions())
+        assert result.rejected == {"too_large": 1}
+    finally:
+        running.stop(grace_s=1.0)
