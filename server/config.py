@@ -29,6 +29,19 @@ class Settings:
     max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
     max_streams: int = _setting(32, "concurrent streams; more get RESOURCE_EXHAUSTED")
+    max_streams_per_token: int = _setting(0, "concurrent streams one bearer token may hold (0 = no quota)")
+    max_frames_per_stream: int = _setting(108_000, "frames one stream may send (an hour at 30 fps)")
+    max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")
+    idle_timeout_s: float = _setting(60.0, "a stream that sends no frame for this long is finished")
+    keepalive_time_s: float = _setting(30.0, "HTTP/2 keepalive ping interval (clients should match)")
+    keepalive_timeout_s: float = _setting(10.0, "close a connection whose ping is unanswered this long")
+    tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")
+    tls_key: Path | None = _setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: Path | None = _setting(None, "PEM CA bundle: require client certificates signed by it (mTLS)")
+    insecure: bool = _setting(False, "allow plaintext gRPC on a non-loopback address")
+    auth_tokens_file: Path | None = _setting(None, "file of accepted bearer tokens, one per line")
+    auth_tokens: str = _setting("", "accepted bearer tokens, comma-separated (prefer the file)")
+    health_requires_auth: bool = _setting(False, "require a token for the health service too")
     analysis_backlog: int = _setting(8, "frames a stream may have waiting for analysis")
     max_batch_size: int = _setting(16, "faces per model batch")
     max_batch_delay_ms: float = _setting(5.0, "longest wait to fill a batch")
@@ -55,11 +68,20 @@ class Settings:
             values.update(overrides_from(namespace))
         return cls(**values)
 
+    def __repr__(self) -> str:
+        """Never print tokens."""
+        shown = {f.name: ("***" if f.name == "auth_tokens" and self.auth_tokens else getattr(self, f.name)) for f in fields(self)}
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
         if self.landmark_points not in (5, 68):
             raise ValueError("landmark_points must be 5 or 68")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for name in ("max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -26,3 +26,11 @@ class NotReady(AcroscreenError):
 
 class ModelError(AcroscreenError):
     """The model could not be loaded or failed while running."""
+
+
+class ConfigurationError(AcroscreenError):
+    """The server's settings cannot work together (found at start, never sent to clients)."""
+
+
+class Unauthenticated(AcroscreenError):
+    """The caller gave no valid credentials."""

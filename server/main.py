@@ -77,6 +77,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     from .runtime.weights import ModelLoadError, load_weights, untrained_weights
     from .service.batcher import BatcherConfig, DynamicBatcher
     from .service.pipeline import FrameAnalyzer, model_batch_runner
+    from .service.session import StreamLimits
     from .service.types import ModelInfo, ModelRef, PreprocessingInfo
 
     if settings.torch_threads:
@@ -138,6 +139,12 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
         model_info=info,
         metrics=metrics,
         max_streams=settings.max_streams,
+        max_streams_per_principal=settings.max_streams_per_token,
+        limits=StreamLimits(
+            max_frames=settings.max_frames_per_stream,
+            max_duration_s=settings.max_stream_duration_s,
+            idle_timeout_s=settings.idle_timeout_s,
+        ),
         analysis_backlog=settings.analysis_backlog,
         update_every_frames=settings.update_every_frames,
         min_frames_for_score=settings.min_frames_for_score,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from ..errors import InvalidRequest, NotReady, Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
-from .session import StreamSession
+from .session import StreamLimits, StreamSession
 from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, SubjectResult
 
 MAX_SUBJECT_ID_LENGTH = 128
@@ -24,6 +25,8 @@ class ScreeningService:
         model_info: ModelInfo,
         metrics: Metrics,
         max_streams: int,
+        max_streams_per_principal: int,
+        limits: StreamLimits,
         analysis_backlog: int,
         update_every_frames: int,
         min_frames_for_score: int,
@@ -32,11 +35,14 @@ class ScreeningService:
         self._model_info = model_info
         self._metrics = metrics
         self._max_streams = max_streams
+        self._max_per_principal = max_streams_per_principal
+        self._limits = limits
+        self._per_principal: collections.Counter[str] = collections.Counter()
         self._backlog = analysis_backlog
         self._update_every = update_every_frames
         self._min_frames = min_frames_for_score
         self._lock = threading.Lock()
-        self._sessions: set[StreamSession] = set()
+        self._sessions: dict[StreamSession, str] = {}
         self._accepting = True
         self._idle = threading.Condition(self._lock)
 
@@ -49,29 +55,40 @@ class ScreeningService:
         with self._lock:
             return len(self._sessions)
 
-    def open_stream(self, options: SessionOptions) -> StreamSession:
+    def open_stream(self, options: SessionOptions, principal: str) -> StreamSession:
+        """principal: who is calling (a token hash), for the per-caller quota."""
         _check_options(options)
         with self._lock:
             if not self._accepting:
                 raise NotReady("the server is shutting down")
             if len(self._sessions) >= self._max_streams:
                 raise Overloaded(f"{self._max_streams} streams are open; try again later", retry_after_s=2.0)
+            if self._max_per_principal and self._per_principal[principal] >= self._max_per_principal:
+                raise Overloaded(
+                    f"this caller already has {self._max_per_principal} streams open", retry_after_s=5.0
+                )
             session = StreamSession(
                 options=options,
                 analyzer=self._analyzer,
                 aggregator=self._aggregator(options),
                 backlog_size=self._backlog,
                 update_every_frames=options.update_every_frames or self._update_every,
+                limits=self._limits,
                 metrics=self._metrics,
                 on_close=self._closed,
             )
-            self._sessions.add(session)
+            self._sessions[session] = principal
+            self._per_principal[principal] += 1
             self._metrics.active_streams.set(len(self._sessions))
         return session
 
     def _closed(self, session: StreamSession) -> None:
         with self._lock:
-            self._sessions.discard(session)
+            principal = self._sessions.pop(session, None)
+            if principal is not None:
+                self._per_principal[principal] -= 1
+                if not self._per_principal[principal]:
+                    del self._per_principal[principal]
             self._metrics.active_streams.set(len(self._sessions))
             self._idle.notify_all()
 

@@ -7,6 +7,10 @@ SKIPPED, unless the client asked for every frame to be analysed, in which case
 the reader waits for room (gRPC flow control then slows the sender). A worker
 thread per stream analyses frames in order (the tracker needs that) and hands
 faces to the shared batcher without waiting for results.
+
+A stream ends in one of three ways. finish(): the client half-closed, a limit
+was reached, or the stream sat idle; what is queued is analysed and the FINAL
+result is sent. cancel(): the client went away; everything stops and is freed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from ..errors import Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
@@ -23,6 +29,17 @@ from .types import FrameInput, FramePrediction, FrameStatus, SessionOptions, Sub
 
 StreamEvent = FramePrediction | SubjectResult
 _END = object()
+
+
+class StreamLimitReached(Overloaded):
+    """A per-stream limit was reached: the stream is finished with its final result."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamLimits:
+    max_frames: int = 108_000
+    max_duration_s: float = 3600.0
+    idle_timeout_s: float = 60.0
 
 
 class StreamSession:
@@ -34,22 +51,28 @@ class StreamSession:
         aggregator: SubjectAggregator,
         backlog_size: int,
         update_every_frames: int,
+        limits: StreamLimits,
         metrics: Metrics,
         on_close: Callable[[StreamSession], None],
     ) -> None:
         self.options = options
         self._analyzer = analyzer
         self._aggregator = aggregator
+        self._limits = limits
         self._metrics = metrics
         self._on_close = on_close
         self._update_every = max(1, update_every_frames)
         self._tracker = analyzer.new_tracker()
         self._backlog: queue.Queue[FrameInput | object] = queue.Queue(maxsize=backlog_size)
         self._events: queue.Queue[StreamEvent | object] = queue.Queue()
+        self._opened_at = time.monotonic()
+        self._last_frame_at = self._opened_at
+        self._received = 0
         self._selected = 0
         self._last_selected_us: int | None = None
         self._outstanding = 0
         self._outstanding_done = threading.Condition()
+        self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="acroscreen-stream", daemon=True)
@@ -57,27 +80,27 @@ class StreamSession:
 
     # ---- reader side -------------------------------------------------------------
     def submit(self, frame: FrameInput) -> None:
-        """Acknowledge a frame: queue it for analysis or answer SKIPPED at once."""
+        """Acknowledge a frame: queue it for analysis or answer SKIPPED at once.
+
+        Raises StreamLimitReached (after finishing the stream) when a limit is hit.
+        """
+        if self._finishing.is_set() or self._cancelled.is_set():
+            return
+        if self._received >= self._limits.max_frames:
+            self.finish()
+            raise StreamLimitReached(f"stream limit of {self._limits.max_frames} frames reached")
+        if time.monotonic() - self._opened_at > self._limits.max_duration_s:
+            self.finish()
+            raise StreamLimitReached(f"stream limit of {self._limits.max_duration_s:.0f} s reached")
+        self._received += 1
+        self._last_frame_at = time.monotonic()
         self._aggregator.add_received()
         self._metrics.frames_received.inc()
         policy = self._skip_policy(frame)
         if policy is None:
-            if self.options.analyze_every_frame:
-                while not self._cancelled.is_set():
-                    try:
-                        self._backlog.put(frame, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                self._metrics.queue_depth.labels(queue="analysis").inc()
+            if self._enqueue(frame):
                 return
-            try:
-                self._backlog.put_nowait(frame)
-                self._metrics.queue_depth.labels(queue="analysis").inc()
-                return
-            except queue.Full:
-                policy = "backlog_full"
-                self._selected -= 1
+            policy = "backlog_full"
         self._aggregator.add_skipped()
         self._metrics.frames_skipped.labels(policy=policy).inc()
         self._events.put(
@@ -89,6 +112,25 @@ class StreamSession:
                 latency_ms=(time.monotonic() - frame.received_at) * 1000.0,
             )
         )
+
+    def _enqueue(self, frame: FrameInput) -> bool:
+        if self.options.analyze_every_frame:
+            while not self._cancelled.is_set():
+                try:
+                    self._backlog.put(frame, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                return True  # cancelled: nobody is waiting for an answer
+        else:
+            try:
+                self._backlog.put_nowait(frame)
+            except queue.Full:
+                self._selected -= 1
+                return False
+        self._metrics.queue_depth.labels(queue="analysis").inc()
+        return True
 
     def _skip_policy(self, frame: FrameInput) -> str | None:
         cap = self.options.max_analyzed_frames
@@ -102,11 +144,15 @@ class StreamSession:
         return None
 
     def finish(self) -> None:
-        """The client half-closed: analyse what is queued, then send the final result."""
-        self._backlog.put(_END)
+        """Analyse what is queued, then send the final result (idempotent)."""
+        if not self._finishing.is_set():
+            self._finishing.set()
+            self._backlog.put(_END)
 
     def cancel(self) -> None:
         """The client went away: stop at once and free everything."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
         try:
             self._backlog.put_nowait(_END)
@@ -135,9 +181,22 @@ class StreamSession:
         self._on_close(self)
 
     # ---- worker side -------------------------------------------------------------
+    def _next_frame(self) -> FrameInput | object:
+        """The next queued frame; finishes the stream when it idles or outlives its limit."""
+        while True:
+            try:
+                return self._backlog.get(timeout=0.5)
+            except queue.Empty:
+                now = time.monotonic()
+                idle = now - self._last_frame_at > self._limits.idle_timeout_s
+                expired = now - self._opened_at > self._limits.max_duration_s
+                if idle or expired:
+                    self._finishing.set()
+                    return _END
+
     def _work(self) -> None:
         while True:
-            frame = self._backlog.get()
+            frame = self._next_frame()
             if frame is _END:
                 break
             self._metrics.queue_depth.labels(queue="analysis").dec()
@@ -147,8 +206,6 @@ class StreamSession:
                 self._outstanding += 1
             self._analyzer.analyze(frame, self._tracker, self._aggregator, self._deliver)  # type: ignore[arg-type]
         self._drain_backlog_gauge()
-        if self._cancelled.is_set():
-            return
         with self._outstanding_done:
             while self._outstanding and not self._cancelled.is_set():
                 self._outstanding_done.wait(timeout=0.1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from ..errors import AcroscreenError, InvalidRequest, ModelError, NotReady, Overloaded
+from ..errors import AcroscreenError, InvalidRequest, ModelError, NotReady, Overloaded, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ STATUS_CODES: dict[type[AcroscreenError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ModelError: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 

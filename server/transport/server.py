@@ -14,6 +14,7 @@ from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from ..config import Settings
 from ..service.screening import ScreeningService
+from .auth import TokenAuthInterceptor, load_tokens, server_credentials
 from .errors import ErrorMappingInterceptor
 from .servicer import ScreeningServicer
 
@@ -31,13 +32,24 @@ class GrpcServer:
     def __init__(self, settings: Settings) -> None:
         self._servicer = ScreeningServicer()
         self._health = health.HealthServicer()
+        credentials = server_credentials(settings)
+        interceptors: list[grpc.ServerInterceptor] = []
+        tokens = load_tokens(settings)
+        if tokens:
+            interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
+        interceptors.append(ErrorMappingInterceptor())
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=settings.max_streams * _THREADS_PER_STREAM + _SPARE_THREADS),
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time_s * 1000 / 2)),
+                ("grpc.http2.max_pings_without_data", 0),
             ],
         )
         pb_grpc.add_ScreeningServicer_to_server(self._servicer, self._server)
@@ -45,7 +57,11 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

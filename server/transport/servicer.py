@@ -15,6 +15,7 @@ from ..service.screening import ScreeningService
 from ..service.session import StreamSession
 from ..service.types import FramePrediction
 from . import convert
+from .auth import principal_of
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
@@ -38,7 +39,8 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         first = next(request_iterator, None)
         if first is None:
             raise InvalidRequest("empty stream: the first message must carry options")
-        session = self._service.open_stream(convert.first_options(first))
+        principal = principal_of(context.invocation_metadata())
+        session = self._service.open_stream(convert.first_options(first), principal)
         context.add_callback(session.cancel)
         reader = _StreamReader(request_iterator, session)
         reader.start()
@@ -47,7 +49,8 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
                 yield convert.frame_result(event)
             else:
                 yield pb.ScreenResponse(subject=convert.subject_result(event))
-        reader.join()
+        # No join: a stream finished by a limit or by idling may still have a reader
+        # blocked on the client; ending the call releases it.
         if reader.error is not None:
             raise reader.error
 
@@ -74,8 +77,10 @@ class _StreamReader(threading.Thread):
             for request in self._requests:
                 self._session.submit(convert.frame_of(request))
         except AcroscreenError as error:
+            # A malformed message or a limit ends the stream, but what was already
+            # received is still analysed and the final result sent before the error.
             self.error = error
-            self._session.cancel()
+            self._session.finish()
         except grpc.RpcError:
             self._session.cancel()  # the client cancelled or disconnected
         except Exception as error:  # noqa: BLE001 — re-raised on the handler thread, mapped there

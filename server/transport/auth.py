@@ -1,0 +1,132 @@
+"""Bearer-token authentication and TLS credentials for the gRPC port.
+
+Tokens are compared in constant time. The health service stays reachable
+without a token unless `health_requires_auth` is set, so probes need no secret.
+A caller is known to quotas and logs only by a short hash of its token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+from ..config import Settings
+from ..errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION = "authorization"
+ANONYMOUS = "anonymous"
+_REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+
+def load_tokens(settings: Settings) -> tuple[str, ...]:
+    tokens = [t.strip() for t in settings.auth_tokens.split(",") if t.strip()]
+    if settings.auth_tokens_file is not None:
+        try:
+            lines = settings.auth_tokens_file.read_text().splitlines()
+        except OSError as error:
+            raise ConfigurationError(f"cannot read tokens file {settings.auth_tokens_file}: {error.strerror}") from error
+        tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if any(len(token) < 16 for token in tokens):
+        raise ConfigurationError("bearer tokens must be at least 16 characters")
+    return tuple(tokens)
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == AUTHORIZATION and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return None
+
+
+def principal_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """A stable, non-reversible name for the caller: a hash of its token, or 'anonymous'."""
+    token = bearer_token(metadata)
+    if token is None:
+        return ANONYMOUS
+    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self, tokens: Sequence[str], *, health_requires_auth: bool) -> None:
+        self._tokens = tuple(token.encode() for token in tokens)
+        exempt = set(_REFLECTION_SERVICES) if not health_requires_auth else set()
+        if not health_requires_auth:
+            exempt.add(health.SERVICE_NAME)
+        self._exempt = frozenset(exempt)
+
+    def _valid(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        given = token.encode()
+        matched = False
+        for accepted in self._tokens:  # compare with all, in constant time each
+            matched |= hmac.compare_digest(given, accepted)
+        return matched
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        service = handler_call_details.method.split("/")[1] if handler_call_details.method.count("/") >= 2 else ""
+        handler = continuation(handler_call_details)
+        if handler is None or service in self._exempt:
+            return handler
+        if self._valid(bearer_token(handler_call_details.invocation_metadata)):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serializers)
+    return grpc.stream_stream_rpc_method_handler(refuse, **serializers)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS with a client CA) when configured; None means plaintext, which must be allowed."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        if not _is_loopback(settings.host) and not settings.insecure:
+            raise ConfigurationError(
+                f"refusing plaintext gRPC on {settings.host}: give --tls-cert/--tls-key, or --insecure to accept it"
+            )
+        if not _is_loopback(settings.host):
+            log.warning("serving PLAINTEXT gRPC on %s: frames of faces cross the network unencrypted", settings.host)
+        return None
+    try:
+        key = settings.tls_key.read_bytes()
+        chain = settings.tls_cert.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as error:
+        raise ConfigurationError(f"cannot read TLS file {error.filename}: {error.strerror}") from error
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
