@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .client import ScreeningClient, ScreenOptions
+from .client import Credentials, ScreeningClient, ScreenOptions
 from .errors import AcroscreenClientError
 from .types import FrameResult, SubjectResult
 
@@ -50,10 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     screen.add_argument("--jpeg-quality", type=int, default=85)
     screen.add_argument("--timeout", type=float, default=None, help="deadline for the whole call, seconds")
+    _add_connection_flags(screen)
     screen.set_defaults(run=_screen)
 
     info = verbs.add_parser("model-info", help="show the model the server runs")
     info.add_argument("--server", default="127.0.0.1:50051")
+    _add_connection_flags(info)
     info.set_defaults(run=_model_info)
 
     demo = verbs.add_parser("demo", help="start a server and screen the shipped demo clips")
@@ -61,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_flags(demo)
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", help="PEM CA bundle to verify the server (turns TLS on)")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+
+
+def _connect(args: argparse.Namespace, timeout_s: float | None = None) -> ScreeningClient:
+    credentials = Credentials.from_files(
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token_file=args.token_file
+    )
+    return ScreeningClient(args.server, timeout_s=timeout_s, credentials=credentials)
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +102,7 @@ def _screen(args: argparse.Namespace) -> int:
         analyze_every_frame=source.kind == "video" and not args.realtime,
     )
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
-    with ScreeningClient(args.server, timeout_s=args.timeout) as client:
+    with _connect(args, args.timeout) as client:
         if source.kind == "images" and source.frame_count <= 32:
             result = client.screen_images(sources.frames(source), options)
         else:
@@ -101,7 +117,7 @@ def _screen(args: argparse.Namespace) -> int:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    with ScreeningClient(args.server) as client:
+    with _connect(args) as client:
         print(json.dumps(client.model_info().to_dict(), indent=2))
     return 0
 

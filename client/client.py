@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import time
-
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +42,48 @@ class ScreenOptions:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    """TLS and token settings. With `tls_ca` (or `tls=True` for the system roots) the
+    channel is encrypted; `tls_cert`/`tls_key` add a client certificate (mutual TLS)."""
+
+    tls: bool = False
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        token_file: str | None = None,
+    ) -> Credentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        token = Path(token_file).read_text().strip() if token_file else None
+        return cls(
+            tls=tls_ca is not None or tls_cert is not None,
+            tls_ca=read(tls_ca),
+            tls_cert=read(tls_cert),
+            tls_key=read(tls_key),
+            token=token or None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE before anything was sent, with exponential backoff."""
+
+    attempts: int = 4
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 3.0
+
+
 class ScreeningClient:
     """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions."""
 
@@ -49,16 +92,32 @@ class ScreeningClient:
         target: str,
         *,
         timeout_s: float | None = None,
+        credentials: Credentials = Credentials(),
+        retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_time_s: float = 30.0,
     ) -> None:
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        self._retry = retry
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Match the server's keepalive policy so idle calls survive and pings are not refused.
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if credentials.tls:
+            channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=credentials.tls_ca,
+                private_key=credentials.tls_key,
+                certificate_chain=credentials.tls_cert,
+            )
+            self._channel = grpc.secure_channel(target, channel_credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {credentials.token}"),) if credentials.token else ()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -72,21 +131,41 @@ class ScreeningClient:
         self._channel.close()
 
     def screen_stream(self, frames: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> Iterator[StreamEvent]:
-        """Stream frames; yields each frame's result and subject updates, the FINAL result last."""
+        """Stream frames; yields each frame's result and subject updates, the FINAL result last.
+
+        UNAVAILABLE is retried only while no frame has been handed to gRPC, so a
+        retry can never drop or repeat a frame.
+        """
+        source = iter(frames)
+        pulled = 0
+        last_subject: SubjectResult | None = None
 
         def requests() -> Iterator[pb.ScreenRequest]:
+            nonlocal pulled
             yield pb.ScreenRequest(options=options.message())
-            for frame in frames:
+            for frame in source:
+                pulled += 1
                 yield pb.ScreenRequest(frame=types.frame_message(frame))
 
-        try:
-            for response in self._stub.ScreenStream(requests(), timeout=self._timeout_s):
-                if response.WhichOneof("payload") == "frame_result":
-                    yield types.frame_result(response.frame_result)
-                else:
-                    yield types.subject_result(response.subject)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+        for attempt in range(self._retry.attempts):
+            answered = False
+            try:
+                for response in self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata):
+                    answered = True
+                    if response.WhichOneof("payload") == "frame_result":
+                        yield types.frame_result(response.frame_result)
+                    else:
+                        last_subject = types.subject_result(response.subject)
+                        yield last_subject
+                return
+            except grpc.RpcError as error:
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and pulled == 0
+                if retryable and attempt + 1 < self._retry.attempts:
+                    self._backoff(attempt)
+                    continue
+                failure = from_rpc_error(error)
+                failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                raise failure from error
 
     def screen(
         self,
@@ -109,24 +188,36 @@ class ScreeningClient:
         request = pb.ScreenImagesRequest(
             options=options.message(), images=[types.frame_message(image) for image in images]
         )
-        try:
-            return types.subject_result(self._stub.ScreenImages(request, timeout=self._timeout_s))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+        return types.subject_result(self._unary(self._stub.ScreenImages, request))
 
     def model_info(self) -> ModelInfo:
-        try:
-            return types.model_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout_s))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+        return types.model_info(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, … as the server's health service reports it."""
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout_s or 5.0)
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout_s or 5.0, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _unary(self, method: Callable[..., object], request: object) -> object:
+        """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
+        for attempt in range(self._retry.attempts):
+            try:
+                return method(request, timeout=self._timeout_s, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:
+                    self._backoff(attempt)
+                    continue
+                raise from_rpc_error(error) from error
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> None:
+        delay = min(self._retry.max_backoff_s, self._retry.initial_backoff_s * 2**attempt)
+        time.sleep(delay * (0.5 + random.random() / 2))
 
     def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Block until health says SERVING (the model is loaded and warmed up)."""

@@ -19,11 +19,16 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class AcroscreenClientError(Exception):
-    """Base of every error the client raises for a failed call."""
+    """Base of every error the client raises for a failed call.
+
+    `final_result` holds the subject result the server sent before the call
+    failed (e.g. when a stream limit was reached), so no result is lost.
+    """
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.final_result: object | None = None
 
 
 class InvalidRequestError(AcroscreenClientError):

@@ -52,6 +52,7 @@ class Settings:
     torch_threads: int = _setting(0, "intra-op threads for CPU inference (0 = torch default)")
     grace_period_s: float = _setting(10.0, "time running streams get to finish on SIGTERM")
     log_level: str = _setting("INFO", "logging level")
+    log_json: bool = _setting(True, "structured JSON logs, one object a line")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] = os.environ, argv: list[str] | None = None) -> Settings:

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import logs
 from .config import Settings
 from .errors import AcroscreenError, ModelError
 from .metrics import Metrics
@@ -154,7 +155,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_json)
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())

@@ -48,8 +48,12 @@ class FrameAnalyzer:
 
     def analyze(
         self, frame: FrameInput, tracker: FaceTracker | None, aggregator: SubjectAggregator, deliver: Deliver
-    ) -> None:
-        """Analyse one frame; `deliver` is called exactly once with its outcome."""
+    ) -> Future[Probabilities] | None:
+        """Analyse one frame; `deliver` is called exactly once with its outcome.
+
+        Returns the pending model result when the face went to the model (the
+        caller may cancel it), None when the frame was settled without it.
+        """
         stage = self._metrics.stage_seconds
         analysis: FaceAnalysis | None = None
         try:
@@ -70,12 +74,13 @@ class FrameAnalyzer:
             future = self._batcher.submit(crop)
         except FrameRejected as rejected:
             deliver(self._rejected(frame, aggregator, rejected.reason, rejected.detail, analysis))
-            return
+            return None
         except Overloaded as overloaded:
             deliver(self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(overloaded), analysis))
-            return
+            return None
         accepted = analysis
         future.add_done_callback(lambda done: deliver(self._completed(frame, aggregator, accepted, done)))
+        return future
 
     def _completed(
         self, frame: FrameInput, aggregator: SubjectAggregator, analysis: FaceAnalysis, done: Future[Probabilities]

@@ -45,6 +45,11 @@ class ScreeningService:
         self._sessions: dict[StreamSession, str] = {}
         self._accepting = True
         self._idle = threading.Condition(self._lock)
+        metrics.queue_depth.labels(queue="analysis").set_function(self._backlog_depth)
+
+    def _backlog_depth(self) -> int:
+        with self._lock:
+            return sum(session.backlog_depth for session in self._sessions)
 
     @property
     def model_info(self) -> ModelInfo:

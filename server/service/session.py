@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..errors import Overloaded
@@ -71,6 +72,8 @@ class StreamSession:
         self._selected = 0
         self._last_selected_us: int | None = None
         self._outstanding = 0
+        self._max_in_flight = backlog_size
+        self._pending: set[Future] = set()
         self._outstanding_done = threading.Condition()
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
@@ -129,7 +132,6 @@ class StreamSession:
             except queue.Full:
                 self._selected -= 1
                 return False
-        self._metrics.queue_depth.labels(queue="analysis").inc()
         return True
 
     def _skip_policy(self, frame: FrameInput) -> str | None:
@@ -154,11 +156,19 @@ class StreamSession:
         if self._cancelled.is_set():
             return
         self._cancelled.set()
+        with self._outstanding_done:
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()  # the batcher skips cancelled work
         try:
             self._backlog.put_nowait(_END)
         except queue.Full:
             pass
         self._events.put(_END)
+
+    @property
+    def backlog_depth(self) -> int:
+        return self._backlog.qsize()
 
     # ---- response side -----------------------------------------------------------
     def events(self) -> Iterator[StreamEvent]:
@@ -199,13 +209,19 @@ class StreamSession:
             frame = self._next_frame()
             if frame is _END:
                 break
-            self._metrics.queue_depth.labels(queue="analysis").dec()
             if self._cancelled.is_set():
                 continue
             with self._outstanding_done:
+                # Bound this stream's share of the model queue, so a slow model
+                # pushes back on the backlog (and so on the reader) instead.
+                while self._outstanding >= self._max_in_flight and not self._cancelled.is_set():
+                    self._outstanding_done.wait(timeout=0.1)
                 self._outstanding += 1
-            self._analyzer.analyze(frame, self._tracker, self._aggregator, self._deliver)  # type: ignore[arg-type]
-        self._drain_backlog_gauge()
+            pending = self._analyzer.analyze(frame, self._tracker, self._aggregator, self._deliver)  # type: ignore[arg-type]
+            if pending is not None:
+                with self._outstanding_done:
+                    self._pending.add(pending)
+                pending.add_done_callback(self._forget)
         with self._outstanding_done:
             while self._outstanding and not self._cancelled.is_set():
                 self._outstanding_done.wait(timeout=0.1)
@@ -216,14 +232,9 @@ class StreamSession:
         self._events.put(final)
         self._events.put(_END)
 
-    def _drain_backlog_gauge(self) -> None:
-        while True:
-            try:
-                item = self._backlog.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _END:
-                self._metrics.queue_depth.labels(queue="analysis").dec()
+    def _forget(self, future: Future) -> None:
+        with self._outstanding_done:
+            self._pending.discard(future)
 
     def _deliver(self, prediction: FramePrediction) -> None:
         """Called once per analysed frame, from the worker or the batcher thread."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -14,8 +16,12 @@ from ..errors import AcroscreenError, InvalidRequest, NotReady
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
 from ..service.types import FramePrediction
+from ..logs import subject_hash
 from . import convert
 from .auth import principal_of
+
+
+log = logging.getLogger(__name__)
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
@@ -40,15 +46,25 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         if first is None:
             raise InvalidRequest("empty stream: the first message must carry options")
         principal = principal_of(context.invocation_metadata())
-        session = self._service.open_stream(convert.first_options(first), principal)
+        options = convert.first_options(first)
+        session = self._service.open_stream(options, principal)
+        request_id = uuid.uuid4().hex[:12]
+        log.info(
+            "stream opened",
+            extra={"request_id": request_id, "subject": subject_hash(options.subject_id), "caller": principal},
+        )
         context.add_callback(session.cancel)
         reader = _StreamReader(request_iterator, session)
         reader.start()
-        for event in session.events():
-            if isinstance(event, FramePrediction):
-                yield convert.frame_result(event)
-            else:
-                yield pb.ScreenResponse(subject=convert.subject_result(event))
+        try:
+            for event in session.events():
+                if isinstance(event, FramePrediction):
+                    yield convert.frame_result(event)
+                else:
+                    yield pb.ScreenResponse(subject=convert.subject_result(event))
+        finally:
+            error = type(reader.error).__name__ if reader.error else None
+            log.info("stream closed", extra={"request_id": request_id, "error": error})
         # No join: a stream finished by a limit or by idling may still have a reader
         # blocked on the client; ending the call releases it.
         if reader.error is not None:

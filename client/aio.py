@@ -1,0 +1,224 @@
+"""An asyncio client for the screening service (`grpc.aio`), beside the sync `ScreeningClient`.
+
+Same options, results and errors as the sync client: `ScreenOptions`, the dataclasses of
+`acroscreen.client.types`, and the exceptions of `acroscreen.client.errors` (the gRPC error is
+the `__cause__`).
+
+    async with AsyncScreeningClient("127.0.0.1:50051") as client:
+        await client.wait_until_serving()
+        async for event in client.screen_stream(frames, ScreenOptions(subject_id="S-17")):
+            ...
+
+`frames` may be an async iterable or a plain iterable. A plain iterable is advanced in a worker
+thread, so a blocking source (decoding a video with PyAV, reading a webcam) never stalls the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from acroscreen.v1 import screening_pb2 as pb
+from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+
+from . import types
+from .client import DEFAULT_MAX_MESSAGE_BYTES, ScreenOptions, StreamEvent
+from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
+from .types import FrameData, ModelInfo, SubjectResult
+
+__all__ = ["AsyncScreeningClient"]
+
+_END = object()
+
+
+class AsyncScreeningClient:
+    """Use as an async context manager. Failed calls raise `acroscreen.client.errors` exceptions.
+
+    `credentials` (e.g. `grpc.ssl_channel_credentials(ca_pem)`) makes a TLS channel; `token` is
+    sent as `authorization: Bearer TOKEN` on every call. `options` are extra channel arguments,
+    e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for client-side
+    load balancing across the pods of a headless Kubernetes Service.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._timeout_s = timeout_s
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            *options,
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = pb_grpc.ScreeningStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncScreeningClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def screen_stream(
+        self, frames: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream frames; yields each frame's result and subject updates, the FINAL result last.
+
+        Leaving the `async for` early cancels the call (the server ends the stream)."""
+
+        async def requests() -> AsyncIterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=options.message())
+            async for frame in _aiter(frames):
+                yield pb.ScreenRequest(frame=types.frame_message(frame))
+
+        call = self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata)
+        try:
+            async for response in call:
+                if response.WhichOneof("payload") == "frame_result":
+                    yield types.frame_result(response.frame_result)
+                else:
+                    yield types.subject_result(response.subject)
+        except grpc.aio.AioRpcError as error:
+            raise _client_error(error) from error
+        finally:
+            call.cancel()  # a no-op once the call has ended
+
+    async def screen(
+        self,
+        frames: Iterable[FrameData] | AsyncIterable[FrameData],
+        options: ScreenOptions = ScreenOptions(),
+        on_event: Callable[[StreamEvent], None] | None = None,
+    ) -> SubjectResult:
+        """Stream frames and return the final subject result."""
+        final: SubjectResult | None = None
+        async for event in self.screen_stream(frames, options):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, SubjectResult):
+                final = event
+        if final is None or final.status not in ("final", "insufficient_evidence"):
+            raise ServerError("the stream ended without a final subject result")
+        return final
+
+    async def screen_images(
+        self, images: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
+    ) -> SubjectResult:
+        """A few photographs of one subject in one request; the final subject result."""
+        request = pb.ScreenImagesRequest(
+            options=options.message(), images=[types.frame_message(image) async for image in _aiter(images)]
+        )
+        try:
+            response = await self._stub.ScreenImages(request, timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise _client_error(error) from error
+        return types.subject_result(response)
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            response = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _client_error(error) from error
+        return types.model_info(response)
+
+    async def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, … as the server's health service reports it."""
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._timeout_s or 5.0,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _client_error(error) from error
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def wait_until_serving(self, timeout_s: float = 30.0) -> None:
+        """Wait until health says SERVING (the model is loaded and warmed up)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if await self.health() == "SERVING":
+                    return
+            except AcroscreenClientError:
+                pass
+            if time.monotonic() >= deadline:
+                raise UnavailableError(f"server not SERVING after {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+async def _aiter(frames: Iterable[FrameData] | AsyncIterable[FrameData]) -> AsyncIterator[FrameData]:
+    """An async view of frames; a blocking iterable is advanced in a worker thread."""
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+        return
+    if isinstance(frames, (list, tuple)):
+        for frame in frames:
+            yield frame
+        return
+    iterator = iter(frames)
+    while True:
+        frame = await asyncio.to_thread(next, iterator, _END)
+        if frame is _END:
+            return
+        yield frame
+
+
+class _CallView(grpc.RpcError, grpc.Call):
+    """An `AioRpcError` seen as a sync `grpc.Call`, so the sync client's code→exception mapping
+    (and its retry-pushback reading) applies unchanged."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__()
+        self._error = error
+
+    def code(self) -> grpc.StatusCode:
+        return self._error.code()
+
+    def details(self) -> str | None:
+        return self._error.details()
+
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self._error.initial_metadata() or ())
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self._error.trailing_metadata() or ())
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+def _client_error(error: grpc.aio.AioRpcError) -> AcroscreenClientError:
+    return from_rpc_error(_CallView(error))

@@ -1,0 +1,84 @@
+"""SIGTERM drain of a server subprocess with a stream in flight, and no patient data left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from acroscreen.client import FrameData, ImageKind, RetryPolicy, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client.errors import UnavailableError
+from tests.helpers import jpeg_bytes
+
+from .test_cli import ACROSCREEN
+
+SUBJECT = "patient-1234-do-not-log"
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")}
+
+
+def test_sigterm_drains_streams_and_leaves_no_files(tmp_path: Path, portrait_bgr) -> None:
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "ACROSCREEN_ALLOW_UNTRAINED": "1", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [ACROSCREEN, "serve", "--port", "0", "--metrics-port", "-1", "--grace-period-s", "20"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    port = None
+    for line in process.stdout:
+        match = re.search(r"serving on [\d.]+:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+            break
+    assert port is not None
+    before = _files(work) | _files(tmp)
+    good = jpeg_bytes(portrait_bgr)
+    sent_first = threading.Event()
+
+    def slow_frames():
+        for index in range(6):
+            yield FrameData(good, ImageKind.JPEG, index=index)
+            sent_first.set()
+            time.sleep(0.4)
+
+    results: list[SubjectResult] = []
+    target = f"127.0.0.1:{port}"
+    with ScreeningClient(target, timeout_s=60) as client:
+        stream = threading.Thread(
+            target=lambda: results.append(client.screen(slow_frames(), ScreenOptions(subject_id=SUBJECT, analyze_every_frame=True)))
+        )
+        stream.start()
+        assert sent_first.wait(30)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.health() == "NOT_SERVING"
+        with ScreeningClient(target, timeout_s=10, retry=RetryPolicy(attempts=1)) as late:
+            with pytest.raises(UnavailableError):
+                late.screen([FrameData(good, ImageKind.JPEG)])
+        stream.join(60)
+    assert process.wait(timeout=30) == 0
+    log = process.stdout.read()
+    process.stdout.close()
+    assert results and results[0].status == "final" and results[0].frames_received == 6
+    assert _files(work) | _files(tmp) == before, "the server left files behind"
+    assert SUBJECT not in log
+    assert hashlib.sha256(SUBJECT.encode()).hexdigest()[:12] in log

@@ -1,0 +1,219 @@
+"""Malformed input, limits, disconnects: the server answers, frees everything and goes on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from acroscreen.client import FrameData, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client.errors import ServerBusyError
+from acroscreen.server.main import RunningServer
+from acroscreen.v1 import screening_pb2 as pb
+from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+from tests.helpers import jpeg_bytes, png_bytes
+
+from .conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[RunningServer]:
+    running = start_server(metrics_port=-1, max_streams=8)
+    yield running
+    running.stop(grace_s=1.0)
+
+
+def _stub(server: RunningServer) -> tuple[grpc.Channel, pb_grpc.ScreeningStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return channel, pb_grpc.ScreeningStub(channel)
+
+
+def _reference_run(server: RunningServer, portrait: np.ndarray) -> SubjectResult:
+    frames = [FrameData(jpeg_bytes(np.roll(portrait, shift, axis=1)), ImageKind.JPEG, index=i) for i, shift in enumerate((0, 6, 12))]
+    with ScreeningClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+        return client.screen(frames, ScreenOptions(subject_id="reference", analyze_every_frame=True))
+
+
+_valid_jpeg = st.just(b"")  # replaced per test with real bytes via flatmap below
+frame_payloads = st.one_of(
+    st.binary(max_size=2048).map(lambda data: pb.Frame(jpeg=data)),
+    st.binary(max_size=2048).map(lambda data: pb.Frame(png=data)),
+    st.builds(
+        lambda w, h, fmt, data: pb.Frame(raw=pb.RawImage(width=w, height=h, format=fmt, data=data)),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**31 - 1),  # unknown enum values included
+        st.binary(max_size=4096),
+    ),
+    st.just(pb.Frame()),  # no image at all
+)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    data = bytearray(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    data[16:20] = width.to_bytes(4, "big")
+    data[20:24] = height.to_bytes(4, "big")
+    return bytes(data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(frame_payloads, min_size=0, max_size=6), options_again_at=st.one_of(st.none(), st.integers(0, 5)))
+def test_fuzzed_streams_get_rejections_or_invalid_argument(fuzz_server: RunningServer, frames, options_again_at) -> None:
+    requests = [pb.ScreenRequest(options=pb.SessionOptions(subject_id="fuzz", analyze_every_frame=True))]
+    for i, frame in enumerate(frames):
+        if options_again_at == i:
+            requests.append(pb.ScreenRequest(options=pb.SessionOptions()))
+        frame.index = i
+        requests.append(pb.ScreenRequest(frame=frame))
+    channel, stub = _stub(fuzz_server)
+    with channel:
+        try:
+            responses = list(stub.ScreenStream(iter(requests), timeout=60))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert options_again_at is not None and options_again_at < len(frames)
+            return
+    frame_results = [r.frame_result for r in responses if r.WhichOneof("payload") == "frame_result"]
+    assert len(frame_results) == len(frames)
+    assert all(r.status in (pb.FRAME_STATUS_REJECTED, pb.FRAME_STATUS_ANALYZED) for r in frame_results)
+    final = responses[-1].subject
+    assert final.frames_received == len(frames)
+
+
+def test_hostile_frames_then_a_normal_stream_matches_a_fresh_server(fuzz_server: RunningServer, portrait_bgr) -> None:
+    good = jpeg_bytes(portrait_bgr)
+    hostile = [
+        pb.Frame(png=_png_declaring(100_000, 100_000)),
+        pb.Frame(png=_png_declaring(2**31, 1)),
+        pb.Frame(jpeg=good[: len(good) // 2]),
+        pb.Frame(raw=pb.RawImage(width=2**32 - 1, height=2**32 - 1, format=pb.PIXEL_FORMAT_BGR24, data=b"\x00" * 100)),
+        pb.Frame(raw=pb.RawImage(width=10, height=10, format=99, data=b"\x00" * 300)),
+    ]
+    channel, stub = _stub(fuzz_server)
+    with channel:
+        requests = [pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))]
+        requests += [pb.ScreenRequest(frame=frame) for frame in hostile]
+        responses = list(stub.ScreenStream(iter(requests), timeout=60))
+    reasons = [r.frame_result.reject_reason for r in responses if r.WhichOneof("payload") == "frame_result"]
+    assert reasons == [
+        pb.REJECT_REASON_TOO_LARGE,
+        pb.REJECT_REASON_TOO_LARGE,
+        pb.REJECT_REASON_DECODE_FAILED,
+        pb.REJECT_REASON_TOO_LARGE,
+        pb.REJECT_REASON_BAD_FORMAT,
+    ]
+    after_abuse = _reference_run(fuzz_server, portrait_bgr)
+    fresh = start_server(metrics_port=-1)
+    try:
+        baseline = _reference_run(fresh, portrait_bgr)
+    finally:
+        fresh.stop(grace_s=1.0)
+    assert after_abuse.frames_analyzed == baseline.frames_analyzed == 3
+    assert after_abuse.probabilities == pytest.approx(baseline.probabilities, abs=1e-5)
+
+
+def test_disconnect_storm_leaves_no_state(portrait_bgr) -> None:
+    running = start_server(max_streams=16)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+
+        def endless() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
+            index = 0
+            while True:
+                yield pb.ScreenRequest(frame=pb.Frame(index=index, jpeg=good))
+                index += 1
+                time.sleep(0.01)
+
+        channels = [grpc.insecure_channel(f"127.0.0.1:{running.port}") for _ in range(8)]
+        calls = [pb_grpc.ScreeningStub(channel).ScreenStream(endless(), timeout=60) for channel in channels]
+        for call in calls:
+            next(call)  # every stream has produced a result
+        assert running.service.active_streams == 8
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            channel.close()
+        deadline = time.monotonic() + 15
+        while running.service.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.service.active_streams == 0
+        metrics = running.metrics
+        assert metrics.active_streams._value.get() == 0
+        deadline = time.monotonic() + 10
+        while metrics.queue_depth.labels(queue="analysis")._value.get() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics.queue_depth.labels(queue="analysis")._value.get() == 0
+        assert metrics.queue_depth.labels(queue="inference")._value.get() == 0
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_frame_limit_ends_the_stream_with_its_final_result(portrait_bgr) -> None:
+    running = start_server(metrics_port=-1, max_frames_per_stream=3)
+    try:
+        frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(5)]
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            with pytest.raises(ServerBusyError) as caught:
+                client.screen(frames, ScreenOptions(analyze_every_frame=True))
+        final = caught.value.final_result
+        assert isinstance(final, SubjectResult) and final.status == "final"
+        assert final.frames_received == 3 and final.frames_analyzed == 3
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_idle_stream_is_finished_with_its_result(portrait_bgr) -> None:
+    running = start_server(metrics_port=-1, idle_timeout_s=1.0)
+    try:
+        release = threading.Event()
+
+        def requests() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
+            yield pb.ScreenRequest(frame=pb.Frame(index=0, jpeg=jpeg_bytes(portrait_bgr)))
+            release.wait(20)  # the client goes quiet without closing
+
+        channel, stub = _stub(running)
+        with channel:
+            started = time.monotonic()
+            responses = list(stub.ScreenStream(requests(), timeout=30))
+            elapsed = time.monotonic() - started
+        release.set()
+        final = responses[-1].subject
+        assert final.status == pb.SUBJECT_STATUS_INSUFFICIENT_EVIDENCE and final.frames_received == 1
+        assert elapsed < 10
+        assert running.service.active_streams == 0
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_per_token_quota(portrait_bgr) -> None:
+    token = "quota-token-0123456789abcdef"
+    running = start_server(metrics_port=-1, auth_tokens=token, max_streams_per_token=1)
+    try:
+        gate = threading.Event()
+        metadata = (("authorization", f"Bearer {token}"),)
+
+        def held() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions())
+            gate.wait(20)
+
+        channel, stub = _stub(running)
+        with channel:
+            first = stub.ScreenStream(held(), timeout=30, metadata=metadata)
+            deadline = time.monotonic() + 10
+            while running.service.active_streams == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.ScreenStream(iter([pb.ScreenRequest(options=pb.SessionOptions())]), timeout=30, metadata=metadata))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            gate.set()
+            assert list(first)[-1].subject.status == pb.SUBJECT_STATUS_INSUFFICIENT_EVIDENCE
+    finally:
+        running.stop(grace_s=1.0)

@@ -1,0 +1,143 @@
+"""TLS, mutual TLS and bearer tokens, with certificates made in the test."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from acroscreen.client import Credentials, FrameData, ImageKind, RetryPolicy, ScreeningClient
+from acroscreen.client.errors import AuthenticationError, UnavailableError
+from acroscreen.server.errors import ConfigurationError
+from acroscreen.server.main import RunningServer
+from tests.helpers import jpeg_bytes
+
+from .conftest import start_server
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: str, key, issuer: x509.Name, issuer_key, *, ca: bool, dns: str | None = None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if dns:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+class _Pki:
+    """A CA, a server certificate for localhost and a client certificate, as PEM files."""
+
+    def __init__(self, folder: Path, ca_name: str = "acroscreen test CA") -> None:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _certificate(ca_name, ca_key, _name(ca_name), ca_key, ca=True)
+        self.ca = self._write(folder / "ca.pem", ca)
+        for role, dns in (("server", "localhost"), ("client", None)):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _certificate(f"{role}", key, ca.subject, ca_key, ca=False, dns=dns)
+            setattr(self, f"{role}_cert", self._write(folder / f"{role}.pem", cert))
+            key_path = folder / f"{role}.key"
+            key_path.write_bytes(
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            )
+            setattr(self, f"{role}_key", key_path)
+
+    @staticmethod
+    def _write(path: Path, cert: x509.Certificate) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
+    return _Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def mtls_server(pki: _Pki) -> Iterator[RunningServer]:
+    running = start_server(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, auth_tokens=TOKEN, metrics_port=-1
+    )
+    yield running
+    running.stop(grace_s=1.0)
+
+
+def _client(port: int, credentials: Credentials) -> ScreeningClient:
+    return ScreeningClient(f"localhost:{port}", timeout_s=30, credentials=credentials, retry=NO_RETRY)
+
+
+def test_mutual_tls_with_token_screens(mtls_server: RunningServer, pki: _Pki, portrait_bgr) -> None:
+    credentials = Credentials.from_files(
+        tls_ca=str(pki.ca), tls_cert=str(pki.client_cert), tls_key=str(pki.client_key)
+    )
+    with _client(mtls_server.port, Credentials(**{**_fields(credentials), "token": TOKEN})) as client:
+        result = client.screen_images([FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG)])
+    assert result.status == "final" and result.frames_analyzed == 1
+
+
+def test_missing_or_wrong_token_is_unauthenticated(mtls_server: RunningServer, pki: _Pki, portrait_bgr) -> None:
+    base = Credentials.from_files(tls_ca=str(pki.ca), tls_cert=str(pki.client_cert), tls_key=str(pki.client_key))
+    for token in (None, "wrong-token-but-long-enough-000"):
+        with _client(mtls_server.port, Credentials(**{**_fields(base), "token": token})) as client:
+            with pytest.raises(AuthenticationError):
+                client.model_info()
+            with pytest.raises(AuthenticationError):
+                client.screen([FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG)])
+            assert client.health() == "SERVING"  # probes need no token
+
+
+def test_client_without_certificate_is_refused(mtls_server: RunningServer, pki: _Pki) -> None:
+    with _client(mtls_server.port, Credentials(tls=True, tls_ca=pki.ca.read_bytes(), token=TOKEN)) as client:
+        with pytest.raises(UnavailableError):
+            client.model_info()
+
+
+def test_server_signed_by_another_ca_is_refused(mtls_server: RunningServer, tmp_path: Path) -> None:
+    other = _Pki(tmp_path, ca_name="someone else's CA")
+    credentials = Credentials.from_files(
+        tls_ca=str(other.ca), tls_cert=str(other.client_cert), tls_key=str(other.client_key)
+    )
+    with _client(mtls_server.port, Credentials(**{**_fields(credentials), "token": TOKEN})) as client:
+        with pytest.raises(UnavailableError):
+            client.model_info()
+
+
+def test_plaintext_client_cannot_talk_to_tls_server(mtls_server: RunningServer) -> None:
+    with _client(mtls_server.port, Credentials(token=TOKEN)) as client:
+        with pytest.raises(UnavailableError):
+            client.model_info()
+
+
+def test_plaintext_on_a_public_address_needs_insecure() -> None:
+    with pytest.raises(ConfigurationError, match="--insecure"):
+        start_server(host="0.0.0.0", metrics_port=-1)
+
+
+def test_short_tokens_are_refused_at_start() -> None:
+    with pytest.raises(ConfigurationError, match="16 characters"):
+        start_server(auth_tokens="short", metrics_port=-1)
+
+
+def _fields(credentials: Credentials) -> dict:
+    return {name: getattr(credentials, name) for name in ("tls", "tls_ca", "tls_cert", "tls_key", "token")}
