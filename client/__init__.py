@@ -1,6 +1,6 @@
 """Client for the acroscreen screening service. See `ScreeningClient`."""
 
 from .client import Credentials, RetryPolicy, ScreeningClient, ScreenOptions
-from .types import FrameData, FrameResult, ImageKind, ModelInfo, SubjectResult
+from .types import FrameAck, FrameData, FrameResult, ImageKind, ModelInfo, SubjectResult
 
-__all__ = ["Credentials", "RetryPolicy", "FrameData", "FrameResult", "ImageKind", "ModelInfo", "ScreenOptions", "ScreeningClient", "SubjectResult"]
+__all__ = ["Credentials", "RetryPolicy", "FrameAck", "FrameData", "FrameResult", "ImageKind", "ModelInfo", "ScreenOptions", "ScreeningClient", "SubjectResult"]

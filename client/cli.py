@@ -8,9 +8,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .client import Credentials, ScreeningClient, ScreenOptions
+from .client import Credentials, ScreeningClient, ScreenOptions, StreamEvent
 from .errors import AcroscreenClientError
-from .types import FrameResult, SubjectResult
+from .types import FrameAck, FrameResult, SubjectResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--server", default="127.0.0.1:50051")
     _add_connection_flags(info)
     info.set_defaults(run=_model_info)
+
+    bench = verbs.add_parser("bench", help="replay videos as concurrent streams and report throughput as JSON")
+    bench.add_argument("videos", nargs="+", help="video files to replay (looped)")
+    bench.add_argument("--streams", type=int, default=4)
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds of streaming")
+    bench.add_argument("--pace", choices=("realtime", "fast"), default="realtime")
+    bench.add_argument("--fps", type=float, default=30.0, help="frames per second per stream when realtime")
+    bench.add_argument("--every-frame", action="store_true", help="ask the server to analyse every frame")
+    bench.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    bench.add_argument("--metrics-url", default=None, help="its /metrics URL, with --server")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    bench.add_argument("--baseline", choices=("naive",), default=None, help="also run the naive pipeline")
+    bench.add_argument("--baseline-duration", type=float, default=15.0)
+    bench.add_argument("--out", default=None, help="also write the JSON report to this file")
+    bench.set_defaults(run=_bench)
 
     demo = verbs.add_parser("demo", help="start a server and screen the shipped demo clips")
     demo.add_argument("--frames", type=int, default=60, help="frames per demo clip")
@@ -122,6 +138,31 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from acroscreen.server.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        videos=tuple(Path(v) for v in args.videos),
+        streams=args.streams,
+        duration_s=args.duration,
+        pace=args.pace,
+        fps=args.fps,
+        every_frame=args.every_frame,
+        server=args.server,
+        metrics_url=args.metrics_url,
+        server_args=("--device", args.device, "--allow-untrained", *args.server_arg),
+        baseline=args.baseline,
+        baseline_duration_s=args.baseline_duration,
+    )
+    report = json.dumps(run_bench(config, args.device), indent=2)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    print(report)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from acroscreen.server.demo.run import run_demo
 
@@ -136,8 +177,8 @@ class _Progress:
         self._enabled = enabled
         self._counts = {"analyzed": 0, "rejected": 0, "skipped": 0}
 
-    def update(self, event: FrameResult | SubjectResult) -> None:
-        if not self._enabled:
+    def update(self, event: StreamEvent) -> None:
+        if not self._enabled or isinstance(event, FrameAck):
             return
         if isinstance(event, FrameResult):
             self._counts[event.status] = self._counts.get(event.status, 0) + 1

@@ -16,10 +16,10 @@ from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from . import types
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
-from .types import FrameData, FrameResult, ModelInfo, SubjectResult
+from .types import FrameAck, FrameData, FrameResult, ModelInfo, SubjectResult
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-StreamEvent = FrameResult | SubjectResult
+StreamEvent = FrameAck | FrameResult | SubjectResult
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,6 +31,7 @@ class ScreenOptions:
     min_analysis_interval_ms: int = 0
     analyze_every_frame: bool = False
     update_every_frames: int = 0
+    acknowledge_frames: bool = False
 
     def message(self) -> pb.SessionOptions:
         return pb.SessionOptions(
@@ -39,6 +40,7 @@ class ScreenOptions:
             min_analysis_interval_ms=self.min_analysis_interval_ms,
             analyze_every_frame=self.analyze_every_frame,
             update_every_frames=self.update_every_frames,
+            acknowledge_frames=self.acknowledge_frames,
         )
 
 
@@ -152,8 +154,11 @@ class ScreeningClient:
             try:
                 for response in self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata):
                     answered = True
-                    if response.WhichOneof("payload") == "frame_result":
+                    payload = response.WhichOneof("payload")
+                    if payload == "frame_result":
                         yield types.frame_result(response.frame_result)
+                    elif payload == "frame_ack":
+                        yield FrameAck(response.frame_ack.index, response.frame_ack.timestamp_us)
                     else:
                         last_subject = types.subject_result(response.subject)
                         yield last_subject

@@ -73,6 +73,14 @@ class FrameResult:
 
 
 @dataclass(frozen=True, slots=True)
+class FrameAck:
+    """The server queued this frame for analysis; its FrameResult follows."""
+
+    index: int
+    timestamp_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRef:
     name: str
     version: str

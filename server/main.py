@@ -69,6 +69,7 @@ def start(settings: Settings) -> RunningServer:
 
 
 def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
+    import cv2
     import torch
 
     from .runtime.decode import DecodeLimits
@@ -83,6 +84,9 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    # Streams already run detection in parallel threads; OpenCV's own thread pool
+    # on top of that only oversubscribes the cores the model needs.
+    cv2.setNumThreads(settings.opencv_threads)
     path = settings.model or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
     try:
         if path is not None:

@@ -26,9 +26,9 @@ from ..errors import Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
-from .types import FrameInput, FramePrediction, FrameStatus, SessionOptions, SubjectResult
+from .types import FrameAck, FrameInput, FramePrediction, FrameStatus, SessionOptions, SubjectResult
 
-StreamEvent = FramePrediction | SubjectResult
+StreamEvent = FrameAck | FramePrediction | SubjectResult
 _END = object()
 
 
@@ -102,6 +102,8 @@ class StreamSession:
         policy = self._skip_policy(frame)
         if policy is None:
             if self._enqueue(frame):
+                if self.options.acknowledge_frames:
+                    self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
                 return
             policy = "backlog_full"
         self._aggregator.add_skipped()

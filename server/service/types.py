@@ -17,6 +17,7 @@ class SessionOptions:
     min_analysis_interval_ms: int = 0
     analyze_every_frame: bool = False
     update_every_frames: int = 0
+    acknowledge_frames: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +26,14 @@ class FrameInput:
     timestamp_us: int
     image: EncodedImage
     received_at: float  # time.monotonic() at arrival
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrameAck:
+    """A frame arrived and is queued for analysis; its FramePrediction follows."""
+
+    index: int
+    timestamp_us: int
 
 
 class FrameStatus(enum.Enum):

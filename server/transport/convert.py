@@ -9,6 +9,7 @@ from acroscreen.v1 import screening_pb2 as pb
 from ..errors import InvalidRequest
 from ..runtime.types import Box, EncodedImage, HeadPose, ImageEncoding, PixelFormat, Quality, RejectReason
 from ..service.types import (
+    FrameAck,
     FrameInput,
     FramePrediction,
     FrameStatus,
@@ -36,6 +37,7 @@ def session_options(message: pb.SessionOptions) -> SessionOptions:
         min_analysis_interval_ms=message.min_analysis_interval_ms,
         analyze_every_frame=message.analyze_every_frame,
         update_every_frames=message.update_every_frames,
+        acknowledge_frames=message.acknowledge_frames,
     )
 
 
@@ -94,6 +96,10 @@ def frame_result(prediction: FramePrediction) -> pb.ScreenResponse:
     if prediction.probabilities is not None:
         message.probabilities.CopyFrom(_probabilities(prediction.probabilities))
     return pb.ScreenResponse(frame_result=message)
+
+
+def frame_ack(ack: FrameAck) -> pb.ScreenResponse:
+    return pb.ScreenResponse(frame_ack=pb.FrameAck(index=ack.index, timestamp_us=ack.timestamp_us))
 
 
 def subject_result(result: SubjectResult) -> pb.SubjectResult:

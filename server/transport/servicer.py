@@ -15,7 +15,7 @@ from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from ..errors import AcroscreenError, InvalidRequest, NotReady
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
-from ..service.types import FramePrediction
+from ..service.types import FrameAck, FramePrediction
 from ..logs import subject_hash
 from . import convert
 from .auth import principal_of
@@ -60,6 +60,8 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             for event in session.events():
                 if isinstance(event, FramePrediction):
                     yield convert.frame_result(event)
+                elif isinstance(event, FrameAck):
+                    yield convert.frame_ack(event)
                 else:
                     yield pb.ScreenResponse(subject=convert.subject_result(event))
         finally:

@@ -184,3 +184,15 @@ def test_frames_above_the_pixel_limit_are_rejected(portrait_bgr: np.ndarray) -> 
         assert result.rejected == {"too_large": 1}
     finally:
         running.stop(grace_s=1.0)
+
+
+def test_acknowledged_frames_get_an_ack_before_their_result(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
+    from acroscreen.client import FrameAck
+
+    good = jpeg_bytes(portrait_bgr)
+    frames = [FrameData(good, ImageKind.JPEG, index=i) for i in range(4)]
+    events = list(client.screen_stream(frames, ScreenOptions(analyze_every_frame=True, acknowledge_frames=True)))
+    order = [(type(e).__name__, e.index) for e in events if isinstance(e, (FrameAck, FrameResult))]
+    for i in range(4):
+        assert order.index(("FrameAck", i)) < order.index(("FrameResult", i))
+    assert isinstance(events[-1], SubjectResult) and events[-1].frames_analyzed == 4

@@ -78,18 +78,20 @@ class ScreenRequest(_message.Message):
     def __init__(self, options: _Optional[_Union[SessionOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("subject_id", "max_analyzed_frames", "min_analysis_interval_ms", "analyze_every_frame", "update_every_frames")
+    __slots__ = ("subject_id", "max_analyzed_frames", "min_analysis_interval_ms", "analyze_every_frame", "update_every_frames", "acknowledge_frames")
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_ANALYZED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MIN_ANALYSIS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ANALYZE_EVERY_FRAME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_EVERY_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     subject_id: str
     max_analyzed_frames: int
     min_analysis_interval_ms: int
     analyze_every_frame: bool
     update_every_frames: int
-    def __init__(self, subject_id: _Optional[str] = ..., max_analyzed_frames: _Optional[int] = ..., min_analysis_interval_ms: _Optional[int] = ..., analyze_every_frame: _Optional[bool] = ..., update_every_frames: _Optional[int] = ...) -> None: ...
+    acknowledge_frames: bool
+    def __init__(self, subject_id: _Optional[str] = ..., max_analyzed_frames: _Optional[int] = ..., min_analysis_interval_ms: _Optional[int] = ..., analyze_every_frame: _Optional[bool] = ..., update_every_frames: _Optional[int] = ..., acknowledge_frames: _Optional[bool] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("width", "height", "format", "data")
@@ -130,12 +132,22 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ScreenResponse(_message.Message):
-    __slots__ = ("frame_result", "subject")
+    __slots__ = ("frame_result", "subject", "frame_ack")
     FRAME_RESULT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ACK_FIELD_NUMBER: _ClassVar[int]
     frame_result: FrameResult
     subject: SubjectResult
-    def __init__(self, frame_result: _Optional[_Union[FrameResult, _Mapping]] = ..., subject: _Optional[_Union[SubjectResult, _Mapping]] = ...) -> None: ...
+    frame_ack: FrameAck
+    def __init__(self, frame_result: _Optional[_Union[FrameResult, _Mapping]] = ..., subject: _Optional[_Union[SubjectResult, _Mapping]] = ..., frame_ack: _Optional[_Union[FrameAck, _Mapping]] = ...) -> None: ...
+
+class FrameAck(_message.Message):
+    __slots__ = ("index", "timestamp_us")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    timestamp_us: int
+    def __init__(self, index: _Optional[int] = ..., timestamp_us: _Optional[int] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x", "y", "width", "height")

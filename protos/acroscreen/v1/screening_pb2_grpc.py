@@ -60,7 +60,7 @@ class ScreeningServicer:
         """Bidirectional stream for one subject. The first request must carry
         `options`; every later request carries one `frame`. The server answers
         each frame with exactly one `frame_result` (analysed, rejected or skipped;
-        not necessarily in frame order), sends a provisional `subject` update from
+        not necessarily in frame order; optionally preceded by a `frame_ack`), sends a provisional `subject` update from
         time to time, and, after the client half-closes, a last message holding
         the FINAL subject result. A stream that does not start with options, or
         that sends options twice, ends with INVALID_ARGUMENT.

@@ -1,0 +1,333 @@
+"""`acroscreen bench`: replay videos as N concurrent streams against a server and report
+what was measured as one JSON object; with `--baseline naive`, also run a naive
+in-process pipeline on the same frames in the same invocation and give the ratio.
+
+The naive pipeline is what a first attempt looks like: per frame decode → detect →
+landmarks → crop → model at batch 1, no tracking, no batching, one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from acroscreen.client import FrameData, FrameResult, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client.types import FrameAck
+from acroscreen.client.sources import video_frames
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    videos: tuple[Path, ...]
+    streams: int = 4
+    duration_s: float = 20.0
+    pace: str = "realtime"  # realtime: each stream at `fps`; fast: as fast as the server takes them
+    fps: float = 30.0
+    every_frame: bool = False  # ask the server to analyse every frame (backpressure instead of skipping)
+    acknowledge_frames: bool = True  # ask for an immediate ack of queued frames
+    server: str | None = None  # HOST:PORT of a running server; None starts one
+    metrics_url: str | None = None
+    server_args: tuple[str, ...] = ()
+    baseline: str | None = None  # "naive"
+    baseline_duration_s: float = 15.0
+    max_frames_per_video: int = 300
+    jpeg_quality: int = 85
+
+
+@dataclass
+class _StreamStats:
+    sent: int = 0
+    acknowledged: int = 0
+    analyzed: int = 0
+    ack_latency_ms: list[float] = field(default_factory=list)
+    analysis_latency_ms: list[float] = field(default_factory=list)
+    final: SubjectResult | None = None
+    error: str | None = None
+
+
+def load_clips(config: BenchConfig) -> list[list[FrameData]]:
+    """Decode and JPEG-encode every clip once, so the load generator costs little CPU."""
+    clips = []
+    for video in config.videos:
+        frames = []
+        for frame in video_frames(video, config.jpeg_quality):
+            frames.append(frame)
+            if len(frames) >= config.max_frames_per_video:
+                break
+        clips.append(frames)
+    return clips
+
+
+def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _StreamStats, deadline: float) -> None:
+    sent_at: dict[int, float] = {}
+
+    def frames() -> Iterator[FrameData]:
+        started = time.monotonic()
+        index = 0
+        while time.monotonic() < deadline:
+            source = clip[index % len(clip)]
+            if config.pace == "realtime":
+                delay = started + index / config.fps - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            sent_at[index] = time.monotonic()
+            stats.sent += 1
+            yield FrameData(source.data, source.kind, index=index, timestamp_us=int(index * 1e6 / config.fps))
+            index += 1
+
+    options = ScreenOptions(
+        subject_id="bench", analyze_every_frame=config.every_frame, acknowledge_frames=config.acknowledge_frames
+    )
+    try:
+        with ScreeningClient(target, timeout_s=config.duration_s + 120) as client:
+            for event in client.screen_stream(frames(), options):
+                if isinstance(event, FrameAck):
+                    stats.acknowledged += 1
+                    stats.ack_latency_ms.append((time.monotonic() - sent_at[event.index]) * 1000.0)
+                elif isinstance(event, FrameResult):
+                    latency = (time.monotonic() - sent_at.pop(event.index)) * 1000.0
+                    if event.status != "analyzed" or not config.acknowledge_frames:
+                        stats.acknowledged += 1
+                        stats.ack_latency_ms.append(latency)
+                    if event.status == "analyzed":
+                        stats.analyzed += 1
+                        stats.analysis_latency_ms.append(latency)
+                elif event.status != "provisional":
+                    stats.final = event
+    except Exception as error:  # noqa: BLE001 — reported in the JSON, never hidden
+        stats.error = f"{type(error).__name__}: {error}"
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
+
+
+def _scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if sample.name.endswith("_bucket"):
+                continue
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def _stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    means = {}
+    for key, total in after.items():
+        match = re.fullmatch(r"acroscreen_stage_seconds_sum\{stage=(\w+)\}", key)
+        if not match:
+            continue
+        count_key = f"acroscreen_stage_seconds_count{{stage={match.group(1)}}}"
+        count = after.get(count_key, 0.0) - before.get(count_key, 0.0)
+        if count:
+            means[match.group(1)] = round((total - before.get(key, 0.0)) / count * 1000.0, 2)
+    return means
+
+
+class _ProcessProbe:
+    """CPU time and peak RSS of a process from /proc (Linux), GPU use from nvidia-smi if present."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._gpu_samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample_gpu, daemon=True)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self._ticks
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self._pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+        return 0.0
+
+    def start_gpu_sampling(self) -> None:
+        if shutil.which("nvidia-smi"):
+            self._sampler.start()
+
+    def _sample_gpu(self) -> None:
+        while not self._stop.wait(0.5):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True,
+            ).stdout.strip().splitlines()
+            if out:
+                util, memory = (float(x) for x in out[0].split(","))
+                self._gpu_samples.append((util, memory))
+
+    def gpu_summary(self) -> dict[str, float] | None:
+        self._stop.set()
+        if not self._gpu_samples:
+            return None
+        return {
+            "utilization_mean_pct": round(statistics.mean(u for u, _ in self._gpu_samples), 1),
+            "memory_peak_mib": max(m for _, m in self._gpu_samples),
+        }
+
+
+def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, str]:
+    command = [sys.executable, "-m", "acroscreen.client.cli", "serve", "--port", "0", "--metrics-port", "0",
+               "--log-json", *config.server_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"serving on ([\d.]+):(\d+) \(metrics :(\d+)\)", line)
+        if match:
+            host, port, metrics = match.groups()
+            return process, f"{host}:{port}", f"http://{host}:{metrics}/metrics"
+    raise RuntimeError("the benchmark server did not start (try `acroscreen serve` by hand)")
+
+
+def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
+    process = None
+    if config.server is None:
+        process, target, metrics_url = _start_server(config)
+    else:
+        target, metrics_url = config.server, config.metrics_url
+    probe = _ProcessProbe(process.pid) if process else None
+    try:
+        with ScreeningClient(target, timeout_s=30) as client:
+            client.wait_until_serving(120)
+            model = client.model_info().model
+        before = _scrape(metrics_url) if metrics_url else {}
+        cpu_before = probe.cpu_seconds() if probe else 0.0
+        if probe:
+            probe.start_gpu_sampling()
+        stats = [_StreamStats() for _ in range(config.streams)]
+        started = time.monotonic()
+        deadline = started + config.duration_s
+        threads = [
+            threading.Thread(target=_stream, args=(target, clips[i % len(clips)], config, stats[i], deadline))
+            for i in range(config.streams)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        after = _scrape(metrics_url) if metrics_url else {}
+        report = {
+            "target": target,
+            "model": {"name": model.name, "kind": model.kind},
+            "streams": config.streams,
+            "pace": config.pace,
+            "every_frame": config.every_frame,
+            "elapsed_s": round(elapsed, 2),
+            "frames_sent": sum(s.sent for s in stats),
+            "frames_acknowledged": sum(s.acknowledged for s in stats),
+            "frames_analyzed": sum(s.analyzed for s in stats),
+            "acknowledged_per_s": round(sum(s.acknowledged for s in stats) / elapsed, 2),
+            "analyzed_per_s": round(sum(s.analyzed for s in stats) / elapsed, 2),
+            "ack_latency_ms": _percentiles([x for s in stats for x in s.ack_latency_ms]),
+            "end_to_end_latency_ms": _percentiles([x for s in stats for x in s.analysis_latency_ms]),
+            "final_results": sum(s.final is not None and s.final.status != "provisional" for s in stats),
+            "errors": [s.error for s in stats if s.error],
+            "server_stage_mean_ms": _stage_means_ms(before, after),
+        }
+        batches = after.get("acroscreen_inference_batch_size_count", 0) - before.get("acroscreen_inference_batch_size_count", 0)
+        if batches:
+            faces = after["acroscreen_inference_batch_size_sum"] - before.get("acroscreen_inference_batch_size_sum", 0)
+            report["mean_batch_size"] = round(faces / batches, 2)
+        if probe:
+            cpu = probe.cpu_seconds() - cpu_before
+            report["server_cpu_utilization_pct"] = round(100.0 * cpu / elapsed / (os.cpu_count() or 1), 1)
+            report["server_peak_rss_mb"] = probe.peak_rss_mb()
+            report["gpu"] = probe.gpu_summary()
+        return report
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) -> dict:
+    """Per frame: decode → detect → landmarks → crop → model at batch 1; one thread, no tracking."""
+    import cv2
+    import numpy as np
+
+    from .main import DEFAULT_WEIGHTS
+    from .runtime.model import SeverityModel
+    from .runtime.preprocess import FacePreprocessor, PreprocessSettings
+    from .runtime.weights import load_weights, untrained_weights
+
+    weights = load_weights(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else untrained_weights()
+    model = SeverityModel(weights.net, weights.card, device)
+    model.warmup()
+    preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(weights.card.preprocessing))
+    frames = [frame for clip in clips for frame in clip]
+    processed = analyzed = 0
+    latencies: list[float] = []
+    started = time.monotonic()
+    while time.monotonic() - started < config.baseline_duration_s:
+        frame = frames[processed % len(frames)]
+        t0 = time.monotonic()
+        image = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_COLOR)
+        _analysis, crop = preprocessor.crop_image(image)
+        if crop is not None:
+            model.predict(crop.pixels[None])
+            analyzed += 1
+        latencies.append((time.monotonic() - t0) * 1000.0)
+        processed += 1
+    elapsed = time.monotonic() - started
+    return {
+        "frames_processed": processed,
+        "frames_analyzed": analyzed,
+        "analyzed_per_s": round(analyzed / elapsed, 2),
+        "processed_per_s": round(processed / elapsed, 2),
+        "frame_latency_ms": _percentiles(latencies),
+    }
+
+
+def machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        info["gpu"] = gpu.stdout.strip() or None
+    return info
+
+
+def run_bench(config: BenchConfig, device: str = "cpu") -> dict:
+    clips = load_clips(config)
+    report = {"machine": machine(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}}
+    report["config"]["videos"] = [str(v) for v in config.videos]
+    report["server"] = run_streams(config, clips)
+    if config.baseline == "naive":
+        naive = run_naive(config, clips, device)
+        report["naive"] = naive
+        if naive["analyzed_per_s"]:
+            report["speedup_analyzed_per_s"] = round(report["server"]["analyzed_per_s"] / naive["analyzed_per_s"], 2)
+    return report
