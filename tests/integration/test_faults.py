@@ -217,3 +217,12 @@ def test_per_token_quota(portrait_bgr) -> None:
             assert list(first)[-1].subject.status == pb.SUBJECT_STATUS_INSUFFICIENT_EVIDENCE
     finally:
         running.stop(grace_s=1.0)
+
+
+def test_a_corrupt_weights_file_stops_the_server_at_start(tmp_path) -> None:
+    from acroscreen.server.errors import ModelError
+
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    with pytest.raises(ModelError, match="model.safetensors"):
+        start_server(model=corrupt, metrics_port=-1)
