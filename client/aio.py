@@ -12,11 +12,18 @@ the `__cause__`).
 `frames` may be an async iterable or a plain iterable. A plain iterable is advanced in a worker
 thread, so a blocking source (decoding a video with PyAV, reading a webcam) never stalls the
 event loop.
+
+Known grpc.aio limitation (grpc/grpc#36066, open): when the server ends a stream with an error
+while the client is still writing frames (a refused token, a stream limit), grpc.aio may report
+INTERNAL "Internal error from Core" instead of the server's status. This client then raises
+`ServerError` saying so. Errors before the first frame is written (e.g. too many streams, bad
+options) and all unary calls keep the server's status; the sync client is not affected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -29,9 +36,9 @@ from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from . import types
-from .client import DEFAULT_MAX_MESSAGE_BYTES, ScreenOptions, StreamEvent
+from .client import DEFAULT_MAX_MESSAGE_BYTES, Credentials, RetryPolicy, ScreenOptions, StreamEvent
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
-from .types import FrameData, ModelInfo, SubjectResult
+from .types import FrameAck, FrameData, ModelInfo, SubjectResult
 
 __all__ = ["AsyncScreeningClient"]
 
@@ -41,10 +48,11 @@ _END = object()
 class AsyncScreeningClient:
     """Use as an async context manager. Failed calls raise `acroscreen.client.errors` exceptions.
 
-    `credentials` (e.g. `grpc.ssl_channel_credentials(ca_pem)`) makes a TLS channel; `token` is
-    sent as `authorization: Bearer TOKEN` on every call. `options` are extra channel arguments,
-    e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for client-side
-    load balancing across the pods of a headless Kubernetes Service.
+    Takes what the sync `ScreeningClient` takes: `credentials` (TLS, mutual TLS, bearer token),
+    `retry` (UNAVAILABLE retried with backoff only while nothing was sent, so a retry never drops
+    or repeats a frame), the message limit and the keepalive interval. `options` are extra channel
+    arguments, e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for
+    client-side load balancing across the pods of a headless Kubernetes Service.
     """
 
     def __init__(
@@ -52,22 +60,36 @@ class AsyncScreeningClient:
         target: str,
         *,
         timeout_s: float | None = None,
+        credentials: Credentials = Credentials(),
+        retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
+        keepalive_time_s: float = 30.0,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
+        self._retry = retry
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # The sync client's keepalive policy, matching the server's.
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
             *options,
         ]
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        if credentials.tls:
+            channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=credentials.tls_ca,
+                private_key=credentials.tls_key,
+                certificate_chain=credentials.tls_cert,
+            )
+            self._channel = grpc.aio.secure_channel(target, channel_credentials, options=channel_options)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {credentials.token}"),) if credentials.token else ()
+        )
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -83,26 +105,44 @@ class AsyncScreeningClient:
     async def screen_stream(
         self, frames: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
     ) -> AsyncIterator[StreamEvent]:
-        """Stream frames; yields each frame's result and subject updates, the FINAL result last.
-
-        Leaving the `async for` early cancels the call (the server ends the stream)."""
+        """Stream frames; yields frame acks (when asked for), each frame's result and subject
+        updates, the FINAL result last. Leaving the `async for` early cancels the call."""
+        source = _aiter(frames)
+        touched = False  # the source was asked for a frame: a retry could lose one
+        last_subject: SubjectResult | None = None
 
         async def requests() -> AsyncIterator[pb.ScreenRequest]:
+            nonlocal touched
             yield pb.ScreenRequest(options=options.message())
-            async for frame in _aiter(frames):
+            touched = True
+            async for frame in source:
                 yield pb.ScreenRequest(frame=types.frame_message(frame))
 
-        call = self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata)
-        try:
-            async for response in call:
-                if response.WhichOneof("payload") == "frame_result":
-                    yield types.frame_result(response.frame_result)
-                else:
-                    yield types.subject_result(response.subject)
-        except grpc.aio.AioRpcError as error:
-            raise _client_error(error) from error
-        finally:
-            call.cancel()  # a no-op once the call has ended
+        for attempt in range(self._retry.attempts):
+            answered = False
+            call = self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata)
+            try:
+                async for response in call:
+                    answered = True
+                    payload = response.WhichOneof("payload")
+                    if payload == "frame_result":
+                        yield types.frame_result(response.frame_result)
+                    elif payload == "frame_ack":
+                        yield FrameAck(response.frame_ack.index, response.frame_ack.timestamp_us)
+                    else:
+                        last_subject = types.subject_result(response.subject)
+                        yield last_subject
+                return
+            except grpc.aio.AioRpcError as error:
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and not touched
+                if retryable and attempt + 1 < self._retry.attempts:
+                    await self._backoff(attempt)
+                    continue
+                failure = _client_error(error)
+                failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                raise failure from error
+            finally:
+                call.cancel()  # a no-op once the call has ended
 
     async def screen(
         self,
@@ -128,20 +168,26 @@ class AsyncScreeningClient:
         request = pb.ScreenImagesRequest(
             options=options.message(), images=[types.frame_message(image) async for image in _aiter(images)]
         )
-        try:
-            response = await self._stub.ScreenImages(request, timeout=self._timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise _client_error(error) from error
-        return types.subject_result(response)
+        return types.subject_result(await self._unary(self._stub.ScreenImages, request))
 
     async def model_info(self) -> ModelInfo:
-        try:
-            response = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self._timeout_s, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            raise _client_error(error) from error
-        return types.model_info(response)
+        return types.model_info(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+
+    async def _unary(self, method: Callable[..., Any], request: object) -> Any:
+        """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
+        for attempt in range(self._retry.attempts):
+            try:
+                return await method(request, timeout=self._timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:
+                    await self._backoff(attempt)
+                    continue
+                raise _client_error(error) from error
+        raise AssertionError("unreachable")
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self._retry.max_backoff_s, self._retry.initial_backoff_s * 2**attempt)
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
     async def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, … as the server's health service reports it."""
@@ -220,5 +266,16 @@ class _CallView(grpc.RpcError, grpc.Call):
         return False
 
 
+# grpc.aio (grpc/grpc#36066): when the server ends a stream while a frame is being written, the
+# failed write may replace the server's status with this one.
+_LOST_STATUS_DETAILS = "Internal error from Core"
+
+
 def _client_error(error: grpc.aio.AioRpcError) -> AcroscreenClientError:
+    if error.code() == grpc.StatusCode.INTERNAL and error.details() == _LOST_STATUS_DETAILS:
+        return ServerError(
+            "INTERNAL: the server ended the stream while a frame was being sent, and grpc.aio lost its status"
+            " (grpc/grpc#36066); the server's logs say why (often a limit: retry after a pause)",
+            grpc.StatusCode.INTERNAL,
+        )
     return from_rpc_error(_CallView(error))

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     screen.add_argument("--jpeg-quality", type=int, default=85)
     screen.add_argument("--timeout", type=float, default=None, help="deadline for the whole call, seconds")
+    screen.add_argument("--fhir", metavar="OUT.json", default=None, help="also write the result as a FHIR R4 Observation")
+    screen.add_argument("--fhir-subject", metavar="REFERENCE", default=None, help="the Observation's subject, e.g. Patient/123")
     _add_connection_flags(screen)
     screen.set_defaults(run=_screen)
 
@@ -112,6 +114,7 @@ def _screen(args: argparse.Namespace) -> int:
     from . import sources
 
     source = sources.describe(args.source)
+    fhir_started = _fhir_start(args)
     options = ScreenOptions(
         subject_id=args.subject_id,
         max_analyzed_frames=args.max_frames,
@@ -125,11 +128,35 @@ def _screen(args: argparse.Namespace) -> int:
             frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)
             result = client.screen(frames, options, on_event=progress.update)
     progress.done()
+    if args.fhir:
+        _write_fhir(args, result, source.kind, fhir_started)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     else:
         print(describe_result(result))
     return 0
+
+
+def _fhir_start(args: argparse.Namespace) -> object:
+    """Check the FHIR flags before screening; the capture start time (the Observation's effective time)."""
+    from datetime import datetime, timezone
+
+    if args.fhir_subject is not None:
+        if not args.fhir:
+            raise ValueError("--fhir-subject needs --fhir OUT.json")
+        from .fhir import validate_reference
+
+        validate_reference(args.fhir_subject)
+    return datetime.now(timezone.utc)
+
+
+def _write_fhir(args: argparse.Namespace, result: SubjectResult, source_kind: str, started: object) -> None:
+    from pathlib import Path
+
+    from .fhir import to_fhir_observation
+
+    observation = to_fhir_observation(result, args.fhir_subject, effective=started, source=source_kind)  # type: ignore[arg-type]
+    Path(args.fhir).write_text(json.dumps(observation, indent=2) + "\n")
 
 
 def _model_info(args: argparse.Namespace) -> int:

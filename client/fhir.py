@@ -37,6 +37,7 @@ __all__ = [
     "NOT_A_MEDICAL_DEVICE",
     "NOT_FOR_CLINICAL_USE",
     "to_fhir_observation",
+    "validate_reference",
 ]
 
 # This project's own code system for its codes. Organisations that register the results in their
@@ -80,6 +81,14 @@ _DEVICE_ID = "model"
 _REFERENCE = re.compile(r"^([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?|https?://\S+|urn:(uuid|oid):\S+)$")
 
 
+def validate_reference(reference: str) -> str:
+    """`reference` if it looks like a FHIR reference ("Patient/123", an absolute URL, a urn:uuid);
+    ValueError otherwise."""
+    if not _REFERENCE.match(reference):
+        raise ValueError(f"not a FHIR reference: {reference!r} (expected e.g. 'Patient/123')")
+    return reference
+
+
 def to_fhir_observation(
     result: SubjectResult,
     subject_reference: str | None,
@@ -100,8 +109,8 @@ def to_fhir_observation(
     now = datetime.now(timezone.utc)
     effective = _aware(effective or now, "effective")
     issued = _aware(issued or now, "issued")
-    if subject_reference is not None and not _REFERENCE.match(subject_reference):
-        raise ValueError(f"not a FHIR reference: {subject_reference!r} (expected e.g. 'Patient/123')")
+    if subject_reference is not None:
+        validate_reference(subject_reference)
     if result.status not in _STATUS:
         raise ValueError(f"cannot express a subject result with status {result.status!r} as an Observation")
 

@@ -1,0 +1,66 @@
+#!/opt/acroscreen/bin/python
+"""acroscreen-healthcheck: ask the local server's grpc.health.v1 service; exit 0 when SERVING.
+
+Used by the images' HEALTHCHECK and, where the gRPC port serves TLS, by Kubernetes exec probes
+(the kubelet's built-in gRPC probe speaks plaintext only before Kubernetes 1.37).
+
+    acroscreen-healthcheck [--service acroscreen.v1.Screening] [--tls-ca ca.crt --server-name NAME]
+
+The port is ACROSCREEN_PORT (default 50051). When ACROSCREEN_TLS_CERT is set, the check uses TLS,
+trusting --tls-ca (default: the server's own certificate chain, which suffices for a self-signed
+certificate) and checking the certificate against --server-name. Exit codes: 0 SERVING,
+1 NOT_SERVING or unknown service, 2 no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("ACROSCREEN_PORT", "50051")))
+    parser.add_argument("--service", default="", help='health service name ("" = the whole server)')
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server certificate")
+    parser.add_argument("--server-name", default="localhost", help="name the server certificate must carry")
+    parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--client-key", default=None, help="PEM client key (mutual TLS)")
+    args = parser.parse_args()
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = f"127.0.0.1:{args.port}"
+    server_cert = os.environ.get("ACROSCREEN_TLS_CERT")
+    if server_cert or args.tls_ca:
+        root = _read(args.tls_ca or server_cert)
+        key = _read(args.client_key) if args.client_key else None
+        chain = _read(args.client_cert) if args.client_cert else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", args.server_name)])
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            print(f"health check failed: {code}", file=sys.stderr)
+            return 1 if code == grpc.StatusCode.NOT_FOUND else 2
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
