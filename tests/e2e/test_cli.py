@@ -61,7 +61,7 @@ def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: P
     assert result["frames_received"] == 135
     assert result["subject_id"] == "e2e-1"
     assert result["predicted_score"] in (1, 2, 3)
-    assert result["model"]["kind"] == "untrained"
+    assert result["model"]["kind"] == "phantom-demo"  # the shipped demo weights load by default
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     received = re.search(r"^acroscreen_frames_received_total (\S+)$", metrics, re.MULTILINE)
     assert received is not None and float(received.group(1)) == 135.0

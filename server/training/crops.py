@@ -1,0 +1,221 @@
+"""Data sets of labelled face images and their cached model-ready crops.
+
+Crops come from the serving preprocessor's own `crop_image`, so training sees
+exactly what serving feeds the model. Building them needs dlib and a Haar
+cascade and is slow; it runs once and is cached as an .npz of uint8, which is
+all the training loop needs: this module imports neither dlib nor the cascade
+unless a cache is built, so training runs on machines that have neither.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .phantom import IMAGE_SUFFIXES
+
+CACHE_FORMAT = "acroscreen-crops-1"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One labelled image: its path, true score (1..3) and subject id."""
+
+    path: Path
+    score: int
+    subject_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CropSet:
+    """Model-ready crops (N×S×S×3 uint8 RGB) with parallel labels.
+
+    `preprocessing` is the card's Preprocessing as a dict, recorded when the
+    crops were built so the trained model can state how its input was made.
+    """
+
+    pixels: np.ndarray
+    scores: np.ndarray
+    subjects: np.ndarray
+    paths: np.ndarray
+    preprocessing: dict[str, object]
+    rejected: int = 0
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def subset(self, mask: np.ndarray) -> CropSet:
+        return CropSet(self.pixels[mask], self.scores[mask], self.subjects[mask], self.paths[mask],
+                       self.preprocessing, 0)
+
+
+def read_samples(data: Path) -> list[Sample]:
+    """DATA/<score>/<subject_id>/<image> or a CSV manifest with columns path, score, subject_id.
+
+    Manifest paths are relative to the manifest's folder (or absolute).
+    """
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() == ".csv":
+        with data.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"path", "score", "subject_id"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{data}: missing column(s) {sorted(missing)}")
+            samples = [Sample(data.parent / row["path"], int(row["score"]), row["subject_id"]) for row in reader]
+    elif data.is_dir():
+        samples = [
+            Sample(image, int(score_dir.name), subject_dir.name)
+            for score_dir in sorted(data.iterdir()) if score_dir.is_dir() and score_dir.name in ("1", "2", "3")
+            for subject_dir in sorted(score_dir.iterdir()) if subject_dir.is_dir()
+            for image in sorted(subject_dir.iterdir()) if image.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    else:
+        raise ValueError(f"{data}: neither a data folder nor a CSV manifest")
+    bad = [s for s in samples if s.score not in (1, 2, 3)]
+    if bad:
+        raise ValueError(f"{data}: scores must be 1, 2 or 3 ({bad[0].path} has {bad[0].score})")
+    if not samples:
+        raise ValueError(f"{data}: no images found")
+    return samples
+
+
+def current_preprocessing() -> dict[str, object]:
+    """The serving preprocessor's settings as the model card's Preprocessing fields."""
+    from dataclasses import asdict
+
+    from ..runtime.preprocess import PreprocessSettings
+    from ..runtime.weights import Preprocessing
+
+    return asdict(Preprocessing(**PreprocessSettings().card_fields()))
+
+
+_worker_preprocessor = None
+
+
+def _init_worker() -> None:
+    global _worker_preprocessor
+    import cv2
+
+    from ..runtime.preprocess import FacePreprocessor, PreprocessSettings
+
+    cv2.setNumThreads(1)
+    _worker_preprocessor = FacePreprocessor(PreprocessSettings())
+
+
+def _crop_one(path: str) -> np.ndarray | None:
+    import cv2
+
+    assert _worker_preprocessor is not None
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    _analysis, crop = _worker_preprocessor.crop_image(image)
+    return None if crop is None else np.ascontiguousarray(crop.pixels, dtype=np.uint8)
+
+
+def build_crops(samples: list[Sample], workers: int | None = None) -> CropSet:
+    """Run the serving crop on every sample (in worker processes: dlib holds the GIL).
+
+    Workers are spawned, not forked: a fork of a process that already runs
+    threads (torch, PyAV, OpenCV) can deadlock. Images where the preprocessor finds
+    no usable face are dropped and counted.
+    """
+    workers = workers or max(1, min(len(samples), os.cpu_count() or 1))
+    started = time.monotonic()
+    kept, crops = [], []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+        results = pool.map(_crop_one, [str(s.path) for s in samples], chunksize=16)
+        for i, (sample, crop) in enumerate(zip(samples, results, strict=True)):
+            if crop is not None:
+                kept.append(sample)
+                crops.append(crop)
+            if (i + 1) % 500 == 0:
+                print(f"cropped {i + 1}/{len(samples)} ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"cropped {len(kept)} of {len(samples)} images ({len(samples) - len(kept)} without a usable face) "
+          f"in {time.monotonic() - started:.0f} s", flush=True)
+    size = crops[0].shape[0] if crops else 0
+    return CropSet(
+        pixels=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
+        scores=np.array([s.score for s in kept], dtype=np.int8),
+        subjects=np.array([s.subject_id for s in kept], dtype=str),
+        paths=np.array([str(s.path) for s in kept], dtype=str),
+        preprocessing=current_preprocessing(),
+        rejected=len(samples) - len(kept),
+    )
+
+
+def save_crops(crops: CropSet, path: Path, jpeg_quality: int | None = None) -> None:
+    """Write an .npz: raw pixels compressed losslessly, or JPEG-encoded (small enough to ship to a GPU box)."""
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(CACHE_FORMAT), "scores": crops.scores, "subjects": crops.subjects, "paths": crops.paths,
+        "preprocessing": np.array(json.dumps(crops.preprocessing, sort_keys=True)),
+        "rejected": np.array(crops.rejected),
+    }
+    if jpeg_quality is None:
+        arrays["pixels"] = crops.pixels
+    else:
+        import cv2
+
+        encoded = []
+        for rgb in crops.pixels:
+            ok, buffer = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+            if not ok:
+                raise RuntimeError("JPEG encoding failed")
+            encoded.append(buffer.ravel())
+        arrays["jpeg"] = np.concatenate(encoded) if encoded else np.zeros(0, np.uint8)
+        arrays["offsets"] = np.cumsum([0] + [len(b) for b in encoded]).astype(np.int64)
+        arrays["size"] = np.array(crops.pixels.shape[1])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def load_crops(path: Path) -> CropSet:
+    """Read a cache written by `save_crops` (no pickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["format"]) != CACHE_FORMAT:
+            raise ValueError(f"{path}: not a crop cache of format {CACHE_FORMAT}")
+        if "pixels" in z:
+            pixels = z["pixels"]
+        else:
+            import cv2
+
+            jpeg, offsets, size = z["jpeg"], z["offsets"], int(z["size"])
+            pixels = np.empty((len(offsets) - 1, size, size, 3), np.uint8)
+            for i in range(len(pixels)):
+                bgr = cv2.imdecode(jpeg[offsets[i]:offsets[i + 1]], cv2.IMREAD_COLOR)
+                pixels[i] = bgr[..., ::-1]
+        return CropSet(pixels=pixels, scores=z["scores"], subjects=z["subjects"], paths=z["paths"],
+                       preprocessing=json.loads(str(z["preprocessing"])), rejected=int(z["rejected"]))
+
+
+def load_or_build_crops(data: Path, cache: Path | None = None, workers: int | None = None) -> CropSet:
+    """Crops for DATA: DATA itself if it is a cache (.npz), else the cache if it matches, else built (and cached).
+
+    A cache matches when it lists the same images with the same preprocessing; any
+    change rebuilds it, so a stale cache is never used silently.
+    """
+    data = Path(data)
+    if data.suffix == ".npz":
+        return load_crops(data)
+    samples = read_samples(data)
+    if cache is not None and Path(cache).is_file():
+        cached = load_crops(cache)
+        wanted = {str(s.path) for s in samples}
+        if set(cached.paths.tolist()) <= wanted and len(cached) + cached.rejected == len(samples) \
+                and cached.preprocessing == current_preprocessing():
+            print(f"using cached crops {cache} ({len(cached)} crops)", flush=True)
+            return cached
+        print(f"crop cache {cache} is stale; rebuilding", flush=True)
+    crops = build_crops(samples, workers)
+    if cache is not None:
+        save_crops(crops, cache)
+    return crops

@@ -1,0 +1,90 @@
+"""Training on a handful of phantom crops: the loss falls, the config is saved, the weights load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+IDENTITIES = ("Eileen_Collins", "Akbar_Hashemi_Rafsanjani", "Alberto_Ruiz_Gallardon")
+needs_data = pytest.mark.skipif(not (DATA / "faces" / "identities").is_dir(),
+                                reason=f"shared test data not found at {DATA}")
+
+
+def test_training_loop_imports_neither_dlib_nor_the_cascade() -> None:
+    code = ("import sys, acroscreen.server.training.train, acroscreen.server.training.evaluate; "
+            "assert 'dlib' not in sys.modules; "
+            "assert not any(m.endswith('runtime.detect') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_split_keeps_people_together() -> None:
+    from acroscreen.server.training.train import split_by_group, split_group
+
+    assert split_group("Jane_Doe-L3") == "Jane_Doe" and split_group("patient-7") == "patient-7"
+    subjects = np.array([f"p{i}-L{k}" for i in range(10) for k in (1, 2, 3)])
+    val = split_by_group(subjects, 0.3, seed=0)
+    val_people = {s.split("-")[0] for s in subjects[val]}
+    train_people = {s.split("-")[0] for s in subjects[~val]}
+    assert len(val_people) == 3 and not val_people & train_people
+
+
+def test_temperature_fit_recovers_a_known_temperature() -> None:
+    import torch
+    from acroscreen.server.training.train import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 3, generator=generator) * 2.0
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from acroscreen.server.training.phantom import run_phantom
+
+    if not (DATA / "faces" / "identities").is_dir():
+        pytest.skip(f"shared test data not found at {DATA}")
+    root = tmp_path_factory.mktemp("phantoms")
+    for name in IDENTITIES:
+        (root / "identities" / name).mkdir(parents=True)
+        source = DATA / "faces" / "identities" / name / "1.jpg"
+        (root / "identities" / name / "1.jpg").write_bytes(source.read_bytes())
+    run_phantom(root / "identities", root / "data", per_image=1, split="all")
+    return root
+
+
+@needs_data
+def test_a_few_steps_reduce_the_loss_and_write_loadable_weights(phantom_data: Path) -> None:
+    from acroscreen.server.runtime.weights import load_weights
+    from acroscreen.server.training.crops import load_or_build_crops
+    from acroscreen.server.training.train import TrainConfig, train
+
+    out = phantom_data / "model" / "m.safetensors"
+    cache = phantom_data / "crops.npz"
+    config = TrainConfig(
+        data=phantom_data / "data", out=out, cache=cache, batch_size=4, max_samples=4 * 6, lr=3e-4,
+        dropout=0.0, brightness=0.0, saturation=0.0, noise_std=0.0, shift_px=0, val_fraction=0.34,
+        log_every=1, eval_every=3, workers=1, device="cpu",
+    )
+    crops = load_or_build_crops(config.data, cache, workers=1)
+    assert len(crops) >= 6 and cache.is_file()
+    result = train(config, crops)
+    assert len(result.losses) == 6
+    assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
+
+    saved = json.loads(out.with_suffix(".config.json").read_text())
+    assert saved["batch_size"] == 4 and saved["center_weight"] == config.center_weight
+    loaded = load_weights(out)
+    assert loaded.card.kind == "phantom-demo"
+    assert loaded.card.preprocessing.input_size == crops.pixels.shape[1]
+    assert loaded.card.temperature == pytest.approx(result.temperature)
+    summary = json.loads(loaded.card.training_summary)
+    assert summary["steps"] == 6 and summary["training_crops"] + summary["validation_crops"] == len(crops)
+    # The cache is reused, not rebuilt, for the same images and preprocessing.
+    assert load_or_build_crops(config.data, cache).paths.tolist() == crops.paths.tolist()
