@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .client import Credentials, ScreeningClient, ScreenOptions, StreamEvent
 from .errors import AcroscreenClientError
@@ -14,7 +15,9 @@ from .types import FrameAck, FrameResult, SubjectResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only `train` needs its config class (and so torch) to build its flags.
+    parser = _parser(with_training_flags=bool(argv) and argv[0] == "train")
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -29,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acroscreen", description="Acromegaly facial screening service (research use).")
     verbs = parser.add_subparsers(title="commands")
 
@@ -75,6 +78,49 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-duration", type=float, default=15.0)
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
     bench.set_defaults(run=_bench)
+
+    preprocess = verbs.add_parser("preprocess", help="write frontalized 160x160 face crops (the model's input) as PNG")
+    preprocess.add_argument("source", type=Path, help="image, folder of images, or video file")
+    preprocess.add_argument("--out", type=Path, required=True, help="folder for the crops")
+    preprocess.add_argument("--landmarks", type=int, choices=(5, 68), default=5,
+                            help="landmark model: 5 (commercial use ok) or 68 (research only)")
+    preprocess.add_argument("--json", action="store_true", help="one JSON object per analysed frame on stdout")
+    preprocess.set_defaults(run=_preprocess)
+
+    phantom = verbs.add_parser("phantom", help="make acromegaly-like phantom images or clips from identity photographs")
+    phantom.add_argument("identities", type=Path, help="folder of <identity>/<image> photographs")
+    phantom.add_argument("--out", type=Path, required=True)
+    phantom.add_argument("--levels", default="1,2,3", help="severity levels, comma-separated")
+    phantom.add_argument("--per-image", type=int, default=1, help="phantoms per photograph and level")
+    phantom.add_argument("--video", action="store_true", help="also write a short clip with head motion per phantom")
+    phantom.add_argument("--split", choices=("train", "holdout", "all"), default="train",
+                         help="which identities of SPLIT.md to use (never train on holdout)")
+    phantom.add_argument("--split-file", type=Path, default=None)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--video-frames", type=int, default=48)
+    phantom.add_argument("--video-fps", type=float, default=12.0)
+    phantom.set_defaults(run=_phantom)
+
+    train = verbs.add_parser("train", help="train the severity model on DATA/<score>/<subject>/<image> or a CSV")
+    train.add_argument("data", type=Path, help="folder DATA/<score>/<subject_id>/<image>, CSV path,score,subject_id, or crop cache .npz")
+    train.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
+    if with_training_flags:
+        from acroscreen.server.training.train import TrainConfig
+
+        _add_dataclass_flags(train, TrainConfig, skip=("data", "out", "notices"))
+    train.set_defaults(run=_train)
+
+    evaluate = verbs.add_parser("evaluate", help="confusion matrix, F1, kappa, false-negative rate, calibration")
+    evaluate.add_argument("data", type=Path, nargs="?", help="labelled DATA folder, CSV or crop cache (with --model)")
+    evaluate.add_argument("--model", type=Path, default=None, help="weights to run on DATA")
+    evaluate.add_argument("--predictions", type=Path, default=None,
+                          help="CSV with actual,predicted[,subject_id,p1,p2,p3] instead of running a model")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--plots", type=Path, default=None, help="folder for confusion matrix and reliability PNGs")
+    evaluate.add_argument("--cache", type=Path, default=None, help="crop cache for DATA")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    evaluate.add_argument("--save-predictions", type=Path, default=None, help="write the per-frame predictions CSV")
+    evaluate.set_defaults(run=_evaluate)
 
     demo = verbs.add_parser("demo", help="start a server and screen the shipped demo clips")
     demo.add_argument("--frames", type=int, default=60, help="frames per demo clip")
@@ -165,9 +211,80 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...]) -> None:
+    """One --flag per field of a config dataclass; unset flags keep the dataclass default."""
+    import dataclasses
 
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if str(field.type) == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {default}")
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, help=f"{field.type}; default {default}")
+
+
+def _dataclass_from(args: argparse.Namespace, config_class: type, **given: object) -> object:
+    import dataclasses
+
+    values = dict(given)
+    for field in dataclasses.fields(config_class):
+        raw = getattr(args, field.name, None)
+        if raw is None or field.name in values:
+            continue
+        kind = str(field.type)
+        if isinstance(raw, bool):
+            values[field.name] = raw
+        elif kind.startswith("int"):
+            values[field.name] = int(raw)
+        elif kind.startswith("float"):
+            values[field.name] = float(raw)
+        elif kind.startswith("Path"):
+            values[field.name] = Path(raw)
+        else:
+            values[field.name] = raw
+    return config_class(**values)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from acroscreen.server.runtime.preprocess_cli import run_preprocess
+
+    return run_preprocess(args.source, args.out, args.landmarks, args.json)
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from acroscreen.server.training.phantom import run_phantom
+
+    levels = tuple(int(level) for level in args.levels.split(","))
+    manifest = run_phantom(
+        args.identities, args.out, levels=levels, per_image=args.per_image, video=args.video, split=args.split,
+        split_file=args.split_file, seed=args.seed, video_frames=args.video_frames, video_fps=args.video_fps,
+    )
+    print(manifest)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from acroscreen.server.training.train import TrainConfig, run_train
+
+    print(run_train(_dataclass_from(args, TrainConfig, data=args.data, out=args.out)))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from acroscreen.server.training.evaluate import run_evaluate
+
+    run_evaluate(
+        model=args.model, data=args.data, predictions=args.predictions, as_json=args.json, plots=args.plots,
+        cache=args.cache, device=args.device, save_predictions=args.save_predictions,
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
     from acroscreen.server.bench import BenchConfig, run_bench
 
     config = BenchConfig(

@@ -13,6 +13,7 @@ import csv
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -139,9 +140,9 @@ def build_crops(samples: list[Sample], workers: int | None = None) -> CropSet:
                 kept.append(sample)
                 crops.append(crop)
             if (i + 1) % 500 == 0:
-                print(f"cropped {i + 1}/{len(samples)} ({time.monotonic() - started:.0f} s)", flush=True)
+                print(f"cropped {i + 1}/{len(samples)} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     print(f"cropped {len(kept)} of {len(samples)} images ({len(samples) - len(kept)} without a usable face) "
-          f"in {time.monotonic() - started:.0f} s", flush=True)
+          f"in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     size = crops[0].shape[0] if crops else 0
     return CropSet(
         pixels=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
@@ -212,9 +213,9 @@ def load_or_build_crops(data: Path, cache: Path | None = None, workers: int | No
         wanted = {str(s.path) for s in samples}
         if set(cached.paths.tolist()) <= wanted and len(cached) + cached.rejected == len(samples) \
                 and cached.preprocessing == current_preprocessing():
-            print(f"using cached crops {cache} ({len(cached)} crops)", flush=True)
+            print(f"using cached crops {cache} ({len(cached)} crops)", file=sys.stderr, flush=True)
             return cached
-        print(f"crop cache {cache} is stale; rebuilding", flush=True)
+        print(f"crop cache {cache} is stale; rebuilding", file=sys.stderr, flush=True)
     crops = build_crops(samples, workers)
     if cache is not None:
         save_crops(crops, cache)

@@ -15,6 +15,8 @@ keeps the serving path's eye-based alignment identical for all levels.
 
 from __future__ import annotations
 
+import sys
+
 import csv
 import math
 import re
@@ -397,7 +399,7 @@ def run_phantom(
                     landmarks = None
                 if landmarks is None:
                     skipped += 1
-                    print(f"skipped {source}: no readable face", flush=True)
+                    print(f"skipped {source}: no readable face", file=sys.stderr, flush=True)
                     continue
                 # One generator per source image: adding identities never changes the others' phantoms.
                 rng = np.random.default_rng([seed, *source.relative_to(identities_dir).as_posix().encode()])
@@ -423,6 +425,6 @@ def run_phantom(
                             **{name: round(getattr(magnitudes, name), 4) for name in Magnitudes.__dataclass_fields__},
                         })
                         written += 1
-            print(f"{person.name}: {written} phantoms so far", flush=True)
-    print(f"wrote {written} phantoms from {len(people)} identities to {out} ({skipped} photos skipped)", flush=True)
+            print(f"{person.name}: {written} phantoms so far", file=sys.stderr, flush=True)
+    print(f"wrote {written} phantoms from {len(people)} identities to {out} ({skipped} photos skipped)", file=sys.stderr, flush=True)
     return manifest

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -250,7 +251,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         state.update({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in saved["state"].items()})
         order_rng = np.random.default_rng([config.seed, int(state["step"])])
         generator.manual_seed(config.seed + int(state["step"]))
-        print(f"resumed from {config.checkpoint} at step {state['step']}", flush=True)
+        print(f"resumed from {config.checkpoint} at step {state['step']}", file=sys.stderr, flush=True)
 
     def lr_at(step: int) -> float:
         warm = max(1, int(config.warmup_fraction * state["planned"]))
@@ -293,7 +294,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             losses.append(loss.item())
             rate = (step - start_step) * config.batch_size / max(elapsed, 1e-6)
             print(f"step {step}/{state['planned']}  loss {losses[-1]:.4f}  ce {ce.item():.4f}  "
-                  f"center {c_loss.item():.2f}  lr {lr_at(step):.2e}  {rate:.0f} img/s  {elapsed:.0f} s", flush=True)
+                  f"center {c_loss.item():.2f}  lr {lr_at(step):.2e}  {rate:.0f} img/s  {elapsed:.0f} s", file=sys.stderr, flush=True)
             if config.max_minutes and step - start_step == config.log_every:
                 steady_from = time.monotonic()  # after cuDNN autotuning and warm-up
             if config.max_minutes and (step - start_step) in (config.log_every * 3, config.log_every * 10):
@@ -316,7 +317,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             else:
                 state["stale"] += 1
             print(f"validation at step {step} (epoch {step / steps_per_epoch:.1f}): accuracy {val_acc:.4f}  "
-                  f"nll {val_loss:.4f}{'  *best' if better else ''}", flush=True)
+                  f"nll {val_loss:.4f}{'  *best' if better else ''}", file=sys.stderr, flush=True)
             if state["stale"] >= config.patience:
                 stop_reason = f"early stop: no better validation accuracy in {config.patience} validations"
                 break
@@ -325,7 +326,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             break
         if config.checkpoint is not None and step % config.checkpoint_every == 0:
             _save_checkpoint(config.checkpoint, net, optimizer, best_state, state)
-    print(f"stopped at step {state['step']}: {stop_reason}", flush=True)
+    print(f"stopped at step {state['step']}: {stop_reason}", file=sys.stderr, flush=True)
     if config.checkpoint is not None:
         _save_checkpoint(config.checkpoint, net, optimizer, best_state, state)
 
@@ -356,7 +357,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     )
     save_weights(out, net.cpu().float(), card)
     print(f"wrote {out}: validation accuracy {state['best_acc']:.4f}, temperature {temperature:.3f}, "
-          f"{samples} samples in {seconds:.0f} s", flush=True)
+          f"{samples} samples in {seconds:.0f} s", file=sys.stderr, flush=True)
     return TrainResult(out, int(state["step"]), samples, seconds, float(state["best_acc"]), temperature,
                        tuple(losses))
 
@@ -366,7 +367,7 @@ def _fit_schedule(config: TrainConfig, limit: int, step: int, started: float, pe
     """Cosine schedule length that ends inside the wall-clock cap (5 % kept for the tail), at most `limit`."""
     budget = config.max_minutes * 60.0 * 0.95 - (time.monotonic() - started)
     fits = max(step + 1, min(limit, step + int(budget / (per_step * (1.0 + eval_share)))))
-    print(f"wall-clock cap: schedule set to {fits} steps ({per_step * 1000:.0f} ms per step)", flush=True)
+    print(f"wall-clock cap: schedule set to {fits} steps ({per_step * 1000:.0f} ms per step)", file=sys.stderr, flush=True)
     return fits
 
 

@@ -1,0 +1,50 @@
+"""The offline tools through the `acroscreen` command: phantom → train → evaluate, and preprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+
+from .test_cli import ACROSCREEN
+
+PORTRAIT = Path(__file__).resolve().parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([ACROSCREEN, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_phantom_train_evaluate(tmp_path: Path) -> None:
+    identities = tmp_path / "identities"
+    for name, flip in (("Person_A", False), ("Person_B", True), ("Person_C", False)):
+        (identities / name).mkdir(parents=True)
+        image = cv2.imread(str(PORTRAIT))
+        cv2.imwrite(str(identities / name / "1.jpg"), cv2.flip(image, 1) if flip else image)
+    phantoms = tmp_path / "phantoms"
+    _run("phantom", str(identities), "--out", str(phantoms), "--split", "all", "--seed", "3")
+    assert {p.name for p in phantoms.iterdir() if p.is_dir()} == {"1", "2", "3"}
+    weights = tmp_path / "m.safetensors"
+    _run("train", str(phantoms), "--out", str(weights), "--max-samples", "24", "--batch-size", "8",
+         "--device", "cpu", "--val-fraction", "0.34", "--workers", "1", "--kind", "untrained")
+    assert weights.is_file() and (tmp_path / "m.config.json").is_file()
+    report = json.loads(_run("evaluate", str(phantoms), "--model", str(weights), "--json").stdout)
+    assert report["frames"]["count"] == 9
+    assert len(report["frames"]["confusion"]) == 3
+
+
+def test_preprocess_writes_crops_and_json(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(PORTRAIT, source / "portrait.jpg")
+    out = _run("preprocess", str(source), "--out", str(tmp_path / "crops"), "--json").stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(records) == 1 and records[0]["rejected"] is None
+    crop = cv2.imread(records[0]["crop"])
+    assert crop is not None and crop.shape == (160, 160, 3)
+    assert set(records[0]["pose"]) == {"yaw", "pitch", "roll"}
