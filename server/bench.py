@@ -57,9 +57,20 @@ class _StreamStats:
 
 
 def load_clips(config: BenchConfig) -> list[list[FrameData]]:
-    """Decode and JPEG-encode every clip once, so the load generator costs little CPU."""
+    """Decode and JPEG-encode every clip once, so the load generator costs little CPU.
+
+    A `.npz` holding arrays `clip0`, `clip1`, … of JPEG frames (object arrays of
+    bytes, from `save_clips`) stands in for videos where PyAV is not installed.
+    """
     clips = []
     for video in config.videos:
+        if video.suffix == ".npz":
+            import numpy as np
+
+            with np.load(video, allow_pickle=False) as archive:
+                for name in sorted(archive.files):
+                    clips.append([FrameData(bytes(b), index=i) for i, b in enumerate(_unpack(archive[name]))])
+            continue
         frames = []
         for frame in video_frames(video, config.jpeg_quality):
             frames.append(frame)
@@ -67,6 +78,29 @@ def load_clips(config: BenchConfig) -> list[list[FrameData]]:
                 break
         clips.append(frames)
     return clips
+
+
+def save_clips(path: Path, clips: list[list[FrameData]]) -> None:
+    """Pack JPEG clips into one .npz (uint8 data + offsets; no pickles) for `load_clips`."""
+    import numpy as np
+
+    arrays = {}
+    for i, clip in enumerate(clips):
+        header = np.array([len(clip), *(len(f.data) for f in clip)], dtype=np.int64).view(np.uint8)
+        arrays[f"clip{i:03d}"] = np.concatenate([header, *(np.frombuffer(f.data, np.uint8) for f in clip)])
+    np.savez(path, **arrays)
+
+
+def _unpack(packed) -> list[bytes]:  # noqa: ANN001 — a uint8 numpy array from save_clips
+    import numpy as np
+
+    count = int(packed[:8].view(np.int64)[0])
+    sizes = packed[8 : 8 + 8 * count].view(np.int64)
+    frames, offset = [], 8 + 8 * count
+    for size in sizes:
+        frames.append(packed[offset : offset + int(size)].tobytes())
+        offset += int(size)
+    return frames
 
 
 def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _StreamStats, deadline: float) -> None:
@@ -281,7 +315,8 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
     model = SeverityModel(weights.net, weights.card, device)
     model.warmup()
     preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(weights.card.preprocessing))
-    frames = [frame for clip in clips for frame in clip]
+    # Interleave the clips, as the concurrent streams do, so a short run sees all of them.
+    frames = [clip[i] for i in range(max(map(len, clips))) for clip in clips if i < len(clip)]
     processed = analyzed = 0
     latencies: list[float] = []
     started = time.monotonic()

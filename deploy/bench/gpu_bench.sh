@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU benchmark of acroscreen for one device-tool call (a bare H100/H200 machine with
+# torch and CUDA but no dlib, no OpenCV 4 and no acroscreen install).
+#
+# Prepared here by deploy/bench/prepare_gpu_bench.sh:
+#   .whl/    OpenCV 4.x wheel alone (62 MB): installed to /tmp/site by a first call
+#            (`INSTALL_OPENCV_ONLY=1 bash deploy/bench/gpu_bench.sh`), which survives while the machine is warm
+#   .whl2/   grpcio, protobuf, dlib-bin, grpcio-health-checking, grpcio-reflection (cp312)
+#   .carry/bench/  clips.npz (8 clips × 60 JPEG frames) and the dlib 5-point landmark model
+# Writes $OUT/bench_gpu.json (the `acroscreen bench` report, with the GPU named) and $OUT/bench.log.
+# CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=2 DURATION=5 BASELINE=3 \
+#   OUT=/tmp/benchout bash deploy/bench/gpu_bench.sh
+set -euo pipefail
+: "${OUT:?set OUT}"
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+STREAMS=${STREAMS:-64}
+DURATION=${DURATION:-45}
+BASELINE=${BASELINE:-15}
+mkdir -p "$OUT"
+if [ "${INSTALL_OPENCV_ONLY:-0}" = 1 ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site "$PYTHON" -c "import cv2; print('opencv', cv2.__version__, hasattr(cv2, 'CascadeClassifier'))"
+    exit 0
+fi
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site2 .whl2/*.whl
+fi
+SHIM=$(mktemp -d)
+mkdir -p "$SHIM/acroscreen" "$SHIM/face_recognition_models/models"
+ln -s "$PWD/server" "$SHIM/acroscreen/server"
+ln -s "$PWD/client" "$SHIM/acroscreen/client"
+ln -s "$PWD/protos/acroscreen/v1" "$SHIM/acroscreen/v1"
+touch "$SHIM/face_recognition_models/__init__.py"
+cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_models/models/"
+export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
+"$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
+    --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
+    --server-arg=--max-streams=128 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
+    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 \
+    --out "$OUT/bench_gpu.json" 2>>"$OUT/bench.log" >/dev/null
+"$PYTHON" - "$OUT/bench_gpu.json" <<'PY' | tee -a "$OUT/bench.log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r["server"]
+print(json.dumps({k: s.get(k) for k in ("analyzed_per_s", "acknowledged_per_s", "end_to_end_latency_ms", "ack_latency_ms",
+                                         "mean_batch_size", "server_cpu_utilization_pct", "gpu", "errors")}))
+print("naive", json.dumps(r.get("naive")), "speedup", r.get("speedup_analyzed_per_s"))
+PY
