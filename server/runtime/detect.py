@@ -72,8 +72,14 @@ class HaarFaceDetector:
         if not faces:
             return None
         height, width = image_bgr.shape[:2]
-        box, confidence = max(faces, key=lambda face: primary_score(face[0], width, height))
+        box, confidence = max(faces, key=lambda face: subject_preference(face, width, height))
         return Detection(box=box, confidence=confidence, face_count=len(faces))
+
+
+def subject_preference(face: tuple[Box, float], frame_width: int, frame_height: int) -> float:
+    """Ranks faces as the subject: large, central and confident (a big, doubtful false positive loses)."""
+    box, confidence = face
+    return primary_score(box, frame_width, frame_height) * confidence
 
 
 def primary_score(box: Box, frame_width: int, frame_height: int) -> float:

@@ -1,0 +1,372 @@
+"""One preprocessing path for serving, training and the CLI: detect or track, landmarks,
+pose, quality gate, frontalized crop.
+
+``FacePreprocessor(PreprocessSettings()).crop_image(img)`` is what training calls for
+stills; the server calls ``analyze`` per frame (with the stream's ``FaceTracker``) and
+``crop_many`` for a batch. The crop's geometry depends only on ``CropGeometry``
+(input size, box height expansion, alignment name), which the model card carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cv2
+import dlib
+import numpy as np
+
+from .detect import DetectorSettings, HaarFaceDetector, subject_preference
+from .frontalize import (
+    BOX_ALIGNMENT,
+    CANONICAL_EYE_DISTANCE,
+    SIMILARITY_EYES_V1,
+    CropGeometry,
+    eye_centres,
+    nose_base,
+    transform_points,
+    warp_face,
+    warp_faces,
+)
+from .landmarks import LandmarkFitter
+from .pose import estimate_pose, roll_deg
+from .quality import QualityInputs, QualitySettings, assess
+from .tracking import FaceTracker, TrackedSubject, box_from_landmarks, centre_jump, iou
+from .types import Box, Detection, FaceCrop, FrameRejected, HeadPose, Quality, RejectReason
+
+
+class CardPreprocessing(Protocol):
+    """The geometry fields of weights.Preprocessing (read duck-typed)."""
+
+    input_size: int
+    box_height_expand: float
+    alignment: str
+    landmark_points: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreprocessSettings:
+    """Every knob of the stage. The first four fix the crop geometry and go into the model card."""
+
+    landmark_points: int = 5  # 5 (commercial use allowed) or 68 (research/non-commercial)
+    input_size: int = 160
+    box_height_expand: float = 0.4
+    alignment: str = SIMILARITY_EYES_V1
+    keyframe_interval: int = 5  # streams: detect every N frames, track in between
+    max_subject_jump: float = 1.0  # face widths a keyframe detection may be from the subject to be the same person
+    max_candidates: int = 4  # detections verified per keyframe, most likely subject first
+    min_face_evidence: float = -0.5  # HOG score on the aligned crop below which a detection is not a face
+    roll_search_deg: tuple[float, ...] = (-20.0, 20.0)  # Haar misses faces tilted > ~15°: retry rotated
+    fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+
+    def __post_init__(self) -> None:
+        if self.landmark_points not in (5, 68):
+            raise ValueError(f"landmark_points must be 5 or 68, got {self.landmark_points}")
+        _ = self.geometry  # validates alignment, size and expansion
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry(
+            input_size=self.input_size, box_height_expand=self.box_height_expand, alignment=self.alignment
+        )
+
+    @classmethod
+    def from_card_preprocessing(cls, preprocessing: CardPreprocessing, **overrides: Any) -> PreprocessSettings:
+        """Settings that reproduce the crops a model was trained on (from its card's Preprocessing)."""
+        points = int(preprocessing.landmark_points) or 5  # "box" alignment needs none; 5 still give pose
+        values: dict[str, Any] = {
+            "input_size": int(preprocessing.input_size),
+            "box_height_expand": float(preprocessing.box_height_expand),
+            "alignment": str(preprocessing.alignment),
+            "landmark_points": points,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def card_fields(self) -> Mapping[str, Any]:
+        """The geometry fields to store in the model card's Preprocessing."""
+        return {
+            "input_size": self.input_size,
+            "box_height_expand": self.box_height_expand,
+            "alignment": self.alignment,
+            "landmark_points": 0 if self.alignment == BOX_ALIGNMENT else self.landmark_points,
+        }
+
+    def new_tracker(self) -> FaceTracker:
+        return FaceTracker(self.keyframe_interval)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FaceAnalysis:
+    """One frame's outcome, rejections included, so a client learns the box, quality and why."""
+
+    detection: Detection | None
+    landmarks: np.ndarray | None  # points × 2, frame coordinates
+    pose: HeadPose | None
+    quality: Quality | None
+    rejection: RejectReason | None
+    detail: str
+    affine: np.ndarray | None  # 2×3 frame → crop; present when the landmarks form a face (always if accepted)
+    keyframe: bool = True  # False when the face was tracked rather than detected
+
+    @property
+    def accepted(self) -> bool:
+        return self.rejection is None and self.affine is not None
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_fitter(points: int) -> LandmarkFitter:
+    """dlib predictors are read-only once loaded; loading the 68-point one takes ~1 s, so share it."""
+    return LandmarkFitter(points)
+
+
+class FacePreprocessor:
+    """Thread-safe and cheap to create: Haar and HOG detectors are per thread, the landmark model is shared.
+
+    Per-stream state lives in the ``FaceTracker`` the caller passes, never here.
+    """
+
+    def __init__(self, settings: PreprocessSettings, detector: HaarFaceDetector | None = None) -> None:
+        self.settings = settings
+        self.geometry = settings.geometry
+        self._detector = detector or HaarFaceDetector(settings.detector)
+        self._fitter = _shared_fitter(settings.landmark_points)
+
+    def analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None = None) -> FaceAnalysis:
+        """Find (or follow) the primary face and judge it; never raises for a bad frame."""
+        if tracker is not None and tracker.subject is not None and not tracker.keyframe_due:
+            tracked = self._track(image_bgr, tracker.subject)
+            if tracked is not None and tracked.landmarks is not None:
+                tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
+                return tracked
+            tracker.lost()
+        return self._detect(image_bgr, tracker)
+
+    def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
+        """The model-ready uint8 RGB crop of an accepted analysis."""
+        return self.crop_many([image_bgr], [analysis])[0]
+
+    def crop_many(self, images_bgr: Sequence[np.ndarray], analyses: Sequence[FaceAnalysis]) -> list[FaceCrop]:
+        """Batched crops (one warp call); raises FrameRejected for a rejected analysis."""
+        for analysis in analyses:
+            if analysis.rejection is not None:
+                raise FrameRejected(analysis.rejection, analysis.detail)
+            if analysis.affine is None or analysis.detection is None or analysis.quality is None:
+                raise ValueError("analysis has no face to crop")
+        affines = [a.affine for a in analyses if a.affine is not None]
+        pixels = warp_faces(images_bgr, affines, self.settings.input_size)
+        rgb = pixels[..., ::-1]
+        return [
+            FaceCrop(
+                pixels=np.ascontiguousarray(rgb[i]),
+                detection=a.detection,  # type: ignore[arg-type]
+                quality=a.quality,  # type: ignore[arg-type]
+                pose=a.pose,
+                landmarks=a.landmarks,
+            )
+            for i, a in enumerate(analyses)
+        ]
+
+    def crop_image(self, image_bgr: np.ndarray) -> tuple[FaceAnalysis, FaceCrop | None]:
+        """Stills and training: analyse without a tracker, crop when accepted."""
+        analysis = self.analyze(image_bgr)
+        return analysis, (self.crop(image_bgr, analysis) if analysis.accepted else None)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _detect(self, image: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
+        """Keyframe: detect, verify candidates on their aligned crops, keep (or change) the subject."""
+        faces, angle = self._find_faces(image)
+        subject = tracker.subject if tracker is not None else None
+        height, width = image.shape[:2]
+        near = []
+        if subject is not None:
+            near = [f for f in faces if centre_jump(subject.box, f[0]) <= self.settings.max_subject_jump]
+            near.sort(key=lambda f: iou(subject.box, f[0]), reverse=True)
+        others = sorted(
+            (f for f in faces if f not in near), key=lambda f: subject_preference(f, width, height), reverse=True
+        )
+        checked = (near + others)[: self.settings.max_candidates]
+        results = [
+            self._analyse_face(image, Detection(box, confidence, len(faces)), angle, keyframe=True)
+            for box, confidence in checked
+        ]
+        verified = [(face, analysis) for face, (analysis, ok) in zip(checked, results) if ok]
+        face_count = len(verified) + len(faces) - len(checked)
+        if near and not (verified and verified[0][0] in near):
+            # The subject is still there but does not pass as a face now: keep following it.
+            analysis = results[0][0]
+            if tracker is not None:
+                tracker.lost()
+            return dataclasses.replace(
+                analysis,
+                detection=Detection(checked[0][0], checked[0][1], face_count),
+                rejection=analysis.rejection or RejectReason.LOW_CONFIDENCE,
+                detail=analysis.detail or "the followed face does not pass as a frontal face now",
+            )
+        if not verified:
+            if tracker is not None:
+                tracker.lost()
+            small = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL]
+            if small:  # too few pixels to verify, and too few to use: say so rather than "no face"
+                return small[0]
+            detail = "no face found" if not faces else f"{len(faces)} detector hit(s), none is a face when aligned"
+            return _rejected(RejectReason.NO_FACE, detail)
+        (box, confidence), analysis = verified[0]
+        analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))
+        if tracker is not None:
+            landmarks = analysis.landmarks
+            assert landmarks is not None
+            subject_now = TrackedSubject(box_from_landmarks(landmarks), confidence, face_count, roll_deg(landmarks))
+            tracker.keyframe(subject_now)
+        if subject is not None and not near:
+            cx, cy = subject.box.center
+            return dataclasses.replace(
+                analysis,
+                rejection=RejectReason.FACE_CHANGED,
+                detail=(
+                    f"the followed face (last near x={cx:.0f}, y={cy:.0f}) is gone; a different face is "
+                    f"the subject from now on ({face_count} face(s) in view)"
+                ),
+            )
+        return analysis
+
+    def _track(self, image: np.ndarray, subject: TrackedSubject) -> FaceAnalysis | None:
+        """Re-fit on the previous box; None when the fit no longer looks like the same face."""
+        detection = Detection(box=subject.box, confidence=subject.confidence, face_count=subject.face_count)
+        analysis, is_face = self._analyse_face(image, detection, subject.roll_deg, keyframe=False)
+        if not is_face or analysis.landmarks is None:
+            return None
+        moved = box_from_landmarks(analysis.landmarks)
+        if centre_jump(subject.box, moved) > 0.5 or not 0.67 < moved.width / subject.box.width < 1.5:
+            return None
+        return dataclasses.replace(analysis, detection=Detection(moved, subject.confidence, subject.face_count))
+
+    def _find_faces(self, image: np.ndarray) -> tuple[list[tuple[Box, float]], float]:
+        """Faces in frame coordinates and the image rotation (degrees) at which they were found."""
+        faces = self._detector.detect_all(image)
+        if faces:
+            return faces, 0.0
+        height, width = image.shape[:2]
+        centre = (width / 2.0, height / 2.0)
+        for angle in self.settings.roll_search_deg:
+            rotation = cv2.getRotationMatrix2D(centre, angle, 1.0)
+            rotated = cv2.warpAffine(image, rotation, (width, height), borderMode=cv2.BORDER_REPLICATE)
+            found = self._detector.detect_all(rotated)
+            if found:
+                back = cv2.invertAffineTransform(rotation)
+                return [(_moved_box(box, back), confidence) for box, confidence in found], angle
+        return [], 0.0
+
+    def _fit(self, image: np.ndarray, box: Box, angle_deg: float) -> np.ndarray:
+        """Landmarks on an upright (rotated by angle_deg), large-enough patch, mapped back to the frame."""
+        scale = max(1.0, self.settings.fit_min_box_px / box.width)
+        if scale == 1.0 and abs(angle_deg) < 3.0:
+            return self._fitter.fit(image, box)
+        cx, cy = box.center
+        side = math.ceil(2.2 * max(box.width, box.height) * scale)
+        patch_affine = cv2.getRotationMatrix2D((cx, cy), angle_deg, scale)
+        patch_affine[:, 2] += np.array([side / 2.0 - cx, side / 2.0 - cy])
+        patch = cv2.warpAffine(image, patch_affine, (side, side), borderMode=cv2.BORDER_REPLICATE)
+        w, h = box.width * scale, box.height * scale
+        points = self._fitter.fit(patch, Box((side - w) / 2.0, (side - h) / 2.0, w, h))
+        return transform_points(cv2.invertAffineTransform(patch_affine), points).astype(np.float32)
+
+    def _analyse_face(
+        self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool
+    ) -> tuple[FaceAnalysis, bool]:
+        """Landmarks, pose, alignment and quality of one candidate; the flag says it is a face."""
+        landmarks = self._fit(image, detection.box, angle_deg)
+        height, width = image.shape[:2]
+        pose = estimate_pose(landmarks, (width, height))
+        plausibility = landmark_plausibility(landmarks, detection.box)
+        if plausibility == 0.0:
+            quality = Quality(score=0.0, sharpness=0.0, exposure=0.0, face_size=0.0, pose=0.0, confidence=0.0)
+            detail = "landmarks do not form a face inside the detector box"
+            low = RejectReason.LOW_CONFIDENCE
+            return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), False
+        affine = self.geometry.affine(landmarks, detection.box)
+        crop = warp_face(image, affine, self.settings.input_size)
+        grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
+        evidence = self._verifier().evidence(grey)
+        quality, reason, detail = assess(
+            QualityInputs(
+                face_px=detection.box.width,
+                crop_grey=grey,
+                pose=pose,
+                confidence=detection.confidence * plausibility * _evidence_confidence(evidence),
+                pitch_measured=len(landmarks) == 68,
+            ),
+            self.settings.quality,
+        )
+        is_face = evidence >= self.settings.min_face_evidence
+        return FaceAnalysis(detection, landmarks, pose, quality, reason, detail, affine, keyframe), is_face
+
+    def _verifier(self) -> AlignedFaceVerifier:
+        verifier = getattr(_thread_state, "verifier", None)
+        if verifier is None:
+            verifier = _thread_state.verifier = AlignedFaceVerifier()
+        return verifier
+
+
+class AlignedFaceVerifier:
+    """dlib's HOG face detector run on the aligned crop: is a frontal face where the eyes say?
+
+    Haar fires on cats, suits and shadows, and the landmark model always returns a
+    face shape; a second, differently trained detector on the aligned crop rejects
+    most of those. Not thread-safe (dlib's scanner keeps state): one per thread.
+    """
+
+    def __init__(self) -> None:
+        self._detector = dlib.get_frontal_face_detector()
+
+    def evidence(self, crop_grey: np.ndarray) -> float:
+        """Best HOG score of a face centred in the crop (≈ −1 … 3); −2 when none is found."""
+        size = crop_grey.shape[0]
+        boxes, scores, _ = self._detector.run(crop_grey, 0, -1.0)
+        best = -2.0
+        for box, score in zip(boxes, scores):
+            cx, cy = (box.left() + box.right()) / 2.0, (box.top() + box.bottom()) / 2.0
+            if abs(cx - size / 2.0) < 0.1 * size and abs(cy - size / 2.0) < 0.125 * size:
+                best = max(best, float(score))
+        return best
+
+
+_thread_state = threading.local()
+
+
+def _evidence_confidence(evidence: float) -> float:
+    """HOG score → [0, 1]: 0.5 at −0.2, ≈ 0.2 at −0.75, ≈ 0.99 at 1.6 (LFW median)."""
+    return 1.0 / (1.0 + math.exp(-2.5 * (evidence + 0.2)))
+
+
+def landmark_plausibility(landmarks: np.ndarray, box: Box) -> float:
+    """1 for a face-like fit in its box, falling to 0 when eyes and nose are not where a face has them."""
+    left, right = eye_centres(landmarks)
+    iod = float(np.linalg.norm(right - left))
+    if iod < 1e-3 or box.width <= 0:
+        return 0.0
+    deviation = abs(math.log(iod / (CANONICAL_EYE_DISTANCE * box.width)))
+    roll = math.atan2(*(right - left)[::-1])
+    dx, dy = nose_base(landmarks) - (left + right) / 2.0
+    drop = (math.sin(-roll) * dx + math.cos(-roll) * dy) / iod
+    if drop < 0.3:
+        return 0.0
+    return max(0.0, 1.0 - (deviation / math.log(1.6)) ** 2)
+
+
+def _moved_box(box: Box, affine: np.ndarray) -> Box:
+    """The same-sized box around the affine image of the box centre."""
+    cx, cy = transform_points(affine, np.array([box.center]))[0]
+    return Box(float(cx - box.width / 2.0), float(cy - box.height / 2.0), box.width, box.height)
+
+
+def _rejected(reason: RejectReason, detail: str) -> FaceAnalysis:
+    return FaceAnalysis(None, None, None, None, reason, detail, None)

@@ -1,0 +1,96 @@
+"""Per-stream face tracking between detections.
+
+Haar detection is the expensive stage, so a stream detects only on keyframes (every
+N frames, or when tracking is lost). In between, landmarks are re-fitted on the box
+derived from the previous frame's landmarks (on a patch de-rotated by the last
+roll). At a keyframe the detection nearest the followed subject is kept even when a
+larger face is present, so a second person entering never switches the subject
+silently; the face count is reported. When the subject is gone and a face appears
+elsewhere (more than ``max_subject_jump`` face widths away), that frame is rejected
+FACE_CHANGED once and the new face is followed from then on. A different person in
+the same place cannot be told apart: there is no identity embedding here. The
+tracker only holds state; ``FacePreprocessor.analyze`` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frontalize import CANONICAL_EYE_DISTANCE, CANONICAL_EYE_LINE, eye_centres
+from .types import Box
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedSubject:
+    """The followed face as of the last analysed frame."""
+
+    box: Box  # canonical detector-like box derived from the landmarks
+    confidence: float  # detector confidence at the last keyframe
+    face_count: int  # faces the detector saw at the last keyframe
+    roll_deg: float = 0.0  # the next fit is made on an upright patch
+
+
+class FaceTracker:
+    """State of one stream: the subject, and when the next detection is due. Not thread-safe."""
+
+    def __init__(self, keyframe_interval: int = 5) -> None:
+        if keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {keyframe_interval}")
+        self.keyframe_interval = keyframe_interval
+        self.subject: TrackedSubject | None = None
+        self._since_keyframe = 0
+        self._lost = True
+
+    @property
+    def keyframe_due(self) -> bool:
+        """Detect now: no subject is being tracked, or N frames have passed since the last detection."""
+        return self._lost or self.subject is None or self._since_keyframe >= self.keyframe_interval
+
+    def keyframe(self, subject: TrackedSubject) -> None:
+        """A detection (re)established the subject."""
+        self.subject = subject
+        self._since_keyframe = 1
+        self._lost = False
+
+    def tracked(self, box: Box, roll_deg: float) -> None:
+        """Landmarks were re-fitted without a detection; move the box with them."""
+        if self.subject is None:
+            raise RuntimeError("tracked() without a subject")
+        self.subject = TrackedSubject(box, self.subject.confidence, self.subject.face_count, roll_deg)
+        self._since_keyframe += 1
+
+    def lost(self) -> None:
+        """Tracking failed or no face: detect on the next frame; the last subject stays remembered."""
+        self._lost = True
+
+    def reset(self) -> None:
+        """Forget the subject (a new stream or an acknowledged change of person)."""
+        self.subject = None
+        self._lost = True
+        self._since_keyframe = 0
+
+
+def box_from_landmarks(landmarks: np.ndarray) -> Box:
+    """The canonical detector box implied by the eye centres (the inverse of the measured layout)."""
+    left, right = eye_centres(landmarks)
+    width = float(np.linalg.norm(right - left)) / CANONICAL_EYE_DISTANCE
+    cx, cy = (left + right) / 2.0
+    return Box(float(cx - width / 2.0), float(cy - CANONICAL_EYE_LINE * width), width, width)
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    ix = max(0.0, min(a.x + a.width, b.x + b.width) - max(a.x, b.x))
+    iy = max(0.0, min(a.y + a.height, b.y + b.height) - max(a.y, b.y))
+    inter = ix * iy
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
+def centre_jump(a: Box, b: Box) -> float:
+    """Distance between box centres in widths of ``a``."""
+    (ax, ay), (bx, by) = a.center, b.center
+    return math.hypot(ax - bx, ay - by) / max(a.width, 1e-6)

@@ -1,0 +1,134 @@
+"""Streams: keyframes and tracking, a stable subject, and steadier eyes in frontalized crops."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from acroscreen.server.runtime.detect import HaarFaceDetector
+from acroscreen.server.runtime.frontalize import CropGeometry, eye_centres, warp_face
+from acroscreen.server.runtime.landmarks import LandmarkFitter
+from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
+from acroscreen.server.runtime.types import Box, RejectReason
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA} (CI provides it)")
+FRAMES_PER_CLIP = 10
+CLIP_START = {"hamilton_short_clip.mp4": 84}  # the performer faces the camera from here
+
+
+@pytest.fixture(scope="module")
+def preprocessor() -> FacePreprocessor:
+    return FacePreprocessor(PreprocessSettings())
+
+
+def clip(path: Path) -> list[np.ndarray]:
+    start = CLIP_START.get(path.name, 0)
+    frames = []
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index >= start:
+                frames.append(frame.to_ndarray(format="bgr24"))
+            if len(frames) == FRAMES_PER_CLIP:
+                break
+    return frames
+
+
+def eyes_in_crop(crop_bgr: np.ndarray, fitter: LandmarkFitter, geometry: CropGeometry) -> np.ndarray:
+    """Eye centres re-fitted on the crop (4× upscaled for sub-pixel precision), as a 2×2 array."""
+    big = cv2.resize(crop_bgr, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    (lx, ly), (rx, _ry) = geometry.eye_positions
+    width = (rx - lx) / 0.35
+    box = Box((lx + rx) / 2 - width / 2, ly - 0.4 * width, width, width).scaled(4)
+    return (np.stack(eye_centres(fitter.fit(big, box))) + 0.5) / 4 - 0.5
+
+
+def mean_step(positions: list[np.ndarray | None]) -> list[float]:
+    return [
+        float(np.linalg.norm(b - a, axis=1).mean())
+        for a, b in itertools.pairwise(positions)
+        if a is not None and b is not None
+    ]
+
+
+def test_frontalized_eyes_jitter_far_less_than_raw_crops(preprocessor: FacePreprocessor) -> None:
+    """Raw crop = the detector box heightened (the paper without alignment), detected every frame."""
+    fitter = LandmarkFitter(5)
+    raw_geometry = CropGeometry(alignment="box")
+    detector = HaarFaceDetector()
+    raw_steps: list[float] = []
+    aligned_steps: list[float] = []
+    for path in sorted((DATA / "videos").glob("*.mp4")):
+        tracker = preprocessor.settings.new_tracker()
+        raw: list[np.ndarray | None] = []
+        aligned: list[np.ndarray | None] = []
+        for frame in clip(path):
+            analysis = preprocessor.analyze(frame, tracker)
+            detection = detector.detect(frame)
+            if analysis.affine is None or detection is None:
+                raw.append(None)
+                aligned.append(None)
+                continue
+            aligned_crop = warp_face(frame, analysis.affine, 160)  # what crop() returns, in BGR
+            raw_crop = warp_face(frame, raw_geometry.affine_from_box(detection.box), 160)
+            aligned.append(eyes_in_crop(aligned_crop, fitter, preprocessor.geometry))
+            raw.append(eyes_in_crop(raw_crop, fitter, preprocessor.geometry))
+        clip_raw, clip_aligned = mean_step(raw), mean_step(aligned)
+        raw_mean, aligned_mean = np.mean(clip_raw or [np.nan]), np.mean(clip_aligned or [np.nan])
+        print(f"{path.name}: eye step raw {raw_mean:.2f} px, frontalized {aligned_mean:.2f} px")
+        raw_steps += clip_raw
+        aligned_steps += clip_aligned
+    assert len(raw_steps) >= 40
+    ratio = float(np.mean(aligned_steps) / np.mean(raw_steps))
+    print(f"jitter ratio frontalized/raw = {ratio:.3f} over {len(raw_steps)} frame pairs")
+    assert ratio < 0.5
+
+
+def test_keyframes_and_tracking(preprocessor: FacePreprocessor) -> None:
+    frames = clip(DATA / "videos" / "retalking_face3.mp4")
+    tracker = preprocessor.settings.new_tracker()
+    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    assert [a.keyframe for a in analyses] == [
+        i % preprocessor.settings.keyframe_interval == 0 for i in range(len(frames))
+    ]
+    assert all(a.accepted for a in analyses), [a.detail for a in analyses]
+    first, last = analyses[0].detection, analyses[-1].detection
+    assert first is not None and last is not None
+    assert np.hypot(*np.subtract(first.box.center, last.box.center)) < 0.3 * first.box.width
+
+
+def paste(canvas: np.ndarray, face: np.ndarray, x: int, y: int) -> np.ndarray:
+    out = canvas.copy()
+    out[y : y + face.shape[0], x : x + face.shape[1]] = face
+    return out
+
+
+def test_second_face_does_not_take_over_and_a_new_face_is_flagged(preprocessor: FacePreprocessor) -> None:
+    person_a = cv2.imread(str(DATA / "faces" / "identities" / "John_Rosa" / "2.jpg"))
+    person_b = cv2.imread(str(DATA / "faces" / "identities" / "Joe_Biden" / "2.jpg"))
+    person_b = cv2.resize(person_b, (400, 400), interpolation=cv2.INTER_AREA)  # face ≈ 180 px, A's ≈ 115 px
+    empty = cv2.resize(cv2.imread(str(DATA / "faces" / "none" / "coffee.jpg")), (1000, 560))
+    alone = paste(empty, person_a, 40, 150)
+    together = paste(alone, person_b, 560, 80)
+    b_alone = paste(empty, person_b, 560, 80)
+
+    tracker = preprocessor.settings.new_tracker()
+    stream = [alone] * 3 + [together] * 7 + [b_alone] * 6
+    analyses = [preprocessor.analyze(frame, tracker) for frame in stream]
+    reasons = [a.rejection for a in analyses]
+    print([(r.value if r else "ok", a.detection and a.detection.face_count) for r, a in zip(reasons, analyses)])
+    with_b = analyses[3:10]
+    for analysis in with_b:  # A stays the subject although B is larger
+        assert analysis.detection is not None and analysis.detection.box.center[0] < 400
+        assert analysis.rejection is None
+    assert any(a.keyframe and a.detection is not None and a.detection.face_count == 2 for a in with_b)
+    assert reasons[10:].count(RejectReason.FACE_CHANGED) == 1
+    changed = reasons.index(RejectReason.FACE_CHANGED)
+    assert "different face" in analyses[changed].detail
+    for analysis in analyses[changed + 1 :]:  # then B is followed
+        assert analysis.accepted and analysis.detection is not None and analysis.detection.box.center[0] > 500
