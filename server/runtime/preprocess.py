@@ -9,11 +9,13 @@ stills; the server calls ``analyze`` per frame (with the stream's ``FaceTracker`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -115,6 +117,7 @@ class FaceAnalysis:
     detail: str
     affine: np.ndarray | None  # 2×3 frame → crop; present when the landmarks form a face (always if accepted)
     keyframe: bool = True  # False when the face was tracked rather than detected
+    stage_seconds: tuple[tuple[str, float], ...] = ()  # detect / landmarks / quality time, for metrics
 
     @property
     def accepted(self) -> bool:
@@ -138,9 +141,18 @@ class FacePreprocessor:
         self.geometry = settings.geometry
         self._detector = detector or HaarFaceDetector(settings.detector)
         self._fitter = _shared_fitter(settings.landmark_points)
+        # Built here, once: building dlib's HOG detector holds the GIL for ~0.25 s,
+        # which would stall every other stream if each new thread built its own.
+        self._verifier = AlignedFaceVerifier()
+        self._verifier_lock = threading.Lock()
 
     def analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None = None) -> FaceAnalysis:
         """Find (or follow) the primary face and judge it; never raises for a bad frame."""
+        clock = _thread_state.clock = _StageClock()
+        analysis = self._analyze(image_bgr, tracker)
+        return dataclasses.replace(analysis, stage_seconds=tuple(clock.seconds.items()))
+
+    def _analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
         if tracker is not None and tracker.subject is not None and not tracker.keyframe_due:
             tracked = self._track(image_bgr, tracker.subject)
             if tracked is not None and tracked.landmarks is not None:
@@ -183,7 +195,8 @@ class FacePreprocessor:
 
     def _detect(self, image: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
         """Keyframe: detect, verify candidates on their aligned crops, keep (or change) the subject."""
-        faces, angle = self._find_faces(image)
+        with _stage("detect"):
+            faces, angle = self._find_faces(image, search_rotations=tracker is None or tracker.rotation_search_due)
         subject = tracker.subject if tracker is not None else None
         height, width = image.shape[:2]
         near = []
@@ -213,7 +226,7 @@ class FacePreprocessor:
             )
         if not verified:
             if tracker is not None:
-                tracker.lost()
+                tracker.missed()
             small = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL]
             if small:  # too few pixels to verify, and too few to use: say so rather than "no face"
                 return small[0]
@@ -249,10 +262,10 @@ class FacePreprocessor:
             return None
         return dataclasses.replace(analysis, detection=Detection(moved, subject.confidence, subject.face_count))
 
-    def _find_faces(self, image: np.ndarray) -> tuple[list[tuple[Box, float]], float]:
+    def _find_faces(self, image: np.ndarray, *, search_rotations: bool) -> tuple[list[tuple[Box, float]], float]:
         """Faces in frame coordinates and the image rotation (degrees) at which they were found."""
         faces = self._detector.detect_all(image)
-        if faces:
+        if faces or not search_rotations:
             return faces, 0.0
         height, width = image.shape[:2]
         centre = (width / 2.0, height / 2.0)
@@ -283,7 +296,8 @@ class FacePreprocessor:
         self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool
     ) -> tuple[FaceAnalysis, bool]:
         """Landmarks, pose, alignment and quality of one candidate; the flag says it is a face."""
-        landmarks = self._fit(image, detection.box, angle_deg)
+        with _stage("landmarks"):
+            landmarks = self._fit(image, detection.box, angle_deg)
         height, width = image.shape[:2]
         pose = estimate_pose(landmarks, (width, height))
         plausibility = landmark_plausibility(landmarks, detection.box)
@@ -292,28 +306,24 @@ class FacePreprocessor:
             detail = "landmarks do not form a face inside the detector box"
             low = RejectReason.LOW_CONFIDENCE
             return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), False
-        affine = self.geometry.affine(landmarks, detection.box)
-        crop = warp_face(image, affine, self.settings.input_size)
-        grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
-        evidence = self._verifier().evidence(grey)
-        quality, reason, detail = assess(
-            QualityInputs(
-                face_px=detection.box.width,
-                crop_grey=grey,
-                pose=pose,
-                confidence=detection.confidence * plausibility * _evidence_confidence(evidence),
-                pitch_measured=len(landmarks) == 68,
-            ),
-            self.settings.quality,
-        )
+        with _stage("quality"):
+            affine = self.geometry.affine(landmarks, detection.box)
+            crop = warp_face(image, affine, self.settings.input_size)
+            grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
+            with self._verifier_lock:  # dlib holds the GIL while it runs: the lock costs no parallelism
+                evidence = self._verifier.evidence(grey)
+            quality, reason, detail = assess(
+                QualityInputs(
+                    face_px=detection.box.width,
+                    crop_grey=grey,
+                    pose=pose,
+                    confidence=detection.confidence * plausibility * _evidence_confidence(evidence),
+                    pitch_measured=len(landmarks) == 68,
+                ),
+                self.settings.quality,
+            )
         is_face = evidence >= self.settings.min_face_evidence
         return FaceAnalysis(detection, landmarks, pose, quality, reason, detail, affine, keyframe), is_face
-
-    def _verifier(self) -> AlignedFaceVerifier:
-        verifier = getattr(_thread_state, "verifier", None)
-        if verifier is None:
-            verifier = _thread_state.verifier = AlignedFaceVerifier()
-        return verifier
 
 
 class AlignedFaceVerifier:
@@ -321,7 +331,7 @@ class AlignedFaceVerifier:
 
     Haar fires on cats, suits and shadows, and the landmark model always returns a
     face shape; a second, differently trained detector on the aligned crop rejects
-    most of those. Not thread-safe (dlib's scanner keeps state): one per thread.
+    most of those. Not thread-safe (dlib's scanner keeps state): share it behind a lock.
     """
 
     def __init__(self) -> None:
@@ -340,6 +350,24 @@ class AlignedFaceVerifier:
 
 
 _thread_state = threading.local()
+
+
+class _StageClock:
+    """Seconds per stage of the frame this thread is analysing."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    clock = getattr(_thread_state, "clock", None)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def _evidence_confidence(evidence: float) -> float:

@@ -43,6 +43,17 @@ class FaceTracker:
         self.subject: TrackedSubject | None = None
         self._since_keyframe = 0
         self._lost = True
+        self.misses = 0  # keyframes in a row that found no face
+
+    @property
+    def rotation_search_due(self) -> bool:
+        """Search rotated copies only now and then while no face is found: it costs two more detections."""
+        return self.misses % self.keyframe_interval == 0
+
+    def missed(self) -> None:
+        """A keyframe found no usable face."""
+        self.misses += 1
+        self._lost = True
 
     @property
     def keyframe_due(self) -> bool:
@@ -52,6 +63,7 @@ class FaceTracker:
     def keyframe(self, subject: TrackedSubject) -> None:
         """A detection (re)established the subject."""
         self.subject = subject
+        self.misses = 0
         self._since_keyframe = 1
         self._lost = False
 

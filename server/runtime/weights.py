@@ -47,9 +47,10 @@ class Preprocessing:
     mean: float = 127.5
     std: float = 128.0
     channel_order: str = "RGB"
-    box_height_expand: float = 0.15  # fraction of the detector box height added before cropping
-    alignment: str = "box"
-    landmark_points: int = 0  # landmarks the alignment needs; 0 for box alignment
+    # The serving crop (preprocess.PreprocessSettings' defaults; a test keeps them equal):
+    box_height_expand: float = 0.4  # fraction of the face box height added (40 % above, 60 % below)
+    alignment: str = "similarity-eyes-v1"
+    landmark_points: int = 5  # landmarks the alignment needs; 0 for box alignment
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_size, int) or self.input_size <= 0:

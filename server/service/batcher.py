@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 from ..errors import ModelError, Overloaded
 from ..metrics import Metrics
+from .priority import lower_current_thread_priority
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -98,6 +99,7 @@ class DynamicBatcher(Generic[Item, Result]):
             return batch
 
     def _loop(self) -> None:
+        lower_current_thread_priority()
         while (batch := self._take_batch()) is not None:
             if not batch:
                 continue

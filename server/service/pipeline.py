@@ -63,6 +63,8 @@ class FrameAnalyzer:
             started = time.monotonic()
             analysis = self._preprocessor.analyze(image, tracker)
             stage.labels(stage="face_analysis").observe(time.monotonic() - started)
+            for name, seconds in analysis.stage_seconds:
+                stage.labels(stage=name).observe(seconds)
             if analysis.detection is not None:
                 aggregator.add_faces(analysis.detection.face_count)
                 self._metrics.faces_detected.inc(analysis.detection.face_count)

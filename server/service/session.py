@@ -26,6 +26,7 @@ from ..errors import Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
+from .priority import lower_current_thread_priority
 from .types import FrameAck, FrameInput, FramePrediction, FrameStatus, SessionOptions, SubjectResult
 
 StreamEvent = FrameAck | FramePrediction | SubjectResult
@@ -72,7 +73,7 @@ class StreamSession:
         self._selected = 0
         self._last_selected_us: int | None = None
         self._outstanding = 0
-        self._max_in_flight = backlog_size
+        self._max_in_flight = 2 * backlog_size  # enough for the batcher to fill batches across streams
         self._pending: set[Future] = set()
         self._outstanding_done = threading.Condition()
         self._finishing = threading.Event()
@@ -207,6 +208,7 @@ class StreamSession:
                     return _END
 
     def _work(self) -> None:
+        lower_current_thread_priority()
         while True:
             frame = self._next_frame()
             if frame is _END:

@@ -9,6 +9,7 @@ unless a cache is built, so training runs on machines that have neither.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -132,9 +133,15 @@ def build_crops(samples: list[Sample], workers: int | None = None) -> CropSet:
     workers = workers or max(1, min(len(samples), os.cpu_count() or 1))
     started = time.monotonic()
     kept, crops = [], []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
-        results = pool.map(_crop_one, [str(s.path) for s in samples], chunksize=16)
+    paths = [str(s.path) for s in samples]
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # in this process: no pool to start, nothing to deadlock
+            _init_worker()
+            results = map(_crop_one, paths)
+        else:
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker))
+            results = pool.map(_crop_one, paths, chunksize=16)
         for i, (sample, crop) in enumerate(zip(samples, results, strict=True)):
             if crop is not None:
                 kept.append(sample)

@@ -63,7 +63,9 @@ def test_card_fields_round_trip() -> None:
     assert PreprocessSettings.from_card_preprocessing(Card()).geometry == settings.geometry
     card = Preprocessing(**PreprocessSettings().card_fields())  # what training writes into the weights file
     assert PreprocessSettings.from_card_preprocessing(card) == PreprocessSettings()
-    legacy = PreprocessSettings.from_card_preprocessing(Preprocessing())  # the plain "box" crop, no landmarks
+    legacy = PreprocessSettings.from_card_preprocessing(
+        Preprocessing(alignment="box", landmark_points=0, box_height_expand=0.15)
+    )  # the plain heightened-box crop, no alignment landmarks
     assert legacy.alignment == "box" and legacy.landmark_points == 5
     with pytest.raises(ValueError, match="unknown alignment"):
         PreprocessSettings(alignment="mean-shape")

@@ -221,3 +221,12 @@ def test_facenet_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"a": 1}, not_tensors)
     with pytest.raises(ModelLoadError, match="not a state dict"):
         read_facenet_checkpoint(not_tensors)
+
+
+def test_card_defaults_are_the_serving_crop() -> None:
+    """Untrained weights must ask for the same crop the server and training make."""
+    from acroscreen.server.runtime.preprocess import PreprocessSettings
+
+    default = Preprocessing()
+    for name, value in PreprocessSettings().card_fields().items():
+        assert getattr(default, name) == value, name
