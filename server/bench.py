@@ -105,6 +105,13 @@ def _unpack(packed) -> list[bytes]:  # noqa: ANN001 — a uint8 numpy array from
 
 def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _StreamStats, deadline: float) -> None:
     sent_at: dict[int, float] = {}
+    acknowledged: set[int] = set()
+
+    def acknowledge(index: int) -> None:
+        if index not in acknowledged:  # the first answer about a frame is its acknowledgement
+            acknowledged.add(index)
+            stats.acknowledged += 1
+            stats.ack_latency_ms.append((time.monotonic() - sent_at[index]) * 1000.0)
 
     def frames() -> Iterator[FrameData]:
         started = time.monotonic()
@@ -127,13 +134,11 @@ def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _Str
         with ScreeningClient(target, timeout_s=config.duration_s + 120) as client:
             for event in client.screen_stream(frames(), options):
                 if isinstance(event, FrameAck):
-                    stats.acknowledged += 1
-                    stats.ack_latency_ms.append((time.monotonic() - sent_at[event.index]) * 1000.0)
+                    acknowledge(event.index)
                 elif isinstance(event, FrameResult):
+                    acknowledge(event.index)
+                    acknowledged.discard(event.index)
                     latency = (time.monotonic() - sent_at.pop(event.index)) * 1000.0
-                    if event.status != "analyzed" or not config.acknowledge_frames:
-                        stats.acknowledged += 1
-                        stats.ack_latency_ms.append(latency)
                     if event.status == "analyzed":
                         stats.analyzed += 1
                         stats.analysis_latency_ms.append(latency)

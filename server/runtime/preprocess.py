@@ -63,6 +63,7 @@ class PreprocessSettings:
     max_subject_jump: float = 1.0  # face widths a keyframe detection may be from the subject to be the same person
     max_candidates: int = 4  # detections verified per keyframe, most likely subject first
     min_face_evidence: float = -0.5  # HOG score on the aligned crop below which a detection is not a face
+    min_track_similarity: float = 0.5  # correlation with the keyframe's aligned face below which tracking is lost
     roll_search_deg: tuple[float, ...] = (-20.0, 20.0)  # Haar misses faces tilted > ~15°: retry rotated
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
@@ -211,7 +212,11 @@ class FacePreprocessor:
             self._analyse_face(image, Detection(box, confidence, len(faces)), angle, keyframe=True)
             for box, confidence in checked
         ]
-        verified = [(face, analysis) for face, (analysis, ok) in zip(checked, results) if ok]
+        verified = [
+            (face, analysis, evidence)
+            for face, (analysis, evidence) in zip(checked, results)
+            if evidence >= self.settings.min_face_evidence
+        ]
         face_count = len(verified) + len(faces) - len(checked)
         if near and not (verified and verified[0][0] in near):
             # The subject is still there but does not pass as a face now: keep following it.
@@ -232,12 +237,15 @@ class FacePreprocessor:
                 return small[0]
             detail = "no face found" if not faces else f"{len(faces)} detector hit(s), none is a face when aligned"
             return _rejected(RejectReason.NO_FACE, detail)
-        (box, confidence), analysis = verified[0]
+        (box, confidence), analysis, evidence = verified[0]
         analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))
         if tracker is not None:
             landmarks = analysis.landmarks
             assert landmarks is not None
-            subject_now = TrackedSubject(box_from_landmarks(landmarks), confidence, face_count, roll_deg(landmarks))
+            subject_now = TrackedSubject(
+                box_from_landmarks(landmarks), confidence, face_count, roll_deg(landmarks), evidence,
+                appearance=_appearance(image, analysis.affine, self.settings.input_size),
+            )
             tracker.keyframe(subject_now)
         if subject is not None and not near:
             cx, cy = subject.box.center
@@ -254,9 +262,15 @@ class FacePreprocessor:
     def _track(self, image: np.ndarray, subject: TrackedSubject) -> FaceAnalysis | None:
         """Re-fit on the previous box; None when the fit no longer looks like the same face."""
         detection = Detection(box=subject.box, confidence=subject.confidence, face_count=subject.face_count)
-        analysis, is_face = self._analyse_face(image, detection, subject.roll_deg, keyframe=False)
-        if not is_face or analysis.landmarks is None:
+        # The face was verified at the keyframe; between keyframes the costly, GIL-holding
+        # HOG check is replaced by comparing the aligned face with the keyframe's.
+        analysis, _ = self._analyse_face(image, detection, subject.roll_deg, keyframe=False, evidence=subject.evidence)
+        if analysis.affine is None or analysis.landmarks is None:
             return None
+        if subject.appearance is not None:
+            now = _appearance(image, analysis.affine, self.settings.input_size)
+            if float(np.mean(now * subject.appearance)) < self.settings.min_track_similarity:
+                return None
         moved = box_from_landmarks(analysis.landmarks)
         if centre_jump(subject.box, moved) > 0.5 or not 0.67 < moved.width / subject.box.width < 1.5:
             return None
@@ -293,9 +307,11 @@ class FacePreprocessor:
         return transform_points(cv2.invertAffineTransform(patch_affine), points).astype(np.float32)
 
     def _analyse_face(
-        self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool
-    ) -> tuple[FaceAnalysis, bool]:
-        """Landmarks, pose, alignment and quality of one candidate; the flag says it is a face."""
+        self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool,
+        evidence: float | None = None,
+    ) -> tuple[FaceAnalysis, float]:
+        """Landmarks, pose, alignment and quality of one candidate, and its face evidence
+        (HOG score on the aligned crop; computed unless `evidence` is given)."""
         with _stage("landmarks"):
             landmarks = self._fit(image, detection.box, angle_deg)
         height, width = image.shape[:2]
@@ -305,13 +321,14 @@ class FacePreprocessor:
             quality = Quality(score=0.0, sharpness=0.0, exposure=0.0, face_size=0.0, pose=0.0, confidence=0.0)
             detail = "landmarks do not form a face inside the detector box"
             low = RejectReason.LOW_CONFIDENCE
-            return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), False
+            return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), -math.inf
         with _stage("quality"):
             affine = self.geometry.affine(landmarks, detection.box)
             crop = warp_face(image, affine, self.settings.input_size)
             grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
-            with self._verifier_lock:  # dlib holds the GIL while it runs: the lock costs no parallelism
-                evidence = self._verifier.evidence(grey)
+            if evidence is None:
+                with self._verifier_lock:  # dlib holds the GIL while it runs: the lock costs no parallelism
+                    evidence = self._verifier.evidence(grey)
             quality, reason, detail = assess(
                 QualityInputs(
                     face_px=detection.box.width,
@@ -322,8 +339,7 @@ class FacePreprocessor:
                 ),
                 self.settings.quality,
             )
-        is_face = evidence >= self.settings.min_face_evidence
-        return FaceAnalysis(detection, landmarks, pose, quality, reason, detail, affine, keyframe), is_face
+        return FaceAnalysis(detection, landmarks, pose, quality, reason, detail, affine, keyframe), evidence
 
 
 class AlignedFaceVerifier:
@@ -350,6 +366,15 @@ class AlignedFaceVerifier:
 
 
 _thread_state = threading.local()
+_APPEARANCE_SIDE = 32
+
+
+def _appearance(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
+    """The aligned face as a small zero-mean, unit-variance grey patch, for tracking checks."""
+    small = affine * (_APPEARANCE_SIDE / input_size)
+    patch = cv2.warpAffine(image, small, (_APPEARANCE_SIDE, _APPEARANCE_SIDE), flags=cv2.INTER_AREA)
+    grey = (cv2.cvtColor(patch, cv2.COLOR_BGR2GRAY) if patch.ndim == 3 else patch).astype(np.float32)
+    return (grey - grey.mean()) / (grey.std() + 1e-3)
 
 
 class _StageClock:

@@ -15,7 +15,8 @@ tracker only holds state; ``FacePreprocessor.analyze`` drives it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,8 @@ class TrackedSubject:
     confidence: float  # detector confidence at the last keyframe
     face_count: int  # faces the detector saw at the last keyframe
     roll_deg: float = 0.0  # the next fit is made on an upright patch
+    evidence: float = 0.0  # face evidence (HOG on the aligned crop) at the last keyframe
+    appearance: np.ndarray | None = field(default=None, compare=False)  # normalised aligned patch at the keyframe
 
 
 class FaceTracker:
@@ -71,7 +74,7 @@ class FaceTracker:
         """Landmarks were re-fitted without a detection; move the box with them."""
         if self.subject is None:
             raise RuntimeError("tracked() without a subject")
-        self.subject = TrackedSubject(box, self.subject.confidence, self.subject.face_count, roll_deg)
+        self.subject = dataclasses.replace(self.subject, box=box, roll_deg=roll_deg)
         self._since_keyframe += 1
 
     def lost(self) -> None:

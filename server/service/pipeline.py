@@ -7,6 +7,7 @@ worker never waits on the model.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -22,6 +23,8 @@ from ..runtime.types import FaceCrop, FrameRejected, RejectReason
 from .aggregator import SubjectAggregator
 from .batcher import DynamicBatcher
 from .types import FrameInput, FramePrediction, FrameStatus
+
+log = logging.getLogger(__name__)
 
 Probabilities = tuple[float, float, float]
 Deliver = Callable[[FramePrediction], None]
@@ -79,6 +82,10 @@ class FrameAnalyzer:
             return None
         except Overloaded as overloaded:
             deliver(self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(overloaded), analysis))
+            return None
+        except Exception:  # noqa: BLE001 — a bug must cost one frame, never the stream
+            log.exception("analysis of a frame failed")
+            deliver(self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "analysis failed (internal error)", analysis))
             return None
         accepted = analysis
         future.add_done_callback(lambda done: deliver(self._completed(frame, aggregator, accepted, done)))
