@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -226,3 +227,70 @@ def test_a_corrupt_weights_file_stops_the_server_at_start(tmp_path) -> None:
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     with pytest.raises(ModelError, match="model.safetensors"):
         start_server(model=corrupt, metrics_port=-1)
+
+
+def test_load_limits_hold_and_admitted_streams_finish(portrait_bgr) -> None:
+    """8 clients at once against 3 stream slots: 3 finish with a final result, 5 are refused."""
+    running = start_server(metrics_port=-1, max_streams=3)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+        gate = threading.Barrier(8)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def client_run() -> None:
+            def frames():
+                for index in range(6):
+                    yield FrameData(good, ImageKind.JPEG, index=index)
+                    time.sleep(0.1)
+
+            gate.wait(10)
+            try:
+                with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+                    result = client.screen(frames(), ScreenOptions(analyze_every_frame=True))
+                outcome = f"final:{result.frames_received}"
+            except ServerBusyError:
+                outcome = "busy"
+            with lock:
+                outcomes.append(outcome)
+
+        rss_before = _rss_mb()
+        threads = [threading.Thread(target=client_run) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert sorted(outcomes) == ["busy"] * 5 + ["final:6"] * 3
+        assert running.service.active_streams == 0
+        assert _rss_mb() - rss_before < 300
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_client_retries_until_the_server_is_up(portrait_bgr) -> None:
+    """UNAVAILABLE before anything was sent is retried with backoff; nothing is lost."""
+    import socket
+
+    from acroscreen.client import RetryPolicy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started: list[RunningServer] = []
+    timer = threading.Timer(1.0, lambda: started.append(start_server(port=port, metrics_port=-1)))
+    timer.start()
+    try:
+        with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60, retry=RetryPolicy(attempts=8, initial_backoff_s=0.3)) as client:
+            result = client.screen_images([FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG)])
+        assert result.frames_received == 1 and result.frames_analyzed == 1
+    finally:
+        timer.join()
+        for running in started:
+            running.stop(grace_s=1.0)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
