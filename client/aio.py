@@ -30,13 +30,19 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import types
-from .client import DEFAULT_MAX_MESSAGE_BYTES, Credentials, RetryPolicy, ScreenOptions, StreamEvent
+from .client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Credentials,
+    RetryPolicy,
+    ScreenOptions,
+    StreamEvent,
+    channel_options,
+)
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameAck, FrameData, ModelInfo, SubjectResult
 
@@ -68,28 +74,13 @@ class AsyncScreeningClient:
     ) -> None:
         self._timeout_s = timeout_s
         self._retry = retry
-        channel_options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # The sync client's keepalive policy, matching the server's.
-            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            *options,
-        ]
-        if credentials.tls:
-            channel_credentials = grpc.ssl_channel_credentials(
-                root_certificates=credentials.tls_ca,
-                private_key=credentials.tls_key,
-                certificate_chain=credentials.tls_cert,
-            )
-            self._channel = grpc.aio.secure_channel(target, channel_credentials, options=channel_options)
+        all_options = channel_options(max_message_bytes, keepalive_time_s, options)
+        secure = credentials.channel_credentials()
+        if secure is not None:
+            self._channel = grpc.aio.secure_channel(target, secure, options=all_options)
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {credentials.token}"),) if credentials.token else ()
-        )
+            self._channel = grpc.aio.insecure_channel(target, options=all_options)
+        self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

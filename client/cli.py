@@ -144,7 +144,9 @@ def _connect(args: argparse.Namespace, timeout_s: float | None = None) -> Screen
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
-    from acroscreen.server.config import add_flags  # config is pure stdlib: safe without the server extra
+    from acroscreen.server.config import (
+        add_flags,  # config is pure stdlib: safe without the server extra
+    )
 
     add_flags(parser)
 

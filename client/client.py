@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import types
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
@@ -76,6 +76,34 @@ class Credentials:
             token=token or None,
         )
 
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the channel, or None for plaintext."""
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca, private_key=self.tls_key, certificate_chain=self.tls_cert
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the bearer token, if any."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def channel_options(
+    max_message_bytes: int, keepalive_time_s: float, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Message limits and a keepalive policy that match the server's, plus caller options
+    (e.g. ("grpc.lb_policy_name", "round_robin") with a dns:/// target)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        *extra,
+    ]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
@@ -98,28 +126,17 @@ class ScreeningClient:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_time_s: float = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
         self._retry = retry
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Match the server's keepalive policy so idle calls survive and pings are not refused.
-            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-        if credentials.tls:
-            channel_credentials = grpc.ssl_channel_credentials(
-                root_certificates=credentials.tls_ca,
-                private_key=credentials.tls_key,
-                certificate_chain=credentials.tls_cert,
-            )
-            self._channel = grpc.secure_channel(target, channel_credentials, options=options)
+        all_options = channel_options(max_message_bytes, keepalive_time_s, options)
+        secure = credentials.channel_credentials()
+        if secure is not None:
+            self._channel = grpc.secure_channel(target, secure, options=all_options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._metadata = (("authorization", f"Bearer {credentials.token}"),) if credentials.token else ()
+            self._channel = grpc.insecure_channel(target, options=all_options)
+        self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

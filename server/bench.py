@@ -22,9 +22,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from acroscreen.client import FrameData, FrameResult, ScreeningClient, ScreenOptions, SubjectResult
-from acroscreen.client.types import FrameAck
+from acroscreen.client import (
+    FrameData,
+    FrameResult,
+    ScreeningClient,
+    ScreenOptions,
+    SubjectResult,
+)
 from acroscreen.client.sources import video_frames
+from acroscreen.client.types import FrameAck
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.cli import describe_result
 from acroscreen.client.sources import video_frames

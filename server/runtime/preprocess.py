@@ -39,7 +39,15 @@ from .landmarks import LandmarkFitter
 from .pose import estimate_pose, roll_deg
 from .quality import QualityInputs, QualitySettings, assess
 from .tracking import FaceTracker, TrackedSubject, box_from_landmarks, centre_jump, iou
-from .types import Box, Detection, FaceCrop, FrameRejected, HeadPose, Quality, RejectReason
+from .types import (
+    Box,
+    Detection,
+    FaceCrop,
+    FrameRejected,
+    HeadPose,
+    Quality,
+    RejectReason,
+)
 
 
 class CardPreprocessing(Protocol):

@@ -14,8 +14,8 @@ tracker only holds state; ``FacePreprocessor.analyze`` drives it.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from acroscreen.server.runtime.model import SeverityNet, check_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
-
-from acroscreen.server.runtime.model import SeverityNet, check_state_dict
 
 METADATA_PREFIX = "acroscreen."
 FORMAT_VERSION = "1"

@@ -27,7 +27,14 @@ from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
 from .priority import lower_current_thread_priority
-from .types import FrameAck, FrameInput, FramePrediction, FrameStatus, SessionOptions, SubjectResult
+from .types import (
+    FrameAck,
+    FrameInput,
+    FramePrediction,
+    FrameStatus,
+    SessionOptions,
+    SubjectResult,
+)
 
 StreamEvent = FrameAck | FramePrediction | SubjectResult
 _END = object()

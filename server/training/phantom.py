@@ -15,11 +15,10 @@ keeps the serving path's eye-based alignment identical for all levels.
 
 from __future__ import annotations
 
-import sys
-
 import csv
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.model import SeverityNet, center_loss
-from ..runtime.weights import KINDS, ModelCard, Preprocessing, read_facenet_checkpoint, save_weights
+from ..runtime.weights import (
+    KINDS,
+    ModelCard,
+    Preprocessing,
+    read_facenet_checkpoint,
+    save_weights,
+)
 from .crops import CropSet, load_or_build_crops
 
 _PHANTOM_SUFFIX = re.compile(r"-L[123]$")

@@ -7,7 +7,15 @@ import time
 from acroscreen.v1 import screening_pb2 as pb
 
 from ..errors import InvalidRequest
-from ..runtime.types import Box, EncodedImage, HeadPose, ImageEncoding, PixelFormat, Quality, RejectReason
+from ..runtime.types import (
+    Box,
+    EncodedImage,
+    HeadPose,
+    ImageEncoding,
+    PixelFormat,
+    Quality,
+    RejectReason,
+)
 from ..service.types import (
     FrameAck,
     FrameInput,

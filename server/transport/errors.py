@@ -12,7 +12,14 @@ from typing import Any
 
 import grpc
 
-from ..errors import AcroscreenError, InvalidRequest, ModelError, NotReady, Overloaded, Unauthenticated
+from ..errors import (
+    AcroscreenError,
+    InvalidRequest,
+    ModelError,
+    NotReady,
+    Overloaded,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 

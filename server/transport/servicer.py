@@ -8,18 +8,16 @@ import uuid
 from collections.abc import Iterator
 
 import grpc
-
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from ..errors import AcroscreenError, InvalidRequest, NotReady
+from ..logs import subject_hash
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
 from ..service.types import FrameAck, FramePrediction
-from ..logs import subject_hash
 from . import convert
 from .auth import principal_of
-
 
 log = logging.getLogger(__name__)
 

@@ -5,44 +5,27 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from acroscreen.client import ScreeningClient
 
-ACROSCREEN = shutil.which("acroscreen", path=str(Path(sys.executable).parent)) or "acroscreen"
+from .serving import ACROSCREEN, start_serve
 
 
 @pytest.fixture()
-def served() -> tuple[subprocess.Popen, int, int]:
-    env = {**os.environ, "ACROSCREEN_ALLOW_UNTRAINED": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [ACROSCREEN, "serve", "--port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
-    ports = None
-    for line in process.stdout:
-        match = re.search(r"serving on [\d.]+:(\d+) \(metrics :(\d+)\)", line)
-        if match:
-            ports = int(match.group(1)), int(match.group(2))
-            break
-    assert ports is not None, "server did not report its ports"
-    yield process, *ports
+def served() -> Iterator[tuple[subprocess.Popen, int, int]]:
+    process, port, metrics_port = start_serve("--metrics-port", "0", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"})
+    yield process, port, metrics_port
     if process.poll() is None:
         process.kill()
         process.wait()
+    assert process.stdout is not None
     process.stdout.close()
-
 
 def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: Path) -> None:
     process, port, metrics_port = served
@@ -71,7 +54,6 @@ def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: P
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
-
 def test_serve_refuses_to_start_without_weights(tmp_path: Path) -> None:
     missing = tmp_path / "absent.safetensors"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACROSCREEN_")}
@@ -84,7 +66,6 @@ def test_serve_refuses_to_start_without_weights(tmp_path: Path) -> None:
     )
     assert run.returncode != 0
     assert "absent.safetensors" in run.stderr
-
 
 def test_screen_reports_an_unreachable_server() -> None:
     run = subprocess.run(

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
-from acroscreen.client import FrameData, ImageKind, RetryPolicy, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client import (
+    FrameData,
+    ImageKind,
+    RetryPolicy,
+    ScreeningClient,
+    ScreenOptions,
+    SubjectResult,
+)
 from acroscreen.client.errors import UnavailableError
+
 from tests.helpers import jpeg_bytes
 
-from .test_cli import ACROSCREEN
+from .serving import start_serve
 
 SUBJECT = "patient-1234-do-not-log"
 
@@ -30,23 +34,11 @@ def test_sigterm_drains_streams_and_leaves_no_files(tmp_path: Path, portrait_bgr
     work, tmp = tmp_path / "work", tmp_path / "tmp"
     work.mkdir()
     tmp.mkdir()
-    env = {**os.environ, "ACROSCREEN_ALLOW_UNTRAINED": "1", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [ACROSCREEN, "serve", "--port", "0", "--metrics-port", "-1", "--grace-period-s", "20"],
+    process, port, _ = start_serve(
+        "--metrics-port", "-1", "--grace-period-s", "20",
+        env={"ACROSCREEN_ALLOW_UNTRAINED": "1", "TMPDIR": str(tmp)},
         cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
-    assert process.stdout is not None
-    port = None
-    for line in process.stdout:
-        match = re.search(r"serving on [\d.]+:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-            break
-    assert port is not None
     before = _files(work) | _files(tmp)
     good = jpeg_bytes(portrait_bgr)
     sent_first = threading.Event()

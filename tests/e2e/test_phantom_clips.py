@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.sources import video_frames
 from acroscreen.server.config import Settings

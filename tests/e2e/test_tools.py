@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cv2
 
-from .test_cli import ACROSCREEN
+from .serving import ACROSCREEN
 
 PORTRAIT = Path(__file__).resolve().parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg"
 

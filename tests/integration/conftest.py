@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-
 from acroscreen.client import ScreeningClient
 from acroscreen.server.config import Settings
 from acroscreen.server.main import RunningServer, start

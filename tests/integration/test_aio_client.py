@@ -13,12 +13,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from acroscreen.client import Credentials, FrameAck, FrameData, FrameResult, ImageKind, RetryPolicy, ScreenOptions, SubjectResult
+from acroscreen.client import (
+    Credentials,
+    FrameAck,
+    FrameData,
+    FrameResult,
+    ImageKind,
+    RetryPolicy,
+    ScreenOptions,
+    SubjectResult,
+)
 from acroscreen.client.aio import AsyncScreeningClient
-from acroscreen.client.errors import AuthenticationError, InvalidRequestError, ServerBusyError, UnavailableError
+from acroscreen.client.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ServerBusyError,
+    UnavailableError,
+)
 from acroscreen.client.sources import video_frames
 from acroscreen.server.main import RunningServer
+
 from tests.helpers import jpeg_bytes, png_bytes
 
 from .conftest import start_server

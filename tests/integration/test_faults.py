@@ -10,14 +10,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from acroscreen.client import FrameData, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client import (
+    FrameData,
+    ImageKind,
+    ScreeningClient,
+    ScreenOptions,
+    SubjectResult,
+)
 from acroscreen.client.errors import ServerBusyError
 from acroscreen.server.main import RunningServer
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.helpers import jpeg_bytes, png_bytes
 
 from .conftest import start_server

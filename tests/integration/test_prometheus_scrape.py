@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.sources import video_frames
 from acroscreen.server.main import RunningServer

@@ -7,15 +7,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from acroscreen.client import (
+    Credentials,
+    FrameData,
+    ImageKind,
+    RetryPolicy,
+    ScreeningClient,
+)
+from acroscreen.client.errors import AuthenticationError, UnavailableError
+from acroscreen.server.errors import ConfigurationError
+from acroscreen.server.main import RunningServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from acroscreen.client import Credentials, FrameData, ImageKind, RetryPolicy, ScreeningClient
-from acroscreen.client.errors import AuthenticationError, UnavailableError
-from acroscreen.server.errors import ConfigurationError
-from acroscreen.server.main import RunningServer
 from tests.helpers import jpeg_bytes
 
 from .conftest import start_server

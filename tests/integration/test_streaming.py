@@ -9,11 +9,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from acroscreen.client import FrameData, FrameResult, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.client import (
+    FrameData,
+    FrameResult,
+    ImageKind,
+    ScreeningClient,
+    ScreenOptions,
+    SubjectResult,
+)
 from acroscreen.client.errors import InvalidRequestError, ServerBusyError
 from acroscreen.client.sources import video_frames
 from acroscreen.server.main import RunningServer
+
 from tests.helpers import jpeg_bytes, png_bytes
 
 from .conftest import start_server
@@ -95,7 +102,6 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on(client: ScreeningClient,
 
 def test_stream_must_start_with_options(server: RunningServer) -> None:
     import grpc
-
     from acroscreen.v1 import screening_pb2 as pb
     from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 

@@ -1,5 +1,4 @@
 import pytest
-
 from acroscreen.server.runtime.types import RejectReason
 from acroscreen.server.service.aggregator import SubjectAggregator
 from acroscreen.server.service.types import ModelRef, SubjectStatus

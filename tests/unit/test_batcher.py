@@ -2,7 +2,6 @@ import threading
 import time
 
 import pytest
-
 from acroscreen.server.errors import ModelError, Overloaded
 from acroscreen.server.metrics import Metrics
 from acroscreen.server.service.batcher import BatcherConfig, DynamicBatcher

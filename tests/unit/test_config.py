@@ -2,7 +2,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from acroscreen.server.config import Settings, add_flags, env_names, with_overrides
 
 

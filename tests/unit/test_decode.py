@@ -1,9 +1,15 @@
 import cv2
 import numpy as np
 import pytest
-
 from acroscreen.server.runtime.decode import DecodeLimits, decode_image
-from acroscreen.server.runtime.types import EncodedImage, FrameRejected, ImageEncoding, PixelFormat, RejectReason
+from acroscreen.server.runtime.types import (
+    EncodedImage,
+    FrameRejected,
+    ImageEncoding,
+    PixelFormat,
+    RejectReason,
+)
+
 from tests.helpers import jpeg_bytes, png_bytes
 
 LIMITS = DecodeLimits()

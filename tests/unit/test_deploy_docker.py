@@ -7,13 +7,12 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
 from acroscreen.server.config import Settings, env_names
 
 REPO = Path(__file__).resolve().parents[2]

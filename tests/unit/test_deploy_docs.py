@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from acroscreen.server.config import env_names
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from acroscreen.server.metrics import STAGES, Metrics
 from acroscreen.server.runtime.types import RejectReason
 

@@ -2,7 +2,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from acroscreen.server.runtime.detect import HaarFaceDetector, primary_score
 from acroscreen.server.runtime.types import Box
 

@@ -11,7 +11,6 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from acroscreen.client.fhir import AI_ASSERTED, CODE_SYSTEM, to_fhir_observation
 from acroscreen.client.types import ModelRef, SubjectResult
 

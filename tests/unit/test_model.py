@@ -8,7 +8,6 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
 from acroscreen.server.runtime.model import (
     InceptionResnetV1,
     SeverityModel,

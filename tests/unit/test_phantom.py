@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from acroscreen.server.training import phantom as ph
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

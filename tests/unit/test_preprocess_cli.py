@@ -8,7 +8,6 @@ from pathlib import Path
 import av
 import cv2
 import pytest
-
 from acroscreen.server.runtime.preprocess_cli import run_preprocess
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -7,8 +7,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from acroscreen.server.runtime.frontalize import CropGeometry, eye_centres, transform_points
+from acroscreen.server.runtime.frontalize import (
+    CropGeometry,
+    eye_centres,
+    transform_points,
+)
 from acroscreen.server.runtime.landmarks import LandmarkFitter
 from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
 from acroscreen.server.runtime.types import Box

@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
 from acroscreen.server.runtime.quality import QualityInputs, QualitySettings, assess
 from acroscreen.server.runtime.types import HeadPose, RejectReason

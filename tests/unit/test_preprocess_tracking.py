@@ -9,7 +9,6 @@ import av
 import cv2
 import numpy as np
 import pytest
-
 from acroscreen.server.runtime.detect import HaarFaceDetector
 from acroscreen.server.runtime.frontalize import CropGeometry, eye_centres, warp_face
 from acroscreen.server.runtime.landmarks import LandmarkFitter

@@ -6,8 +6,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from acroscreen.server.runtime.frontalize import CropGeometry, prefilter_factor, warp_faces, warp_faces_torch
+from acroscreen.server.runtime.frontalize import (
+    CropGeometry,
+    prefilter_factor,
+    warp_faces,
+    warp_faces_torch,
+)
 
 
 def synthetic_frame(height: int, width: int, seed: int) -> np.ndarray:

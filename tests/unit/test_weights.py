@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from acroscreen.server.runtime.model import (
     InceptionResnetV1,
     SeverityModel,
@@ -32,6 +29,8 @@ from acroscreen.server.runtime.weights import (
     save_weights,
     untrained_weights,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 CARD = ModelCard(
     name="acroscreen-phantom",
