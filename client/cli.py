@@ -30,6 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"acroscreen: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        extra = "media" if error.name in ("av", "cv2") else "server"
+        print(
+            f"acroscreen: this needs {error.name!r}, which a client-only install lacks: "
+            f"pip install 'acroscreen[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:

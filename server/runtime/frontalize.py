@@ -23,7 +23,12 @@ put the eyes within ≈ 2 % of the inter-ocular distance of each other (LFW medi
 Limits. In-plane rotation (roll) is removed exactly. Out-of-plane rotation is not:
 with yaw the inter-ocular distance shrinks by cos(yaw), so the face is shown
 slightly larger and turned; the quality gate rejects large yaw (and, with 68 points,
-pitch) instead. The nose is not used in the transform: a least-squares fit through
+pitch) instead. A first-order planar correction from the 68-point pose (vertical
+scale × cos(yaw)/cos(pitch)) was measured on the clips in shared/data (yaw within
+±12°): the spread of eye-to-mouth over inter-ocular distance across frames did not
+shrink (coefficient of variation 0.053→0.048, 0.053→0.054, 0.079→0.083, 0.061→0.062,
+0.034→0.033), so it is not applied; a 3D-reference warp would need a 3D face model
+this project does not ship. The nose is not used in the transform: a least-squares fit through
 eyes and nose would tilt the eye line under yaw and normalise away the eye-to-nose
 length. The scale is only as independent of the lower face as dlib's eye corners
 are: widening nose, mouth and jaw by 20 % moved the fitted eyes 1–4 % apart, so a

@@ -77,3 +77,18 @@ def test_screen_reports_an_unreachable_server() -> None:
     )
     assert run.returncode == 1
     assert "UNAVAILABLE" in run.stderr
+
+
+def test_missing_optional_dependency_names_the_extra(tmp_path: Path) -> None:
+    """A client-only install reading a video is told which extra to install (simulated by hiding av)."""
+    hide = tmp_path / "hide"
+    (hide / "av").mkdir(parents=True)
+    (hide / "av" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'av'\", name='av')\n")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 16)
+    run = subprocess.run(
+        [ACROSCREEN, "screen", str(video), "--server", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(hide)},
+    )
+    assert run.returncode == 2
+    assert "acroscreen[media]" in run.stderr and "Traceback" not in run.stderr
