@@ -33,6 +33,9 @@ class Settings:
     max_frames_per_stream: int = _setting(108_000, "frames one stream may send (an hour at 30 fps)")
     max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")
     idle_timeout_s: float = _setting(60.0, "a stream that sends no frame for this long is finished")
+    max_analysis_fps: float = _setting(
+        0.0, "frames analysed per second per stream, spread in capture time (0 = no cap; CPU nodes: e.g. 5)"
+    )
     keepalive_time_s: float = _setting(30.0, "HTTP/2 keepalive ping interval (clients should match)")
     keepalive_timeout_s: float = _setting(10.0, "close a connection whose ping is unanswered this long")
     tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")

@@ -149,6 +149,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
             max_frames=settings.max_frames_per_stream,
             max_duration_s=settings.max_stream_duration_s,
             idle_timeout_s=settings.idle_timeout_s,
+            max_analysis_fps=settings.max_analysis_fps,
         ),
         analysis_backlog=settings.analysis_backlog,
         update_every_frames=settings.update_every_frames,

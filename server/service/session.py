@@ -49,6 +49,7 @@ class StreamLimits:
     max_frames: int = 108_000
     max_duration_s: float = 3600.0
     idle_timeout_s: float = 60.0
+    max_analysis_fps: float = 0.0  # per stream; 0 = as many as the backlog takes
 
 
 class StreamSession:
@@ -148,7 +149,8 @@ class StreamSession:
         cap = self.options.max_analyzed_frames
         if cap and self._selected >= cap:
             return "max_analyzed_frames"
-        interval_us = self.options.min_analysis_interval_ms * 1000
+        server_interval_us = 1e6 / self._limits.max_analysis_fps if self._limits.max_analysis_fps else 0
+        interval_us = max(self.options.min_analysis_interval_ms * 1000, server_interval_us)
         if interval_us and self._last_selected_us is not None and frame.timestamp_us - self._last_selected_us < interval_us:
             return "analysis_interval"
         self._selected += 1

@@ -202,3 +202,19 @@ def test_acknowledged_frames_get_an_ack_before_their_result(client: ScreeningCli
     for i in range(4):
         assert order.index(("FrameAck", i)) < order.index(("FrameResult", i))
     assert isinstance(events[-1], SubjectResult) and events[-1].frames_analyzed == 4
+
+
+def test_server_analysis_rate_spreads_analysis_in_capture_time(portrait_bgr: np.ndarray) -> None:
+    """At most 5 analysed frames per second of capture time; every other frame is acknowledged as skipped."""
+    running = start_server(metrics_port=-1, max_analysis_fps=5.0)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+        frames = [FrameData(good, ImageKind.JPEG, index=i, timestamp_us=i * 33_334) for i in range(30)]  # ~1 s at 30 fps
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as rate_client:
+            events = list(rate_client.screen_stream(frames, ScreenOptions(analyze_every_frame=True)))
+        analyzed = [e.index for e in events if isinstance(e, FrameResult) and e.status == "analyzed"]
+        assert analyzed == [0, 6, 12, 18, 24]
+        final = events[-1]
+        assert isinstance(final, SubjectResult) and (final.frames_analyzed, final.frames_skipped) == (5, 25)
+    finally:
+        running.stop(grace_s=1.0)
