@@ -55,6 +55,7 @@ class Settings:
     torch_threads: int = _setting(0, "intra-op threads for CPU inference (0 = torch default)")
     opencv_threads: int = _setting(1, "OpenCV's internal threads per call (streams already run in parallel)")
     grace_period_s: float = _setting(10.0, "time running streams get to finish on SIGTERM")
+    malloc_arenas: int = _setting(2, "glibc malloc arenas (keeps RSS flat with many threads; 0 = glibc default)")
     log_level: str = _setting("INFO", "logging level")
     log_json: bool = _setting(True, "structured JSON logs, one object a line")
 
