@@ -193,7 +193,7 @@ def _stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 
 class _ProcessProbe:
-    """CPU time and peak RSS of a process from /proc (Linux), GPU use from nvidia-smi if present."""
+    """CPU time and peak RSS of the server's processes from /proc (Linux), GPU use from nvidia-smi."""
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
@@ -202,15 +202,29 @@ class _ProcessProbe:
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample_gpu, daemon=True)
 
+    def _pids(self) -> list[int]:
+        """The server and its worker processes (`--workers`)."""
+        try:
+            children = Path(f"/proc/{self._pid}/task/{self._pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [self._pid, *map(int, children)]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._ticks
+        total = 0.0
+        for pid in self._pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / self._ticks
+        return total
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self._pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
-        return 0.0
+        """Sum of each process's peak resident memory."""
+        total = 0
+        for pid in self._pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        return round(total / 1024.0, 1)
 
     def start_gpu_sampling(self) -> None:
         if shutil.which("nvidia-smi"):

@@ -28,7 +28,8 @@ class Settings:
     device: str = _setting("cpu", "where the model runs: cpu or cuda")
     max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
-    max_streams: int = _setting(32, "concurrent streams; more get RESOURCE_EXHAUSTED")
+    workers: int = _setting(1, "server processes sharing the port (so_reuseport), each with its own model and batcher")
+    max_streams: int = _setting(32, "concurrent streams per worker; more get RESOURCE_EXHAUSTED")
     max_streams_per_token: int = _setting(0, "concurrent streams one bearer token may hold (0 = no quota)")
     max_frames_per_stream: int = _setting(108_000, "frames one stream may send (an hour at 30 fps)")
     max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")
@@ -88,7 +89,7 @@ class Settings:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
+        for name in ("workers", "max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +180,22 @@ def limit_malloc_arenas(arenas: int) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish."""
+    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish.
+
+    With `workers` > 1, that many processes are forked before any thread or server
+    starts and share the port through SO_REUSEPORT (the kernel spreads connections
+    across them), so decoding, detection and landmarks escape one interpreter's GIL;
+    each worker has its own model, batcher and metrics port. The parent only forwards
+    signals and waits.
+    """
     logs.configure(settings.log_level, settings.log_json)
     limit_malloc_arenas(settings.malloc_arenas)
+    if settings.workers > 1:
+        return _supervise(settings)
+    return _serve_one(settings)
+
+
+def _serve_one(settings: Settings) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
@@ -193,3 +209,49 @@ def serve(settings: Settings) -> int:
     log.info("draining for up to %.1f s", settings.grace_period_s)
     running.stop(settings.grace_period_s)
     return 0
+
+
+def _supervise(settings: Settings) -> int:
+    """Fork the workers on one concrete port; forward SIGTERM/SIGINT; exit 0 when all drained."""
+    port = settings.port or _free_port(settings.host)
+    torch_threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    children = []
+    for index in range(settings.workers):
+        metrics_port = settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
+        worker = dataclasses.replace(settings, port=port, metrics_port=metrics_port, torch_threads=torch_threads)
+        pid = os.fork()
+        if pid == 0:  # the child: a complete server of its own
+            code = 1
+            try:
+                code = _serve_one(worker)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            _signal(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    codes = []
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        codes.append(code)
+        if code != 0:  # one worker failed: stop the others rather than serve at part strength silently
+            for other in children:
+                _signal(other, signal.SIGTERM)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host.strip("[]"), 0))
+        return probe.getsockname()[1]

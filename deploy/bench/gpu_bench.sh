@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
     --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
     --server-arg=--max-streams=128 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
-    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 \
+    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 ${WORKERS:+--server-arg=--workers=$WORKERS} \
     --out "$OUT/bench_gpu.json" 2>>"$OUT/bench.log" >/dev/null
 "$PYTHON" - "$OUT/bench_gpu.json" <<'PY' | tee -a "$OUT/bench.log"
 import json, sys

@@ -43,7 +43,7 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
                 ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),

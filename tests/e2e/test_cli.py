@@ -92,3 +92,34 @@ def test_missing_optional_dependency_names_the_extra(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "acroscreen[media]" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None:
+    """`--workers 2`: two processes on one port (SO_REUSEPORT), both serve, SIGTERM ends both cleanly."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+
+    process, port, _ = start_serve("--workers", "2", "--metrics-port", "-1", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"})
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the other worker reports the same port
+            if line.startswith("acroscreen serving on"):
+                assert f":{port} " in line
+                break
+        results = []
+        for subject in ("w-1", "w-2", "w-3"):
+            with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+                frames = [FrameData(portrait_jpeg, ImageKind.JPEG, index=i) for i in range(3)]
+                results.append(client.screen(frames, ScreenOptions(subject_id=subject, analyze_every_frame=True)))
+        assert [r.frames_analyzed for r in results] == [3, 3, 3]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+@pytest.fixture()
+def portrait_jpeg() -> bytes:
+    return (Path(__file__).resolve().parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg").read_bytes()
