@@ -82,6 +82,8 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--metrics-url", default=None, help="its /metrics URL, with --server")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    bench.add_argument("--load-processes", type=int, default=0,
+                       help="load-generator processes (0 = one per 8 streams, at most half the cores)")
     bench.add_argument("--baseline", choices=("naive",), default=None, help="also run the naive pipeline")
     bench.add_argument("--baseline-duration", type=float, default=15.0)
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -309,6 +311,7 @@ def _bench(args: argparse.Namespace) -> int:
         server_args=("--device", args.device, "--allow-untrained", *args.server_arg),
         baseline=args.baseline,
         baseline_duration_s=args.baseline_duration,
+        load_processes=args.load_processes,
     )
     report = json.dumps(run_bench(config, args.device), indent=2)
     if args.out:

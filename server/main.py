@@ -46,12 +46,19 @@ class RunningServer:
 
 
 def start(settings: Settings) -> RunningServer:
-    """Listen at once (health NOT_SERVING), load and warm the model, then serve."""
+    """Listen at once (health NOT_SERVING), load and warm the model, then serve.
+
+    A worker of several (`workers` > 1) loads first and listens after: with
+    SO_REUSEPORT the kernel hands connections to every listening process, so a
+    worker must not listen before it can serve.
+    """
     from prometheus_client import start_http_server
 
     metrics = Metrics()
+    listen_first = settings.workers == 1
     grpc_server = GrpcServer(settings)
-    grpc_server.start()
+    if listen_first:
+        grpc_server.start()
     metrics_port = -1
     closers: list = []
     if settings.metrics_port >= 0:
@@ -68,6 +75,8 @@ def start(settings: Settings) -> RunningServer:
         raise
     closers.insert(0, stop_batcher)
     grpc_server.attach(service)
+    if not listen_first:
+        grpc_server.start()
     metrics.model_ready.set(1)
     log.info("serving on %s:%d, metrics on port %d", settings.host, grpc_server.port, metrics_port)
     return RunningServer(grpc_server.port, metrics_port, service, grpc_server, metrics, tuple(closers))

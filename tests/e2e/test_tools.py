@@ -48,3 +48,18 @@ def test_preprocess_writes_crops_and_json(tmp_path: Path) -> None:
     crop = cv2.imread(records[0]["crop"])
     assert crop is not None and crop.shape == (160, 160, 3)
     assert set(records[0]["pose"]) == {"yaw", "pitch", "roll"}
+
+
+def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Path) -> None:
+    """A short bench: two streams from two load processes, then the naive pipeline on the same frames."""
+    out = tmp_path / "bench.json"
+    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "2", "--duration", "3",
+               "--load-processes", "2", "--baseline", "naive", "--baseline-duration", "2", "--out", str(out))
+    report = json.loads(run.stdout)
+    assert json.loads(out.read_text()) == report
+    server = report["server"]
+    assert server["errors"] == [] and server["final_results"] == 2
+    assert server["frames_acknowledged"] == server["frames_sent"] > 0
+    assert server["analyzed_per_s"] > 0 and server["ack_latency_ms"]["p99"] is not None
+    assert report["naive"]["frames_processed"] > 0
+    assert report["machine"]["cpu_count"] >= 1
