@@ -56,8 +56,9 @@ def start(settings: Settings) -> RunningServer:
 
     metrics = Metrics()
     listen_first = settings.workers == 1
-    grpc_server = GrpcServer(settings)
-    if listen_first:
+    # gRPC listens as soon as the port is added, so a worker of several adds it only when ready.
+    grpc_server = GrpcServer(settings) if listen_first else None
+    if grpc_server is not None:
         grpc_server.start()
     metrics_port = -1
     closers: list = []
@@ -69,14 +70,16 @@ def start(settings: Settings) -> RunningServer:
     try:
         service, stop_batcher = _build_service(settings, metrics)
     except Exception:
-        grpc_server.stop(0)
+        if grpc_server is not None:
+            grpc_server.stop(0)
         for close in closers:
             close()
         raise
     closers.insert(0, stop_batcher)
-    grpc_server.attach(service)
-    if not listen_first:
+    if grpc_server is None:
+        grpc_server = GrpcServer(settings)
         grpc_server.start()
+    grpc_server.attach(service)
     metrics.model_ready.set(1)
     log.info("serving on %s:%d, metrics on port %d", settings.host, grpc_server.port, metrics_port)
     return RunningServer(grpc_server.port, metrics_port, service, grpc_server, metrics, tuple(closers))
