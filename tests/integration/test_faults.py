@@ -245,10 +245,10 @@ def test_load_limits_hold_and_admitted_streams_finish(portrait_bgr) -> None:
         lock = threading.Lock()
 
         def client_run() -> None:
-            def frames():
+            def frames():  # ~1.8 s per stream, so the admitted three still hold their slots
                 for index in range(6):
                     yield FrameData(good, ImageKind.JPEG, index=index)
-                    time.sleep(0.1)
+                    time.sleep(0.3)
 
             gate.wait(10)
             try:
