@@ -119,19 +119,3 @@ class FaceCrop:
     quality: Quality
     pose: HeadPose | None
     landmarks: np.ndarray | None  # points × 2 in frame coordinates
-
-
-@dataclass(frozen=True, slots=True)
-class SeverityPrediction:
-    """Model output for one face."""
-
-    probabilities: tuple[float, float, float]
-    embedding: np.ndarray | None = None
-
-    @property
-    def predicted_score(self) -> int:
-        return int(np.argmax(self.probabilities)) + 1
-
-    @property
-    def expected_score(self) -> float:
-        return float(sum((k + 1) * p for k, p in enumerate(self.probabilities)))
