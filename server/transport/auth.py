@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health
 
 from ..config import Settings
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
+        raise Unauthenticated("missing or invalid bearer token")  # mapped to a status in transport/errors.py
 
     serializers = {
         "request_deserializer": handler.request_deserializer,

@@ -32,11 +32,11 @@ class GrpcServer:
         self._servicer = ScreeningServicer()
         self._health = health.HealthServicer()
         credentials = server_credentials(settings)
-        interceptors: list[grpc.ServerInterceptor] = []
+        # The error mapping is outermost, so it also maps what the authentication refuses.
+        interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor()]
         tokens = load_tokens(settings)
         if tokens:
             interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
-        interceptors.append(ErrorMappingInterceptor())
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=settings.max_streams * _THREADS_PER_STREAM + _SPARE_THREADS),
             interceptors=interceptors,
