@@ -242,22 +242,14 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, sk
 def _dataclass_from(args: argparse.Namespace, config_class: type, **given: object) -> object:
     import dataclasses
 
+    from acroscreen.server.config import parse_annotated
+
     values = dict(given)
     for field in dataclasses.fields(config_class):
         raw = getattr(args, field.name, None)
         if raw is None or field.name in values:
             continue
-        kind = str(field.type)
-        if isinstance(raw, bool):
-            values[field.name] = raw
-        elif kind.startswith("int"):
-            values[field.name] = int(raw)
-        elif kind.startswith("float"):
-            values[field.name] = float(raw)
-        elif kind.startswith("Path"):
-            values[field.name] = Path(raw)
-        else:
-            values[field.name] = raw
+        values[field.name] = raw if isinstance(raw, bool) else parse_annotated(str(field.type), raw)
     return config_class(**values)
 
 

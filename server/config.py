@@ -123,20 +123,28 @@ def with_overrides(settings: Settings, namespace: argparse.Namespace) -> Setting
     return dataclasses.replace(settings, **overrides_from(namespace))
 
 
+def parse_annotated(type_name: str, raw: str) -> Any:
+    """A string from the environment or a flag, read as a dataclass field's annotation says
+    ("bool", "int", "float", "Path", each optionally "| None"; anything else stays a string)."""
+    kind = type_name.removesuffix(" | None")
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(raw)
+        return lowered in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw) if raw else None
+    return raw
+
+
 def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = str(f.type)
     try:
-        if kind == "bool":
-            lowered = raw.strip().lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return lowered in ("1", "true", "yes", "on")
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "Path | None":
-            return Path(raw) if raw else None
-        return raw
+        return parse_annotated(str(f.type), raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}: cannot read {raw!r} as {kind}") from None
+        raise ValueError(
+            f"{ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}: cannot read {raw!r} as {f.type}"
+        ) from None
