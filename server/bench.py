@@ -157,9 +157,10 @@ def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _Str
         stats.error = f"{type(error).__name__}: {error}"
 
 
-def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline: float) -> list[_StreamStats]:
-    """Streams `indices` on threads of this process (a load-generator process of its own)."""
-    clips = load_clips(config)
+def _stream_threads(
+    target: str, clips: list[list[FrameData]], config: BenchConfig, indices: list[int], deadline: float
+) -> list[_StreamStats]:
+    """Streams `indices`, one thread each, in this process."""
     stats = [_StreamStats() for _ in indices]
     threads = [
         threading.Thread(target=_stream, args=(target, clips[i % len(clips)], config, stats[k], deadline))
@@ -172,22 +173,18 @@ def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline
     return stats
 
 
+def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline: float) -> list[_StreamStats]:
+    """A load-generator process of its own: loads the clips, then streams `indices`."""
+    return _stream_threads(target, load_clips(config), config, indices, deadline)
+
+
 def _run_load(target: str, clips: list[list[FrameData]], config: BenchConfig, deadline: float) -> list[_StreamStats]:
     """One Python process sends and receives about 250 frames/s, so many streams are spread over
     several load processes (`load_processes`; 8 streams each by default). The monotonic clock
     is system-wide on Linux, so every process shares the deadline."""
     processes = config.load_processes or max(1, min((os.cpu_count() or 1) // 2, -(-config.streams // 8)))
     if processes == 1:
-        stats = [_StreamStats() for _ in range(config.streams)]
-        threads = [
-            threading.Thread(target=_stream, args=(target, clips[i % len(clips)], config, stats[i], deadline))
-            for i in range(config.streams)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return stats
+        return _stream_threads(target, clips, config, list(range(config.streams)), deadline)
     groups = [list(range(config.streams))[k::processes] for k in range(processes)]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
@@ -364,12 +361,13 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
     import cv2
     import numpy as np
 
-    from .main import DEFAULT_WEIGHTS
+    from .config import Settings
+    from .main import load_model_weights
     from .runtime.model import SeverityModel
     from .runtime.preprocess import FacePreprocessor, PreprocessSettings
-    from .runtime.weights import load_weights, untrained_weights
 
-    weights = load_weights(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else untrained_weights()
+    # The same weights the started server chose from the same environment and flags.
+    weights = load_model_weights(Settings.load(argv=list(config.server_args)))
     model = SeverityModel(weights.net, weights.card, device)
     model.warmup()
     preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(weights.card.preprocessing))

@@ -85,6 +85,22 @@ def start(settings: Settings) -> RunningServer:
     return RunningServer(grpc_server.port, metrics_port, service, grpc_server, metrics, tuple(closers))
 
 
+def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.LoadedWeights, imported lazily
+    """--model, else the shipped demo weights, else (only if allowed) untrained weights."""
+    from .runtime.weights import ModelLoadError, load_weights, untrained_weights
+
+    path = settings.model or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
+    try:
+        if path is not None:
+            return load_weights(path)
+    except ModelLoadError as error:
+        raise ModelError(str(error)) from error
+    if not settings.allow_untrained:
+        raise ModelError("no weights file: pass --model PATH, or --allow-untrained to serve random weights")
+    log.warning("no weights file: serving UNTRAINED random weights; results mean nothing")
+    return untrained_weights()
+
+
 def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     import cv2
     import torch
@@ -93,7 +109,6 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     from .runtime.landmarks import LICENCE_NOTICES
     from .runtime.model import SeverityModel
     from .runtime.preprocess import FacePreprocessor, PreprocessSettings
-    from .runtime.weights import ModelLoadError, load_weights, untrained_weights
     from .service.batcher import BatcherConfig, DynamicBatcher
     from .service.pipeline import FrameAnalyzer, model_batch_runner
     from .service.session import StreamLimits
@@ -104,17 +119,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     # Streams already run detection in parallel threads; OpenCV's own thread pool
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
-    path = settings.model or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
-    try:
-        if path is not None:
-            weights = load_weights(path)
-        elif settings.allow_untrained:
-            log.warning("no weights file: serving UNTRAINED random weights; results mean nothing")
-            weights = untrained_weights()
-        else:
-            raise ModelError("no weights file: pass --model PATH, or --allow-untrained to serve random weights")
-    except ModelLoadError as error:
-        raise ModelError(str(error)) from error
+    weights = load_model_weights(settings)
     card = weights.card
     log.info("model %s %s (%s) sha256=%s", card.name, card.version, card.kind, weights.sha256 or "-")
     model = SeverityModel(weights.net, card, settings.device)
