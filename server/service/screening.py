@@ -75,7 +75,7 @@ class ScreeningService:
             session = StreamSession(
                 options=options,
                 analyzer=self._analyzer,
-                aggregator=self._aggregator(options),
+                aggregator=SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames),
                 backlog_size=self._backlog,
                 update_every_frames=options.update_every_frames or self._update_every,
                 limits=self._limits,
@@ -120,9 +120,6 @@ class ScreeningService:
         result = aggregator.result(final=True)
         self._metrics.subjects_completed.labels(predicted_score=str(result.predicted_score)).inc()
         return result
-
-    def _aggregator(self, options: SessionOptions) -> SubjectAggregator:
-        return SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames)
 
     def stop_accepting(self) -> None:
         with self._lock:

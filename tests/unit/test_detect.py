@@ -2,7 +2,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from acroscreen.server.runtime.detect import HaarFaceDetector, primary_score
+from acroscreen.server.runtime.detect import (
+    HaarFaceDetector,
+    primary_score,
+    subject_preference,
+)
 from acroscreen.server.runtime.types import Box
 
 
@@ -28,7 +32,7 @@ def test_group_photos_count_every_face(shared_data: Path) -> None:
         detection = detector.detect(image)
         assert detection is not None and detection.face_count > 1, path.name
         faces = detector.detect_all(image)
-        best = max(faces, key=lambda face: primary_score(face[0], image.shape[1], image.shape[0]))
+        best = max(faces, key=lambda face: subject_preference(face, image.shape[1], image.shape[0]))
         assert detection.box == best[0]
 
 
