@@ -222,7 +222,10 @@ def _serve_one(settings: Settings) -> int:
         log.error("cannot start: %s", error)
         return 1
     print(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})", flush=True)
-    stop_requested.wait()
+    # A timed wait: the kernel may deliver the signal to one of gRPC's threads, and an
+    # untimed lock wait on the main thread would then never return to run the handler.
+    while not stop_requested.wait(0.2):
+        pass
     log.info("draining for up to %.1f s", settings.grace_period_s)
     running.stop(settings.grace_period_s)
     return 0

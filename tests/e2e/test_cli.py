@@ -14,18 +14,14 @@ from pathlib import Path
 import pytest
 from acroscreen.client import ScreeningClient
 
-from .serving import ACROSCREEN, start_serve
+from .serving import ACROSCREEN, serving
 
 
 @pytest.fixture()
 def served() -> Iterator[tuple[subprocess.Popen, int, int]]:
-    process, port, metrics_port = start_serve("--metrics-port", "0", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"})
-    yield process, port, metrics_port
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    assert process.stdout is not None
-    process.stdout.close()
+    with serving("--metrics-port", "0", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"}) as running:
+        yield running
+
 
 def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: Path) -> None:
     process, port, metrics_port = served
@@ -98,9 +94,7 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
     """`--workers 2`: two processes on one port (SO_REUSEPORT), both serve, SIGTERM ends both cleanly."""
     from acroscreen.client import FrameData, ImageKind, ScreenOptions
 
-    process, port, _ = start_serve("--workers", "2", "--metrics-port", "-1", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"})
-    try:
-        assert process.stdout is not None
+    with serving("--workers", "2", "--metrics-port", "-1", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"}) as (process, port, _):
         for line in process.stdout:  # the other worker reports the same port
             if line.startswith("acroscreen serving on"):
                 assert f":{port} " in line
@@ -113,11 +107,6 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
         assert [r.frames_analyzed for r in results] == [3, 3, 3]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
 
 
 @pytest.fixture()

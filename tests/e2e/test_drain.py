@@ -21,7 +21,7 @@ from acroscreen.client.errors import UnavailableError
 
 from tests.helpers import jpeg_bytes
 
-from .serving import start_serve
+from .serving import serving
 
 SUBJECT = "patient-1234-do-not-log"
 
@@ -34,12 +34,6 @@ def test_sigterm_drains_streams_and_leaves_no_files(tmp_path: Path, portrait_bgr
     work, tmp = tmp_path / "work", tmp_path / "tmp"
     work.mkdir()
     tmp.mkdir()
-    process, port, _ = start_serve(
-        "--metrics-port", "-1", "--grace-period-s", "20",
-        env={"ACROSCREEN_ALLOW_UNTRAINED": "1", "TMPDIR": str(tmp)},
-        cwd=work,
-    )
-    before = _files(work) | _files(tmp)
     good = jpeg_bytes(portrait_bgr)
     sent_first = threading.Event()
 
@@ -50,26 +44,30 @@ def test_sigterm_drains_streams_and_leaves_no_files(tmp_path: Path, portrait_bgr
             time.sleep(0.4)
 
     results: list[SubjectResult] = []
-    target = f"127.0.0.1:{port}"
-    with ScreeningClient(target, timeout_s=60) as client:
-        stream = threading.Thread(
-            target=lambda: results.append(client.screen(slow_frames(), ScreenOptions(subject_id=SUBJECT, analyze_every_frame=True)))
-        )
-        stream.start()
-        assert sent_first.wait(30)
-        time.sleep(0.3)
-        process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.health() == "NOT_SERVING"
-        with ScreeningClient(target, timeout_s=10, retry=RetryPolicy(attempts=1)) as late:
-            with pytest.raises(UnavailableError):
-                late.screen([FrameData(good, ImageKind.JPEG)])
-        stream.join(60)
-    assert process.wait(timeout=30) == 0
-    log = process.stdout.read()
-    process.stdout.close()
+    with serving(
+        "--metrics-port", "-1", "--grace-period-s", "20",
+        env={"ACROSCREEN_ALLOW_UNTRAINED": "1", "TMPDIR": str(tmp)},
+        cwd=work,
+    ) as (process, port, _):
+        before = _files(work) | _files(tmp)
+        target = f"127.0.0.1:{port}"
+        with ScreeningClient(target, timeout_s=60) as client:
+            options = ScreenOptions(subject_id=SUBJECT, analyze_every_frame=True)
+            stream = threading.Thread(target=lambda: results.append(client.screen(slow_frames(), options)))
+            stream.start()
+            assert sent_first.wait(30)
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.health() == "NOT_SERVING"
+            with ScreeningClient(target, timeout_s=10, retry=RetryPolicy(attempts=1)) as late:
+                with pytest.raises(UnavailableError):
+                    late.screen([FrameData(good, ImageKind.JPEG)])
+            stream.join(60)
+        assert process.wait(timeout=30) == 0
+        log = process.stdout.read()
     assert results and results[0].status == "final" and results[0].frames_received == 6
     assert _files(work) | _files(tmp) == before, "the server left files behind"
     assert SUBJECT not in log
