@@ -39,6 +39,7 @@ from ..runtime.weights import (
     KINDS,
     ModelCard,
     Preprocessing,
+    load_weights,
     read_facenet_checkpoint,
     save_weights,
 )
@@ -58,6 +59,7 @@ class TrainConfig:
     name: str = "acroscreen-phantom-demo"
     version: str = "0.1.0"
     backbone_weights: Path | None = None  # facenet-pytorch InceptionResnetV1 state dict (.pt)
+    init_weights: Path | None = None  # acroscreen .safetensors to fine-tune from (all layers and centers)
     seed: int = 0
     batch_size: int = 96
     max_samples: int = 300_000  # training samples seen (epochs × crops), before early stopping
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
+        if self.init_weights is not None and self.backbone_weights is not None:
+            raise ValueError("give init_weights or backbone_weights, not both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +234,13 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     val_labels = torch.from_numpy(val_set.scores.astype(np.int64) - 1)
 
     net = SeverityNet(dropout=config.dropout)
-    if config.backbone_weights is not None:
+    if config.init_weights is not None:
+        start_from = load_weights(config.init_weights)
+        if start_from.card.preprocessing != prep:
+            raise ValueError(f"{config.init_weights} was trained with {start_from.card.preprocessing}, "
+                             f"the crops were made with {prep}")
+        net.load_state_dict(start_from.net.state_dict(), strict=True)
+    elif config.backbone_weights is not None:
         from ..runtime.model import load_facenet_backbone
 
         load_facenet_backbone(net.backbone, read_facenet_checkpoint(config.backbone_weights))
@@ -355,6 +365,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         "temperature": round(temperature, 4), "center_loss_weight": config.center_weight,
         "center_lr": config.center_lr, "seed": config.seed,
         "backbone_weights": str(config.backbone_weights) if config.backbone_weights else None,
+        "init_weights": str(config.init_weights) if config.init_weights else None,
     }
     card = ModelCard(
         name=config.name, version=config.version, kind=config.kind, preprocessing=prep,

@@ -88,3 +88,32 @@ def test_a_few_steps_reduce_the_loss_and_write_loadable_weights(phantom_data: Pa
     assert summary["steps"] == 6 and summary["training_crops"] + summary["validation_crops"] == len(crops)
     # The cache is reused, not rebuilt, for the same images and preprocessing.
     assert load_or_build_crops(config.data, cache).paths.tolist() == crops.paths.tolist()
+
+
+@needs_data
+def test_fine_tuning_starts_from_the_given_weights(phantom_data: Path) -> None:
+    """`init_weights`: every parameter comes from the file (checked with lr 0), and its preprocessing must match."""
+    import dataclasses
+
+    import torch
+    from acroscreen.server.runtime.weights import load_weights, save_weights, untrained_weights
+    from acroscreen.server.training.crops import load_or_build_crops
+    from acroscreen.server.training.train import TrainConfig, train
+
+    crops = load_or_build_crops(phantom_data / "data", phantom_data / "crops.npz", workers=1)
+    source = untrained_weights(seed=3)
+    card = dataclasses.replace(source.card, preprocessing=type(source.card.preprocessing)(**crops.preprocessing))
+    start = phantom_data / "start.safetensors"
+    save_weights(start, source.net, card)
+    config = TrainConfig(data=phantom_data / "data", out=phantom_data / "tuned.safetensors", init_weights=start,
+                         batch_size=4, max_samples=4, lr=0.0, val_fraction=0.34, workers=1, device="cpu")
+    train(config, crops)
+    tuned = load_weights(config.out).net.state_dict()
+    started = load_weights(start).net.state_dict()
+    weights = [name for name, value in started.items() if value.ndim > 1 and name != "centers"]
+    assert weights and all(torch.equal(tuned[name], started[name]) for name in weights)
+
+    other = dataclasses.replace(card, preprocessing=dataclasses.replace(card.preprocessing, box_height_expand=0.1))
+    save_weights(start, source.net, other)
+    with pytest.raises(ValueError, match="trained with"):
+        train(config, crops)
