@@ -74,7 +74,7 @@ class FrameResult:
 
 @dataclass(frozen=True, slots=True)
 class FrameAck:
-    """The server queued this frame for analysis; its FrameResult follows."""
+    """The server queued this frame for analysis (or holds it as the best of its interval so far); its FrameResult follows."""
 
     index: int
     timestamp_us: int

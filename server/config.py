@@ -35,7 +35,7 @@ class Settings:
     max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")
     idle_timeout_s: float = _setting(60.0, "a stream that sends no frame for this long is finished")
     max_analysis_fps: float = _setting(
-        0.0, "frames analysed per second per stream, spread in capture time (0 = no cap; CPU nodes: e.g. 5)"
+        0.0, "frames analysed per second per stream: the sharpest of each 1/fps of capture time (0 = no cap; CPU nodes: e.g. 5)"
     )
     keepalive_time_s: float = _setting(30.0, "HTTP/2 keepalive ping interval (clients should match)")
     keepalive_timeout_s: float = _setting(10.0, "close a connection whose ping is unanswered this long")

@@ -11,6 +11,7 @@ from .types import EncodedImage, FrameRejected, ImageEncoding, PixelFormat, Reje
 
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PREVIEW_SCALE = 4  # matches IMREAD_REDUCED_GRAYSCALE_4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,18 +22,40 @@ class DecodeLimits:
 
 def decode_image(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
     """Decode to a contiguous uint8 H×W×3 BGR array (grey input is expanded)."""
+    _check_size(image, limits)
+    if image.encoding is ImageEncoding.RAW:
+        return _decode_raw(image, limits)
+    return _imdecode(image, limits, cv2.IMREAD_COLOR)
+
+
+def decode_preview_grey(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    """A grey copy at 1/PREVIEW_SCALE of the size, for choosing frames before analysing them.
+
+    JPEG is scaled inside libjpeg's DCT, a few times cheaper than a full decode; PNG and
+    raw frames are decoded or read as they are and subsampled. The same checks as
+    ``decode_image`` run first, so a bad frame fails here the same way.
+    """
+    _check_size(image, limits)
+    if image.encoding is ImageEncoding.RAW:
+        pixels = _raw_pixels(image, limits)[::PREVIEW_SCALE, ::PREVIEW_SCALE]
+        if image.pixel_format is PixelFormat.GRAY8:
+            return np.ascontiguousarray(pixels[:, :, 0])
+        code = cv2.COLOR_RGB2GRAY if image.pixel_format is PixelFormat.RGB24 else cv2.COLOR_BGR2GRAY
+        return cv2.cvtColor(np.ascontiguousarray(pixels), code)
+    return _imdecode(image, limits, cv2.IMREAD_REDUCED_GRAYSCALE_4)
+
+
+def _check_size(image: EncodedImage, limits: DecodeLimits) -> None:
     if not image.data:
         raise FrameRejected(RejectReason.DECODE_FAILED, "empty image bytes")
     if len(image.data) > limits.max_bytes:
         raise FrameRejected(
             RejectReason.TOO_LARGE, f"{len(image.data)} bytes exceeds the limit of {limits.max_bytes}"
         )
-    if image.encoding is ImageEncoding.RAW:
-        return _decode_raw(image, limits)
-    return _decode_compressed(image, limits)
 
 
-def _decode_raw(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+def _raw_pixels(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    """The raw bytes as an H×W×C view, after checking the declared layout."""
     if image.pixel_format is None:
         raise FrameRejected(RejectReason.BAD_FORMAT, "raw frame without a known pixel format")
     if image.width <= 0 or image.height <= 0:
@@ -49,7 +72,11 @@ def _decode_raw(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
             RejectReason.BAD_FORMAT,
             f"raw {image.pixel_format.value} {image.width}x{image.height} needs {expected} bytes, got {len(image.data)}",
         )
-    pixels = np.frombuffer(image.data, dtype=np.uint8).reshape(image.height, image.width, channels)
+    return np.frombuffer(image.data, dtype=np.uint8).reshape(image.height, image.width, channels)
+
+
+def _decode_raw(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+    pixels = _raw_pixels(image, limits)
     if image.pixel_format is PixelFormat.GRAY8:
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
     if image.pixel_format is PixelFormat.RGB24:
@@ -57,7 +84,8 @@ def _decode_raw(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
     return pixels.copy()
 
 
-def _decode_compressed(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
+def _imdecode(image: EncodedImage, limits: DecodeLimits, flags: int) -> np.ndarray:
+    """JPEG/PNG bytes through OpenCV, after the signature and the declared size are checked."""
     magic = _JPEG_MAGIC if image.encoding is ImageEncoding.JPEG else _PNG_MAGIC
     if not image.data.startswith(magic):
         raise FrameRejected(
@@ -69,7 +97,7 @@ def _decode_compressed(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
         raise FrameRejected(
             RejectReason.TOO_LARGE, f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels"
         )
-    pixels = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    pixels = cv2.imdecode(buffer, flags)
     if pixels is None or pixels.size == 0:
         raise FrameRejected(RejectReason.DECODE_FAILED, f"corrupt or truncated {image.encoding.value.upper()}")
     return pixels

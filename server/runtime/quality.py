@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .types import HeadPose, Quality, RejectReason
+from .types import Box, HeadPose, Quality, RejectReason
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,3 +108,22 @@ def assess(inputs: QualityInputs, settings: QualitySettings) -> tuple[Quality, R
 def _ramp(value: float, low: float, high: float) -> float:
     """0 at low, 1 at high, linear between."""
     return min(1.0, max(0.0, (value - low) / (high - low)))
+
+
+_MIN_PREVIEW_FACE_PX = 8
+
+
+def preview_sharpness(preview_grey: np.ndarray, face: Box | None, scale: int) -> float:
+    """Variance of the Laplacian of a reduced grey frame, where the face was last seen.
+
+    Ranks the frames of a rate-limited stream by focus and motion blur before any of
+    them is analysed. ``face`` is in full-frame pixels and ``scale`` the preview's
+    reduction; without a face (or with one too small to measure) the whole frame counts.
+    """
+    region = preview_grey
+    if face is not None:
+        x0, y0 = max(0, int(face.x / scale)), max(0, int(face.y / scale))
+        x1, y1 = int((face.x + face.width) / scale) + 1, int((face.y + face.height) / scale) + 1
+        if min(x1 - x0, y1 - y0) >= _MIN_PREVIEW_FACE_PX and x0 < preview_grey.shape[1] and y0 < preview_grey.shape[0]:
+            region = preview_grey[y0:y1, x0:x1]
+    return float(cv2.Laplacian(region, cv2.CV_32F).var())

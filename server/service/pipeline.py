@@ -16,8 +16,9 @@ import numpy as np
 
 from ..errors import Overloaded
 from ..metrics import Metrics
-from ..runtime.decode import DecodeLimits, decode_image
+from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_image, decode_preview_grey
 from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
+from ..runtime.quality import preview_sharpness
 from ..runtime.tracking import FaceTracker
 from ..runtime.types import FaceCrop, FrameRejected, RejectReason
 from .aggregator import SubjectAggregator
@@ -48,6 +49,22 @@ class FrameAnalyzer:
 
     def new_tracker(self) -> FaceTracker:
         return self._preprocessor.settings.new_tracker()
+
+    def preview_score(self, frame: FrameInput, tracker: FaceTracker) -> float:
+        """How sharp the frame looks where the face was last seen; -inf when it cannot be read.
+
+        Called by a stream's reader while its worker may be updating the tracker: only
+        the subject reference is read, which is replaced whole, never changed in place.
+        """
+        started = time.monotonic()
+        try:
+            preview = decode_preview_grey(frame.image, self._decode_limits)
+        except FrameRejected:
+            return float("-inf")  # the frame loses to any readable one; analysed, it is rejected with its reason
+        finally:
+            self._metrics.stage_seconds.labels(stage="preview").observe(time.monotonic() - started)
+        subject = tracker.subject
+        return preview_sharpness(preview, subject.box if subject is not None else None, PREVIEW_SCALE)
 
     def analyze(
         self, frame: FrameInput, tracker: FaceTracker | None, aggregator: SubjectAggregator, deliver: Deliver

@@ -1,8 +1,10 @@
 """One stream's state: options, tracker, aggregator, bounded analysis backlog.
 
-The reader (the transport's thread) never decodes and never waits for the
-model: it counts the frame, applies the analysis-rate policy and puts the frame
-into a bounded backlog. When the backlog is full the frame is acknowledged as
+The reader (the transport's thread) never waits for the model: it counts the
+frame, applies the analysis-rate policy and puts the frame into a bounded
+backlog. Under a rate limit (``max_analysis_fps`` or the stream's
+``min_analysis_interval_ms``) it looks at a reduced grey preview of each frame so
+that the sharpest frame of each interval is the one analysed (``selection``). When the backlog is full the frame is acknowledged as
 SKIPPED, unless the client asked for every frame to be analysed, in which case
 the reader waits for room (gRPC flow control then slows the sender). A worker
 thread per stream analyses frames in order (the tracker needs that) and hands
@@ -26,6 +28,7 @@ from ..errors import Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
+from .selection import BestFramePicker
 from .priority import lower_current_thread_priority
 from .types import (
     FrameAck,
@@ -79,7 +82,10 @@ class StreamSession:
         self._last_frame_at = self._opened_at
         self._received = 0
         self._selected = 0
-        self._last_selected_us: int | None = None
+        interval_us = max(options.min_analysis_interval_ms * 1000,
+                          round(1e6 / limits.max_analysis_fps) if limits.max_analysis_fps else 0)
+        self._picker = BestFramePicker(interval_us) if interval_us else None
+        self._picker_lock = threading.Lock()  # the reader offers, finish() or an idle worker releases
         self._outstanding = 0
         self._max_in_flight = 2 * backlog_size  # enough for the batcher to fill batches across streams
         self._pending: set[Future] = set()
@@ -92,7 +98,7 @@ class StreamSession:
 
     # ---- reader side -------------------------------------------------------------
     def submit(self, frame: FrameInput) -> None:
-        """Acknowledge a frame: queue it for analysis or answer SKIPPED at once.
+        """Take a frame: queue it for analysis, hold it as its interval's best so far, or answer SKIPPED.
 
         Raises StreamLimitReached (after finishing the stream) when a limit is hit.
         """
@@ -108,13 +114,40 @@ class StreamSession:
         self._last_frame_at = time.monotonic()
         self._aggregator.add_received()
         self._metrics.frames_received.inc()
-        policy = self._skip_policy(frame)
-        if policy is None:
-            if self._enqueue(frame):
-                if self.options.acknowledge_frames:
-                    self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
-                return
-            policy = "backlog_full"
+        if self._picker is None:
+            self._select(frame, acknowledged=False)
+            return
+        score = self._analyzer.preview_score(frame, self._tracker)
+        with self._picker_lock:
+            offered = self._picker.offer(frame, score)
+        if offered.held and self.options.acknowledge_frames:
+            self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+        if offered.passed_over is not None:
+            self._skip(offered.passed_over, "analysis_interval")
+        if offered.released is not None:
+            self._select(offered.released, acknowledged=self.options.acknowledge_frames)
+
+    def _select(self, frame: FrameInput, *, acknowledged: bool) -> None:
+        """Queue a chosen frame for analysis, or answer SKIPPED with the policy that stopped it."""
+        if not self._admit(frame):
+            return
+        if self._enqueue(frame):
+            if self.options.acknowledge_frames and not acknowledged:
+                self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+            return
+        self._selected -= 1
+        self._skip(frame, "backlog_full")
+
+    def _admit(self, frame: FrameInput) -> bool:
+        """Count a frame against the stream's analysis cap; False (answered SKIPPED) once it is reached."""
+        cap = self.options.max_analyzed_frames
+        if cap and self._selected >= cap:
+            self._skip(frame, "max_analyzed_frames")
+            return False
+        self._selected += 1
+        return True
+
+    def _skip(self, frame: FrameInput, policy: str) -> None:
         self._aggregator.add_skipped()
         self._metrics.frames_skipped.labels(policy=policy).inc()
         self._events.put(
@@ -141,26 +174,23 @@ class StreamSession:
             try:
                 self._backlog.put_nowait(frame)
             except queue.Full:
-                self._selected -= 1
                 return False
         return True
 
-    def _skip_policy(self, frame: FrameInput) -> str | None:
-        cap = self.options.max_analyzed_frames
-        if cap and self._selected >= cap:
-            return "max_analyzed_frames"
-        server_interval_us = 1e6 / self._limits.max_analysis_fps if self._limits.max_analysis_fps else 0
-        interval_us = max(self.options.min_analysis_interval_ms * 1000, server_interval_us)
-        if interval_us and self._last_selected_us is not None and frame.timestamp_us - self._last_selected_us < interval_us:
-            return "analysis_interval"
-        self._selected += 1
-        self._last_selected_us = frame.timestamp_us
-        return None
+    def _take_held(self) -> FrameInput | None:
+        """The frame held as the best of the last interval, when the stream ends."""
+        if self._picker is None:
+            return None
+        with self._picker_lock:
+            return self._picker.release()
 
     def finish(self) -> None:
         """Analyse what is queued, then send the final result (idempotent)."""
         if not self._finishing.is_set():
             self._finishing.set()
+            held = self._take_held()
+            if held is not None:
+                self._select(held, acknowledged=self.options.acknowledge_frames)
             self._backlog.put(_END)
 
     def cancel(self) -> None:
@@ -214,6 +244,9 @@ class StreamSession:
                 expired = now - self._opened_at > self._limits.max_duration_s
                 if idle or expired:
                     self._finishing.set()
+                    held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
+                    if held is not None and self._admit(held):
+                        return held
                     return _END
 
     def _work(self) -> None:

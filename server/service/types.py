@@ -30,7 +30,7 @@ class FrameInput:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FrameAck:
-    """A frame arrived and is queued for analysis; its FramePrediction follows."""
+    """A frame arrived and is queued (or held as its interval's best) for analysis; its FramePrediction follows."""
 
     index: int
     timestamp_us: int

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from acroscreen.client import (
+    FrameAck,
     FrameData,
     FrameResult,
     ImageKind,
@@ -193,8 +194,6 @@ def test_frames_above_the_pixel_limit_are_rejected(portrait_bgr: np.ndarray) -> 
 
 
 def test_acknowledged_frames_get_an_ack_before_their_result(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
-    from acroscreen.client import FrameAck
-
     good = jpeg_bytes(portrait_bgr)
     frames = [FrameData(good, ImageKind.JPEG, index=i) for i in range(4)]
     events = list(client.screen_stream(frames, ScreenOptions(analyze_every_frame=True, acknowledge_frames=True)))
@@ -218,3 +217,27 @@ def test_server_analysis_rate_spreads_analysis_in_capture_time(portrait_bgr: np.
         assert isinstance(final, SubjectResult) and (final.frames_analyzed, final.frames_skipped) == (5, 25)
     finally:
         running.stop(grace_s=1.0)
+
+
+def test_rate_limited_stream_analyses_the_sharpest_frame_of_each_interval(portrait_bgr: np.ndarray) -> None:
+    """Five blurred frames and one sharp one per 200 ms interval: the sharp ones are analysed, acked at once."""
+    running = start_server(metrics_port=0, max_analysis_fps=5.0)
+    try:
+        sharp, blurred = jpeg_bytes(portrait_bgr), jpeg_bytes(cv2.GaussianBlur(portrait_bgr, (0, 0), 3.0))
+        frames = [FrameData(sharp if i % 6 == 3 else blurred, ImageKind.JPEG, index=i, timestamp_us=i * 33_334)
+                  for i in range(30)]
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as rate_client:
+            events = list(rate_client.screen_stream(frames, ScreenOptions(analyze_every_frame=True, acknowledge_frames=True)))
+        analyzed = [e.index for e in events if isinstance(e, FrameResult) and e.status == "analyzed"]
+        assert analyzed == [3, 9, 15, 21, 27]
+        answered = [e.index for e in events if isinstance(e, FrameResult)]
+        assert sorted(answered) == list(range(30))  # every frame answered once: analysed or skipped
+        final = events[-1]
+        assert isinstance(final, SubjectResult) and (final.frames_analyzed, final.frames_skipped) == (5, 25)
+        order = [(type(e).__name__, e.index) for e in events if isinstance(e, (FrameAck, FrameResult))]
+        assert all(order.index(("FrameAck", i)) < order.index(("FrameResult", i)) for i in analyzed)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+        assert 'acroscreen_stage_seconds_count{stage="preview"} 30.0' in text
+    finally:
+        running.stop(grace_s=1.0)
+
