@@ -1,9 +1,11 @@
 """One dynamic batcher shared by every stream, so model batches span streams.
 
 Queue + condition + one future per item (after Ray Serve's batching.py). The
-queue is bounded: a full queue refuses new work with Overloaded at once rather
-than letting waits grow without limit. A failing batch is split and retried so
-one bad item or an out-of-memory error fails only what it must.
+queue is bounded and never makes anyone wait: when it is full, the oldest item of
+the stream with the most items queued is shed (its future fails with Overloaded)
+to make room, so one flooding stream loses its own stale frames instead of
+starving the others, and what is analysed stays recent. A failing batch is split
+and retried so one bad item or an out-of-memory error fails only what it must.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -28,7 +30,7 @@ Result = TypeVar("Result")
 class BatcherConfig:
     max_batch_size: int = 16
     max_delay_ms: float = 5.0
-    queue_capacity: int = 256  # when full, submit() raises Overloaded
+    queue_capacity: int = 256  # when full, the busiest stream's oldest item is shed
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class _Pending(Generic[Item, Result]):
     item: Item
     future: Future[Result]
     enqueued_at: float
+    owner: Hashable
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -51,6 +54,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._config = config
         self._metrics = metrics
         self._queue: collections.deque[_Pending[Item, Result]] = collections.deque()
+        self._queued_per_owner: collections.Counter[Hashable] = collections.Counter()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="acroscreen-batcher", daemon=True)
@@ -66,17 +70,37 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._thread.is_alive():
             self._thread.join()
 
-    def submit(self, item: Item) -> Future[Result]:
+    def submit(self, item: Item, owner: Hashable = None) -> Future[Result]:
+        """Queue one item; ``owner`` (a stream) is whose items are shed first when it queues the most."""
         future: Future[Result] = Future()
         with self._condition:
             if self._stopping:
                 raise Overloaded("the model is shutting down")
-            if len(self._queue) >= self._config.queue_capacity:
-                raise Overloaded(f"inference queue full ({self._config.queue_capacity} faces)")
-            self._queue.append(_Pending(item, future, time.monotonic()))
+            shed = self._shed_one() if len(self._queue) >= self._config.queue_capacity else None
+            self._queue.append(_Pending(item, future, time.monotonic(), owner))
+            self._queued_per_owner[owner] += 1
             self._metrics.queue_depth.labels(queue="inference").set(len(self._queue))
             self._condition.notify()
+        if shed is not None and shed.future.set_running_or_notify_cancel():  # outside the lock: callbacks run
+            shed.future.set_exception(
+                Overloaded(f"shed from the full inference queue ({self._config.queue_capacity} faces) for a newer frame")
+            )
         return future
+
+    def _shed_one(self) -> _Pending[Item, Result]:
+        """Remove the oldest item of the owner with the most items queued (the caller holds the lock)."""
+        busiest = max(self._queued_per_owner, key=self._queued_per_owner.__getitem__)
+        for position, pending in enumerate(self._queue):
+            if pending.owner == busiest:
+                del self._queue[position]
+                self._forget(pending)
+                return pending
+        raise AssertionError("per-owner counts out of step with the queue")
+
+    def _forget(self, pending: _Pending[Item, Result]) -> None:
+        self._queued_per_owner[pending.owner] -= 1
+        if not self._queued_per_owner[pending.owner]:
+            del self._queued_per_owner[pending.owner]
 
     def _take_batch(self) -> list[_Pending[Item, Result]] | None:
         with self._condition:
@@ -93,6 +117,7 @@ class DynamicBatcher(Generic[Item, Result]):
             batch = []
             while self._queue and len(batch) < self._config.max_batch_size:
                 pending = self._queue.popleft()
+                self._forget(pending)
                 if pending.future.set_running_or_notify_cancel():
                     batch.append(pending)
             self._metrics.queue_depth.labels(queue="inference").set(len(self._queue))

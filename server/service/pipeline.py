@@ -93,7 +93,7 @@ class FrameAnalyzer:
             started = time.monotonic()
             crop = self._preprocessor.crop(image, analysis)
             stage.labels(stage="warp").observe(time.monotonic() - started)
-            future = self._batcher.submit(crop)
+            future = self._batcher.submit(crop, owner=aggregator)  # one aggregator per stream
         except FrameRejected as rejected:
             deliver(self._rejected(frame, aggregator, rejected.reason, rejected.detail, analysis))
             return None
@@ -111,9 +111,12 @@ class FrameAnalyzer:
     def _completed(
         self, frame: FrameInput, aggregator: SubjectAggregator, analysis: FaceAnalysis, done: Future[Probabilities]
     ) -> FramePrediction:
-        if done.cancelled() or done.exception() is not None:
-            reason = "cancelled" if done.cancelled() else str(done.exception())
-            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, reason, analysis)
+        if done.cancelled():
+            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "cancelled", analysis)
+        if isinstance(done.exception(), Overloaded):  # shed from the full inference queue
+            return self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(done.exception()), analysis)
+        if done.exception() is not None:
+            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, str(done.exception()), analysis)
         probabilities = done.result()
         quality = analysis.quality
         aggregator.add_prediction(probabilities, quality.score if quality is not None else 1.0)

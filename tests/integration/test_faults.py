@@ -300,3 +300,37 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return 0.0
+
+
+def test_a_full_inference_queue_sheds_frames_with_a_reason_and_every_stream_finishes(portrait_bgr) -> None:
+    """Queue of 1 face, 4 streams analysing every frame: shed frames come back REJECTED overloaded; none is lost."""
+    from acroscreen.client import FrameResult
+
+    running = start_server(metrics_port=-1, max_batch_size=1, batch_queue_capacity=1)
+    try:
+        frames = [FrameData(jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1)), ImageKind.JPEG, index=i) for i in range(8)]
+        outcomes: dict[str, list] = {}
+
+        def stream(name: str) -> None:
+            with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=120) as client:
+                outcomes[name] = list(client.screen_stream(frames, ScreenOptions(subject_id=name, analyze_every_frame=True)))
+
+        threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(outcomes) == ["s0", "s1", "s2", "s3"]
+        shed = 0
+        for events in outcomes.values():
+            results = [e for e in events if isinstance(e, FrameResult)]
+            assert sorted(r.index for r in results) == list(range(8))  # every frame answered once
+            overloaded = [r for r in results if r.reject_reason == "overloaded"]
+            assert all("shed" in r.detail for r in overloaded)
+            shed += len(overloaded)
+            final = events[-1]
+            assert isinstance(final, SubjectResult) and final.status != "provisional"  # final, or too few frames
+            assert final.frames_analyzed + sum(final.rejected.values()) == 8
+        assert shed > 0, "four streams on a one-face queue should have shed some frames"
+    finally:
+        running.stop(grace_s=1.0)

@@ -42,23 +42,28 @@ def test_items_from_many_threads_share_batches() -> None:
     assert max(sizes) > 1, "items submitted together should be batched"
 
 
-def test_full_queue_refuses_at_once() -> None:
+def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
     release = threading.Event()
 
     def run(items):
         release.wait(5)
         return items
 
-    batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=2)
-    first = batcher.submit(0)
-    time.sleep(0.05)  # the worker now holds item 0
-    batcher.submit(1)
-    batcher.submit(2)
+    batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
+    first = batcher.submit("a0", owner="a")
+    time.sleep(0.05)  # the worker now holds a0
+    a1, a2, b1 = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
+    b2 = batcher.submit("b2", owner="b")  # full: stream a has the most queued, its oldest goes
+    with pytest.raises(Overloaded, match="shed"):
+        a1.result(timeout=1)
+    c1 = batcher.submit("c1", owner="c")  # queued a2, b1, b2: now b has the most, b1 goes
     with pytest.raises(Overloaded):
-        batcher.submit(3)
+        b1.result(timeout=1)
     release.set()
-    assert first.result(timeout=5) == 0
+    assert [f.result(timeout=5) for f in (first, a2, b2, c1)] == ["a0", "a2", "b2", "c1"]
     batcher.stop()
+    with pytest.raises(Overloaded):
+        batcher.submit("late", owner="a")
 
 
 def test_a_failing_item_fails_alone() -> None:
