@@ -45,10 +45,16 @@ class HaarFaceDetector:
             self._local.classifier = classifier
         return classifier
 
-    def detect_all(self, image_bgr: np.ndarray) -> list[tuple[Box, float]]:
-        """Every face as (box in frame coordinates, confidence in [0, 1])."""
+    def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
+        """Every face as (box in frame coordinates, confidence in [0, 1]).
+
+        ``min_face_px`` (frame pixels) skips the small scales of the cascade's pyramid,
+        which cost the most: a stream that already follows a face looks only for faces
+        of comparable size.
+        """
         height, width = image_bgr.shape[:2]
         scale = min(1.0, self._settings.max_side / max(height, width))
+        smallest = max(self._settings.min_face_px, int(min_face_px * scale))
         grey = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY) if image_bgr.ndim == 3 else image_bgr
         if scale < 1.0:
             grey = cv2.resize(grey, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
@@ -57,7 +63,7 @@ class HaarFaceDetector:
             grey,
             scaleFactor=self._settings.scale_factor,
             minNeighbors=self._settings.min_neighbors,
-            minSize=(self._settings.min_face_px, self._settings.min_face_px),
+            minSize=(smallest, smallest),
             outputRejectLevels=True,
         )
         faces = []

@@ -73,6 +73,9 @@ class PreprocessSettings:
     min_face_evidence: float = -0.5  # HOG score on the aligned crop below which a detection is not a face
     min_track_similarity: float = 0.5  # correlation with the keyframe's aligned face below which tracking is lost
     roll_search_deg: tuple[float, ...] = (-20.0, 20.0)  # Haar misses faces tilted > ~15°: retry rotated
+    # A scheduled keyframe of a followed face looks for faces at least this fraction of its width:
+    # the cascade's small scales cost the most, and a much smaller face is not a new subject.
+    keyframe_min_face_ratio: float = 0.7
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)
@@ -204,9 +207,14 @@ class FacePreprocessor:
 
     def _detect(self, image: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
         """Keyframe: detect, verify candidates on their aligned crops, keep (or change) the subject."""
-        with _stage("detect"):
-            faces, angle = self._find_faces(image, search_rotations=tracker is None or tracker.rotation_search_due)
         subject = tracker.subject if tracker is not None else None
+        min_face_px = 0.0
+        if tracker is not None and tracker.following and subject is not None:
+            min_face_px = self.settings.keyframe_min_face_ratio * subject.box.width
+        with _stage("detect"):
+            faces, angle = self._find_faces(
+                image, search_rotations=tracker is None or tracker.rotation_search_due, min_face_px=min_face_px
+            )
         height, width = image.shape[:2]
         near = []
         if subject is not None:
@@ -284,9 +292,11 @@ class FacePreprocessor:
             return None
         return dataclasses.replace(analysis, detection=Detection(moved, subject.confidence, subject.face_count))
 
-    def _find_faces(self, image: np.ndarray, *, search_rotations: bool) -> tuple[list[tuple[Box, float]], float]:
+    def _find_faces(
+        self, image: np.ndarray, *, search_rotations: bool, min_face_px: float = 0.0
+    ) -> tuple[list[tuple[Box, float]], float]:
         """Faces in frame coordinates and the image rotation (degrees) at which they were found."""
-        faces = self._detector.detect_all(image)
+        faces = self._detector.detect_all(image, min_face_px)
         if faces or not search_rotations:
             return faces, 0.0
         height, width = image.shape[:2]
@@ -294,7 +304,7 @@ class FacePreprocessor:
         for angle in self.settings.roll_search_deg:
             rotation = cv2.getRotationMatrix2D(centre, angle, 1.0)
             rotated = cv2.warpAffine(image, rotation, (width, height), borderMode=cv2.BORDER_REPLICATE)
-            found = self._detector.detect_all(rotated)
+            found = self._detector.detect_all(rotated, min_face_px)
             if found:
                 back = cv2.invertAffineTransform(rotation)
                 return [(_moved_box(box, back), confidence) for box, confidence in found], angle

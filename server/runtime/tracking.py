@@ -5,7 +5,10 @@ N frames, or when tracking is lost). In between, landmarks are re-fitted on the 
 derived from the previous frame's landmarks (on a patch de-rotated by the last
 roll). At a keyframe the detection nearest the followed subject is kept even when a
 larger face is present, so a second person entering never switches the subject
-silently; the face count is reported. When the subject is gone and a face appears
+silently; the face count is reported. A scheduled keyframe of a followed face
+looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
+width): the cascade's small scales are most of its cost, so a face much smaller
+than the subject is counted only once tracking is lost and the whole range is searched. When the subject is gone and a face appears
 elsewhere (more than ``max_subject_jump`` face widths away), that frame is rejected
 FACE_CHANGED once and the new face is followed from then on. A different person in
 the same place cannot be told apart: there is no identity embedding here. The
@@ -57,6 +60,11 @@ class FaceTracker:
         """A keyframe found no usable face."""
         self.misses += 1
         self._lost = True
+
+    @property
+    def following(self) -> bool:
+        """A subject is being tracked (a detection now is a scheduled check, not a search)."""
+        return self.subject is not None and not self._lost
 
     @property
     def keyframe_due(self) -> bool:

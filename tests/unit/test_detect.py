@@ -42,3 +42,19 @@ def test_primary_prefers_large_and_central() -> None:
     assert primary_score(central, 640, 480) > primary_score(corner_same_size, 640, 480)
     big_corner = Box(0, 0, 200, 200)
     assert primary_score(big_corner, 640, 480) > primary_score(central, 640, 480)
+
+
+def test_a_minimum_face_size_keeps_comparable_faces_and_drops_small_ones(shared_data: Path) -> None:
+    """What a followed stream's keyframes rely on (min_face_px = 0.7 x the subject's width)."""
+    detector = HaarFaceDetector()
+    dropped_any = False
+    for path in sorted((shared_data / "faces" / "multi").glob("*.jpg")):
+        image = cv2.imread(str(path))
+        widths = [box.width for box, _ in detector.detect_all(image)]
+        largest = max(widths)
+        kept = [box.width for box, _ in detector.detect_all(image, min_face_px=0.7 * largest)]
+        assert len(kept) >= sum(w >= 0.85 * largest for w in widths), path.name
+        # The cascade's scale steps (factor 1.1) blur the edge by a step or two.
+        assert min(kept) >= 0.7 * largest / 1.25, path.name
+        dropped_any |= len(kept) < len(widths)
+    assert dropped_any, "a group photo with small and large faces should lose its small ones"
