@@ -367,8 +367,9 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
     from .runtime.preprocess import FacePreprocessor, PreprocessSettings
 
     # The same weights the started server chose from the same environment and flags.
-    weights = load_model_weights(Settings.load(argv=list(config.server_args)))
-    model = SeverityModel(weights.net, weights.card, device)
+    server_settings = Settings.load(argv=list(config.server_args))
+    weights = load_model_weights(server_settings)
+    model = SeverityModel(weights.net, weights.card, device, server_settings.cpu_precision)
     model.warmup()
     preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(weights.card.preprocessing))
     # Interleave the clips, as the concurrent streams do, so a short run sees all of them.

@@ -26,6 +26,9 @@ class Settings:
     model: Path | None = _setting(None, "weights file (.safetensors); default: the shipped demo weights")
     allow_untrained: bool = _setting(False, "serve random weights when no weights file is available")
     device: str = _setting("cpu", "where the model runs: cpu or cuda")
+    cpu_precision: str = _setting(
+        "auto", "model arithmetic on the CPU: fp32, bf16, or auto (bf16 where the CPU has it natively)"
+    )
     max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
     workers: int = _setting(1, "server processes sharing the port (so_reuseport), each with its own model and batcher")
@@ -83,6 +86,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.cpu_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"cpu_precision must be auto, fp32 or bf16, not {self.cpu_precision!r}")
         if self.landmark_points not in (5, 68):
             raise ValueError("landmark_points must be 5 or 68")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -121,8 +121,9 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     cv2.setNumThreads(settings.opencv_threads)
     weights = load_model_weights(settings)
     card = weights.card
-    log.info("model %s %s (%s) sha256=%s", card.name, card.version, card.kind, weights.sha256 or "-")
-    model = SeverityModel(weights.net, card, settings.device)
+    model = SeverityModel(weights.net, card, settings.device, settings.cpu_precision)
+    log.info("model %s %s (%s) sha256=%s on %s in %s", card.name, card.version, card.kind,
+             weights.sha256 or "-", settings.device, model.precision)
     model.warmup()
 
     preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)

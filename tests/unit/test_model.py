@@ -14,6 +14,7 @@ from acroscreen.server.runtime.model import (
     SeverityNet,
     SeverityOutput,
     center_loss,
+    cpu_has_native_bf16,
     load_facenet_backbone,
 )
 from acroscreen.server.runtime.weights import LoadedWeights, untrained_weights
@@ -55,7 +56,7 @@ def loaded() -> LoadedWeights:
 
 @pytest.fixture(scope="module")
 def model(loaded: LoadedWeights) -> SeverityModel:
-    return SeverityModel(loaded.net, loaded.card, "cpu")
+    return SeverityModel(loaded.net, loaded.card, "cpu", cpu_precision="fp32")  # exact comparisons below
 
 
 def _crops(n: int, seed: int = 0) -> np.ndarray:
@@ -171,8 +172,8 @@ def test_predict_is_deterministic_in_eval_mode(loaded: LoadedWeights) -> None:
 
 def test_temperature_changes_sharpness(loaded: LoadedWeights, model: SeverityModel) -> None:
     crops = _crops(1, seed=3)
-    sharp = SeverityModel(loaded.net, dataclasses.replace(loaded.card, temperature=0.5)).predict(crops)
-    soft = SeverityModel(loaded.net, dataclasses.replace(loaded.card, temperature=2.0)).predict(crops)
+    sharp = SeverityModel(loaded.net, dataclasses.replace(loaded.card, temperature=0.5), cpu_precision="fp32").predict(crops)
+    soft = SeverityModel(loaded.net, dataclasses.replace(loaded.card, temperature=2.0), cpu_precision="fp32").predict(crops)
     plain = model.predict(crops)
     assert sharp.probabilities.max() > plain.probabilities.max() > soft.probabilities.max()
     logits = np.log(plain.probabilities[0])
@@ -186,7 +187,7 @@ def test_bgr_card_reverses_channels(loaded: LoadedWeights, model: SeverityModel)
         loaded.card, preprocessing=dataclasses.replace(loaded.card.preprocessing, channel_order="BGR")
     )
     crops = _crops(1, seed=4)
-    flipped = SeverityModel(loaded.net, bgr_card).predict(crops[..., ::-1])
+    flipped = SeverityModel(loaded.net, bgr_card, cpu_precision="fp32").predict(crops[..., ::-1])
     np.testing.assert_allclose(flipped.probabilities, model.predict(crops).probabilities, rtol=1e-5)
 
 
@@ -234,6 +235,17 @@ def test_warmup_and_device_validation(loaded: LoadedWeights, model: SeverityMode
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             SeverityModel(loaded.net, loaded.card, "cuda")
+
+
+def test_cpu_bf16_matches_fp32_and_auto_follows_the_cpu(loaded: LoadedWeights, model: SeverityModel) -> None:
+    crops = _crops(4, seed=7)
+    bf16 = SeverityModel(loaded.net, loaded.card, cpu_precision="bf16")
+    assert bf16.precision == "bf16" and model.precision == "fp32"
+    np.testing.assert_allclose(bf16.predict(crops).probabilities, model.predict(crops).probabilities, atol=2e-2)
+    auto = SeverityModel(loaded.net, loaded.card)
+    assert auto.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ValueError, match="cpu_precision"):
+        SeverityModel(loaded.net, loaded.card, cpu_precision="int8")
 
 
 @pytest.mark.gpu
