@@ -26,6 +26,9 @@ class Settings:
     model: Path | None = _setting(None, "weights file (.safetensors); default: the shipped demo weights")
     allow_untrained: bool = _setting(False, "serve random weights when no weights file is available")
     device: str = _setting("cpu", "where the model runs: cpu or cuda")
+    cuda_graphs: bool = _setting(
+        True, "on cuda, capture the model as CUDA graphs at batch sizes 1, 2, 4 … max_batch_size (--no-cuda-graphs: eager)"
+    )
     cpu_precision: str = _setting(
         "auto", "model arithmetic on the CPU: fp32, bf16, or auto (bf16 where the CPU has it natively)"
     )

@@ -105,6 +105,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     import cv2
     import torch
 
+    from .runtime.cuda_graphs import powers_of_two_up_to
     from .runtime.decode import DecodeLimits
     from .runtime.landmarks import LICENCE_NOTICES
     from .runtime.model import SeverityModel
@@ -121,9 +122,10 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     cv2.setNumThreads(settings.opencv_threads)
     weights = load_model_weights(settings)
     card = weights.card
-    model = SeverityModel(weights.net, card, settings.device, settings.cpu_precision)
-    log.info("model %s %s (%s) sha256=%s on %s in %s", card.name, card.version, card.kind,
-             weights.sha256 or "-", settings.device, model.precision)
+    graph_sizes = powers_of_two_up_to(settings.max_batch_size) if settings.cuda_graphs else ()
+    model = SeverityModel(weights.net, card, settings.device, settings.cpu_precision, graph_sizes)
+    log.info("model %s %s (%s) sha256=%s on %s in %s, CUDA graphs for batch sizes %s", card.name, card.version,
+             card.kind, weights.sha256 or "-", settings.device, model.precision, model.graph_batch_sizes or "none")
     model.warmup()
 
     preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)

@@ -36,6 +36,27 @@ cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_mod
 export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
+if [ "$DEVICE" = cuda ]; then  # CUDA graphs against eager on this GPU: agreement, and faces/s at batch 64
+"$PYTHON" - <<'PY' 2>&1 | tee -a "$OUT/bench.log"
+import time, numpy as np, torch
+from acroscreen.server.runtime.model import SeverityModel
+from acroscreen.server.runtime.weights import untrained_weights
+card = untrained_weights(0).card
+eager = SeverityModel(untrained_weights(0).net, card, "cuda")
+graphs = SeverityModel(untrained_weights(0).net, card, "cuda", graph_batch_sizes=(1, 2, 4, 8, 16, 32, 64))
+print("graph sizes", graphs.graph_batch_sizes)
+crops = np.random.default_rng(0).integers(0, 256, (64, 160, 160, 3), dtype=np.uint8)
+for rows in (1, 3, 64):
+    diff = np.abs(eager.predict(crops[:rows]).probabilities - graphs.predict(crops[:rows]).probabilities).max()
+    print("graphs vs eager, rows", rows, "max |dp|", float(diff))
+for name, model in (("eager", eager), ("graphs", graphs)):
+    model.predict(crops)
+    started = time.perf_counter()
+    for _ in range(50):
+        model.predict(crops)
+    print(name, "batch 64:", round(64 * 50 / (time.perf_counter() - started)), "faces/s with host copies")
+PY
+fi
 "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
     --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
     --server-arg=--max-streams=128 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \

@@ -9,7 +9,8 @@ center-loss branch (facenet's own embedding head, 512-d) with trainable class ce
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -20,6 +21,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from acroscreen.server.runtime.weights import ModelCard
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 3
 EMBEDDING_SIZE = 512
@@ -307,7 +310,12 @@ class SeverityModel:
     """
 
     def __init__(
-        self, net: SeverityNet, card: ModelCard, device: str | torch.device = "cpu", cpu_precision: str = "auto"
+        self,
+        net: SeverityNet,
+        card: ModelCard,
+        device: str | torch.device = "cpu",
+        cpu_precision: str = "auto",
+        graph_batch_sizes: Sequence[int] = (),
     ) -> None:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -328,6 +336,16 @@ class SeverityModel:
         self._net = net.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         size = card.preprocessing.input_size
         self._crop_shape = (size, size, 3)
+        self._forward: Callable[[torch.Tensor], SeverityOutput] = self._net
+        self.graph_batch_sizes: tuple[int, ...] = ()
+        if self._cuda and graph_batch_sizes:
+            from .cuda_graphs import CapturedForward
+
+            try:
+                self._forward = CapturedForward(self._net.half(), graph_batch_sizes, size)
+                self.graph_batch_sizes = self._forward.sizes
+            except RuntimeError as exc:  # a driver or library that cannot capture: eager still works
+                log.warning("CUDA graph capture failed, running eagerly: %s", exc)
 
     def predict(self, crops: np.ndarray) -> SeverityBatch:
         """Probabilities (softmax of logits / temperature) and embeddings for N crops.
@@ -350,7 +368,7 @@ class SeverityModel:
         else:
             autocast = nullcontext()
         with torch.inference_mode(), autocast:
-            out = self._net(self._to_input(crops))
+            out = self._forward(self._to_input(crops))
             if out.logits.shape != (n, NUM_CLASSES) or out.embedding.shape != (n, EMBEDDING_SIZE):
                 raise RuntimeError(
                     f"model returned logits {tuple(out.logits.shape)} and embeddings "

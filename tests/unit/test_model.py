@@ -248,6 +248,38 @@ def test_cpu_bf16_matches_fp32_and_auto_follows_the_cpu(loaded: LoadedWeights, m
         SeverityModel(loaded.net, loaded.card, cpu_precision="int8")
 
 
+def test_graph_batch_sizes_and_buckets() -> None:
+    from acroscreen.server.runtime.cuda_graphs import bucket_for, powers_of_two_up_to
+
+    assert powers_of_two_up_to(16) == (1, 2, 4, 8, 16) and powers_of_two_up_to(24) == (1, 2, 4, 8, 16, 24)
+    assert powers_of_two_up_to(1) == (1,)
+    sizes = (1, 2, 4, 8, 16)
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
+    with pytest.raises(ValueError):
+        bucket_for(0, sizes)
+
+
+def test_cpu_model_ignores_graph_sizes(loaded: LoadedWeights) -> None:
+    model = SeverityModel(loaded.net, loaded.card, "cpu", cpu_precision="fp32", graph_batch_sizes=(1, 2, 4))
+    assert model.graph_batch_sizes == ()
+    assert model.predict(_crops(3)).probabilities.shape == (3, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager_for_padded_and_chunked_batches() -> None:
+    """Needs a CUDA device (marked gpu): graph replays equal eager fp16 for 1, 3 (padded) and 40 (chunked) rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    eager = SeverityModel(untrained_weights(0).net, untrained_weights(0).card, "cuda")
+    graphs = SeverityModel(untrained_weights(0).net, untrained_weights(0).card, "cuda", graph_batch_sizes=(1, 2, 4, 8, 16))
+    assert graphs.graph_batch_sizes == (1, 2, 4, 8, 16)
+    for rows in (1, 3, 40):
+        crops = _crops(rows, seed=rows)
+        expected, got = eager.predict(crops), graphs.predict(crops)
+        np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=5e-3)
+        np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=2e-2 * np.abs(expected.embeddings).max())
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu_within_fp16_tolerance() -> None:
     if not torch.cuda.is_available():
