@@ -33,7 +33,6 @@ from .frontalize import (
     nose_base,
     transform_points,
     warp_face,
-    warp_faces,
 )
 from .landmarks import LandmarkFitter
 from .pose import estimate_pose, roll_deg
@@ -130,6 +129,7 @@ class FaceAnalysis:
     affine: np.ndarray | None  # 2×3 frame → crop; present when the landmarks form a face (always if accepted)
     keyframe: bool = True  # False when the face was tracked rather than detected
     stage_seconds: tuple[tuple[str, float], ...] = ()  # detect / landmarks / quality time, for metrics
+    aligned: np.ndarray | None = field(default=None, repr=False, compare=False)  # the BGR crop quality was judged on
 
     @property
     def accepted(self) -> bool:
@@ -178,15 +178,19 @@ class FacePreprocessor:
         return self.crop_many([image_bgr], [analysis])[0]
 
     def crop_many(self, images_bgr: Sequence[np.ndarray], analyses: Sequence[FaceAnalysis]) -> list[FaceCrop]:
-        """Batched crops (one warp call); raises FrameRejected for a rejected analysis."""
+        """Model-ready crops of accepted analyses; raises FrameRejected for a rejected one."""
         for analysis in analyses:
             if analysis.rejection is not None:
                 raise FrameRejected(analysis.rejection, analysis.detail)
             if analysis.affine is None or analysis.detection is None or analysis.quality is None:
                 raise ValueError("analysis has no face to crop")
-        affines = [a.affine for a in analyses if a.affine is not None]
-        pixels = warp_faces(images_bgr, affines, self.settings.input_size)
-        rgb = pixels[..., ::-1]
+        # Quality was judged on this very warp; re-warp only analyses made without it.
+        pixels = [
+            a.aligned if a.aligned is not None else warp_face(image, a.affine, self.settings.input_size)
+            for image, a in zip(images_bgr, analyses, strict=True)
+        ]
+        rgb = np.stack(pixels)[..., ::-1] if pixels else np.zeros((0, self.settings.input_size,
+                                                                  self.settings.input_size, 3), np.uint8)
         return [
             FaceCrop(
                 pixels=np.ascontiguousarray(rgb[i]),
@@ -357,7 +361,9 @@ class FacePreprocessor:
                 ),
                 self.settings.quality,
             )
-        return FaceAnalysis(detection, landmarks, pose, quality, reason, detail, affine, keyframe), evidence
+        return FaceAnalysis(
+            detection, landmarks, pose, quality, reason, detail, affine, keyframe, aligned=crop
+        ), evidence
 
 
 class AlignedFaceVerifier:
