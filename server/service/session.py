@@ -114,7 +114,7 @@ class StreamSession:
         self._last_frame_at = time.monotonic()
         self._aggregator.add_received()
         self._metrics.frames_received.inc()
-        if self._picker is None:
+        if self._picker is None or self._cap_reached():  # no choice to make: no preview either
             self._select(frame, acknowledged=False)
             return
         score = self._analyzer.preview_score(frame, self._tracker)
@@ -140,12 +140,15 @@ class StreamSession:
 
     def _admit(self, frame: FrameInput) -> bool:
         """Count a frame against the stream's analysis cap; False (answered SKIPPED) once it is reached."""
-        cap = self.options.max_analyzed_frames
-        if cap and self._selected >= cap:
+        if self._cap_reached():
             self._skip(frame, "max_analyzed_frames")
             return False
         self._selected += 1
         return True
+
+    def _cap_reached(self) -> bool:
+        cap = self.options.max_analyzed_frames
+        return bool(cap) and self._selected >= cap
 
     def _skip(self, frame: FrameInput, policy: str) -> None:
         self._aggregator.add_skipped()

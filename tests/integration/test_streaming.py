@@ -238,6 +238,15 @@ def test_rate_limited_stream_analyses_the_sharpest_frame_of_each_interval(portra
         assert all(order.index(("FrameAck", i)) < order.index(("FrameResult", i)) for i in analyzed)
         text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
         assert 'acroscreen_stage_seconds_count{stage="preview"} 30.0' in text
+
+        # With a cap of 2 analysed frames, the best of the first two intervals; no previews once it is reached.
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as rate_client:
+            capped = list(rate_client.screen_stream(frames, ScreenOptions(analyze_every_frame=True, max_analyzed_frames=2)))
+        assert [e.index for e in capped if isinstance(e, FrameResult) and e.status == "analyzed"] == [3, 9]
+        assert sorted(e.index for e in capped if isinstance(e, FrameResult)) == list(range(30))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+        previews = float(text.split('acroscreen_stage_seconds_count{stage="preview"} ')[1].split()[0])
+        assert 30 < previews < 60
     finally:
         running.stop(grace_s=1.0)
 
