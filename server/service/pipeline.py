@@ -61,6 +61,9 @@ class FrameAnalyzer:
             preview = decode_preview_grey(frame.image, self._decode_limits)
         except FrameRejected:
             return float("-inf")  # the frame loses to any readable one; analysed, it is rejected with its reason
+        except Exception:  # noqa: BLE001 — a bug here must not cost the stream
+            log.exception("preview of a frame failed")
+            return float("-inf")
         finally:
             self._metrics.stage_seconds.labels(stage="preview").observe(time.monotonic() - started)
         subject = tracker.subject

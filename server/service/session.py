@@ -4,11 +4,12 @@ The reader (the transport's thread) never waits for the model: it counts the
 frame, applies the analysis-rate policy and puts the frame into a bounded
 backlog. Under a rate limit (``max_analysis_fps`` or the stream's
 ``min_analysis_interval_ms``) it looks at a reduced grey preview of each frame so
-that the sharpest frame of each interval is the one analysed (``selection``). When the backlog is full the frame is acknowledged as
-SKIPPED, unless the client asked for every frame to be analysed, in which case
-the reader waits for room (gRPC flow control then slows the sender). A worker
-thread per stream analyses frames in order (the tracker needs that) and hands
-faces to the shared batcher without waiting for results.
+that the sharpest frame of each interval is the one analysed (``selection``).
+When the backlog is full the frame is acknowledged as SKIPPED, unless the client
+asked for every frame to be analysed, in which case the reader waits for room
+(gRPC flow control then slows the sender). A worker thread per stream analyses
+frames in order (the tracker needs that) and hands faces to the shared batcher
+without waiting for results.
 
 A stream ends in one of three ways. finish(): the client half-closed, a limit
 was reached, or the stream sat idle; what is queued is analysed and the FINAL
@@ -28,8 +29,8 @@ from ..errors import Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
-from .selection import BestFramePicker
 from .priority import lower_current_thread_priority
+from .selection import BestFramePicker
 from .types import (
     FrameAck,
     FrameInput,
