@@ -79,7 +79,7 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--fps", type=float, default=30.0, help="frames per second per stream when realtime")
     bench.add_argument("--every-frame", action="store_true", help="ask the server to analyse every frame")
     bench.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
-    bench.add_argument("--metrics-url", default=None, help="its /metrics URL, with --server")
+    bench.add_argument("--metrics-url", default=None, help="its /metrics URL, with --server (comma-separated for several workers)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     bench.add_argument("--load-processes", type=int, default=0,

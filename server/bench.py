@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class BenchConfig:
     every_frame: bool = False  # ask the server to analyse every frame (backpressure instead of skipping)
     acknowledge_frames: bool = True  # ask for an immediate ack of queued frames
     server: str | None = None  # HOST:PORT of a running server; None starts one
-    metrics_url: str | None = None
+    metrics_url: str | None = None  # with `server`: its /metrics URL (comma-separated: one per worker)
     server_args: tuple[str, ...] = ()
     baseline: str | None = None  # "naive"
     baseline_duration_s: float = 15.0
@@ -203,17 +203,20 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
 
 
-def _scrape(url: str) -> dict[str, float]:
+def _scrape(urls: Sequence[str]) -> dict[str, float]:
+    """Counters and histogram sums/counts, added up over the servers' /metrics (one per worker)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
-            if sample.name.endswith("_bucket"):
-                continue
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    for url in urls:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+                if sample.name.endswith("_bucket"):
+                    continue
+                key = f"{sample.name}{{{labels}}}" if labels else sample.name
+                values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
@@ -288,32 +291,39 @@ class _ProcessProbe:
         }
 
 
-def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, str]:
+def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str]]:
+    """The server as a subprocess: its gRPC target and every worker's /metrics URL."""
+    from .config import Settings
+
+    workers = Settings.load(argv=list(config.server_args)).workers
     command = [sys.executable, "-m", "acroscreen.client.cli", "serve", "--port", "0", "--metrics-port", "0",
                "--log-json", *config.server_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert process.stdout is not None
-    for line in process.stdout:
+    metrics_urls = []
+    for line in process.stdout:  # each worker reports the shared port and a metrics port of its own
         match = re.search(r"serving on ([\d.]+):(\d+) \(metrics :(\d+)\)", line)
         if match:
             host, port, metrics = match.groups()
-            return process, f"{host}:{port}", f"http://{host}:{metrics}/metrics"
+            metrics_urls.append(f"http://{host}:{metrics}/metrics")
+            if len(metrics_urls) == workers:
+                return process, f"{host}:{port}", metrics_urls
     raise RuntimeError("the benchmark server did not start (try `acroscreen serve` by hand)")
 
 
 def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
     process = None
     if config.server is None:
-        process, target, metrics_url = _start_server(config)
+        process, target, metrics_urls = _start_server(config)
     else:
-        target, metrics_url = config.server, config.metrics_url
+        target, metrics_urls = config.server, [u for u in (config.metrics_url or "").split(",") if u]
     probe = _ProcessProbe(process.pid) if process else None
     try:
         with ScreeningClient(target, timeout_s=30) as client:
             client.wait_until_serving(120)
             model = client.model_info().model
-        before = _scrape(metrics_url) if metrics_url else {}
+        before = _scrape(metrics_urls)
         cpu_before = probe.cpu_seconds() if probe else 0.0
         if probe:
             probe.start_gpu_sampling()
@@ -321,7 +331,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         deadline = started + config.duration_s
         stats = _run_load(target, clips, config, deadline)
         elapsed = time.monotonic() - started
-        after = _scrape(metrics_url) if metrics_url else {}
+        after = _scrape(metrics_urls)
         report = {
             "target": target,
             "model": {"name": model.name, "kind": model.kind},
@@ -340,6 +350,9 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
             "errors": [s.error for s in stats if s.error],
             "server_stage_mean_ms": _stage_means_ms(before, after),
         }
+        if metrics_urls:  # the server's own count, every worker's: should equal frames_sent
+            received = "acroscreen_frames_received_total"
+            report["server_frames_received"] = round(after.get(received, 0.0) - before.get(received, 0.0))
         batches = after.get("acroscreen_inference_batch_size_count", 0) - before.get("acroscreen_inference_batch_size_count", 0)
         if batches:
             faces = after["acroscreen_inference_batch_size_sum"] - before.get("acroscreen_inference_batch_size_sum", 0)

@@ -63,3 +63,14 @@ def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Pa
     assert server["analyzed_per_s"] > 0 and server["ack_latency_ms"]["p99"] is not None
     assert report["naive"]["frames_processed"] > 0
     assert report["machine"]["cpu_count"] >= 1
+    assert server["server_frames_received"] == server["frames_sent"]
+
+
+def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
+    """With --workers 2 the report adds up both workers' /metrics, whichever worker got the streams."""
+    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "3", "--duration", "3",
+               "--load-processes", "1", "--server-arg=--workers=2")
+    server = json.loads(run.stdout)["server"]
+    assert server["errors"] == [] and server["frames_sent"] > 0
+    assert server["server_frames_received"] == server["frames_sent"]
+    assert server["mean_batch_size"] >= 1 and "infer" in server["server_stage_mean_ms"]
