@@ -3,6 +3,8 @@
 # no acroscreen install, from crop caches built beforehand on a dlib machine:
 #   .carry/crops_train.npz    phantoms of the TRAIN identities (JPEG-in-npz)
 #   .carry/crops_holdout.npz  phantoms of the HOLDOUT identities (evaluation only)
+#   .carry/crops_holdout_clips.npz (optional) every 2nd frame of the HOLDOUT phantom clips the
+#                             slow test screens (seed 7): per-subject accuracy there is per clip
 # Writes to $OUT: train.log, the resolved config, holdout metrics and predictions,
 # and the fp16 weights split in 15 MiB parts (join with `cat weights.part-* > M`).
 # CPU dry run: PYTHON=.venv/bin/python OUT=/tmp/dry MAX_SAMPLES=40 BATCH=8 LOG_EVERY=1 \
@@ -17,6 +19,7 @@ PATIENCE=${PATIENCE:-25}
 LOG_EVERY=${LOG_EVERY:-20}
 TRAIN_NPZ=${TRAIN_NPZ:-.carry/crops_train.npz}
 HOLDOUT_NPZ=${HOLDOUT_NPZ:-.carry/crops_holdout.npz}
+CLIPS_NPZ=${CLIPS_NPZ:-.carry/crops_holdout_clips.npz}
 WORK=$(mktemp -d)
 mkdir -p "$OUT" "$WORK/p/acroscreen"
 ln -s "$PWD/server" "$WORK/p/acroscreen/server"
@@ -24,7 +27,7 @@ export PYTHONPATH="$WORK/p" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi: CPU run"
 set -o pipefail
 "$PYTHON" - "$TRAIN_NPZ" "$HOLDOUT_NPZ" "$WORK/phantom-demo.safetensors" "$OUT" \
-    "$MINUTES" "$MAX_SAMPLES" "$BATCH" "$PATIENCE" "$LOG_EVERY" <<'EOF' 2>&1 | tee "$OUT/train.log"
+    "$MINUTES" "$MAX_SAMPLES" "$BATCH" "$PATIENCE" "$LOG_EVERY" "$CLIPS_NPZ" <<'EOF' 2>&1 | tee "$OUT/train.log"
 import json, shutil, sys, time
 from pathlib import Path
 import torch
@@ -49,6 +52,11 @@ print(format_report(report), flush=True)
 write_predictions_csv(predictions, out / "holdout_predictions.csv")
 print(f"holdout evaluation {time.monotonic() - started:.1f} s; training {result.seconds:.0f} s, "
       f"{result.samples} samples", flush=True)
+clips_npz = Path(sys.argv[10])
+if clips_npz.is_file():  # per subject = per phantom clip
+    clips = evaluate_predictions(predict_with_model(weights, clips_npz), f"{weights.name} on {clips_npz}")
+    print(format_report(clips), flush=True)
+    (out / "holdout_clip_metrics.json").write_text(json.dumps(report_dict(clips), indent=1))
 EOF
 split -b 15M "$WORK/phantom-demo.safetensors" "$OUT/weights.part-"
 sha256sum "$WORK/phantom-demo.safetensors" | tee "$OUT/weights.sha256"
