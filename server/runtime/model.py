@@ -303,7 +303,8 @@ class SeverityModel:
 
     Not thread-safe: meant for a single caller thread (the batcher, which owns the device).
     It takes ownership of ``net``: moves it to ``device``, puts it in eval mode and freezes it.
-    On CUDA it runs fp16 autocast with channels_last. On CPU ``cpu_precision`` picks fp32 or
+    On CUDA it runs fp16 with channels_last: autocast, or fp16 weights replayed from CUDA
+    graphs when ``graph_batch_sizes`` are given (``cuda_graphs``). On CPU ``cpu_precision`` picks fp32 or
     bf16 autocast; ``auto`` takes bf16 where the CPU computes it natively (AVX512-BF16 or
     AMX), where it measured 1.65x faster with the same holdout accuracy, and fp32 elsewhere,
     where bf16 would be emulated and slower.
