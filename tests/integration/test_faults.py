@@ -125,8 +125,9 @@ def test_hostile_frames_then_a_normal_stream_matches_a_fresh_server(fuzz_server:
     assert after_abuse.probabilities == pytest.approx(baseline.probabilities, abs=1e-5)
 
 
-def test_disconnect_storm_leaves_no_state(portrait_bgr) -> None:
-    running = start_server(max_streams=16)
+@pytest.mark.parametrize("max_analysis_fps", [0.0, 5.0], ids=["backlog", "best-frame-per-interval"])
+def test_disconnect_storm_leaves_no_state(portrait_bgr, max_analysis_fps: float) -> None:
+    running = start_server(max_streams=16, max_analysis_fps=max_analysis_fps)
     try:
         good = jpeg_bytes(portrait_bgr)
 
@@ -134,7 +135,7 @@ def test_disconnect_storm_leaves_no_state(portrait_bgr) -> None:
             yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
             index = 0
             while True:
-                yield pb.ScreenRequest(frame=pb.Frame(index=index, jpeg=good))
+                yield pb.ScreenRequest(frame=pb.Frame(index=index, timestamp_us=index * 10_000, jpeg=good))
                 index += 1
                 time.sleep(0.01)
 
