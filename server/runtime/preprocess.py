@@ -66,7 +66,7 @@ class PreprocessSettings:
     input_size: int = 160
     box_height_expand: float = 0.4
     alignment: str = SIMILARITY_EYES_V1
-    keyframe_interval: int = 5  # streams: detect every N frames, track in between
+    keyframe_interval: int = 10  # streams: detect every N analysed frames, track in between
     max_subject_jump: float = 1.0  # face widths a keyframe detection may be from the subject to be the same person
     max_candidates: int = 4  # detections verified per keyframe, most likely subject first
     min_face_evidence: float = -0.5  # HOG score on the aligned crop below which a detection is not a face

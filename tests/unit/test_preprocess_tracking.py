@@ -117,16 +117,17 @@ def test_second_face_does_not_take_over_and_a_new_face_is_flagged(preprocessor: 
     b_alone = paste(empty, person_b, 560, 80)
 
     tracker = preprocessor.settings.new_tracker()
-    stream = [alone] * 3 + [together] * 7 + [b_alone] * 6
+    both = preprocessor.settings.keyframe_interval + 2  # long enough to hold a keyframe
+    stream = [alone] * 3 + [together] * both + [b_alone] * (both - 1)
     analyses = [preprocessor.analyze(frame, tracker) for frame in stream]
     reasons = [a.rejection for a in analyses]
     print([(r.value if r else "ok", a.detection and a.detection.face_count) for r, a in zip(reasons, analyses)])
-    with_b = analyses[3:10]
+    with_b = analyses[3 : 3 + both]
     for analysis in with_b:  # A stays the subject although B is larger
         assert analysis.detection is not None and analysis.detection.box.center[0] < 400
         assert analysis.rejection is None
     assert any(a.keyframe and a.detection is not None and a.detection.face_count == 2 for a in with_b)
-    assert reasons[10:].count(RejectReason.FACE_CHANGED) == 1
+    assert reasons[3 + both :].count(RejectReason.FACE_CHANGED) == 1
     changed = reasons.index(RejectReason.FACE_CHANGED)
     assert "different face" in analyses[changed].detail
     for analysis in analyses[changed + 1 :]:  # then B is followed
