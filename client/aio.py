@@ -40,11 +40,10 @@ from .client import (
     Credentials,
     RetryPolicy,
     ScreenOptions,
-    StreamEvent,
     channel_options,
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
-from .types import FrameAck, FrameData, ModelInfo, SubjectResult
+from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 
 __all__ = ["AsyncScreeningClient"]
 
@@ -115,14 +114,10 @@ class AsyncScreeningClient:
             try:
                 async for response in call:
                     answered = True
-                    payload = response.WhichOneof("payload")
-                    if payload == "frame_result":
-                        yield types.frame_result(response.frame_result)
-                    elif payload == "frame_ack":
-                        yield FrameAck(response.frame_ack.index, response.frame_ack.timestamp_us)
-                    else:
-                        last_subject = types.subject_result(response.subject)
-                        yield last_subject
+                    event = types.stream_event(response)
+                    if isinstance(event, SubjectResult):
+                        last_subject = event
+                    yield event
                 return
             except grpc.aio.AioRpcError as error:
                 retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and not touched

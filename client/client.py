@@ -16,10 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import types
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
-from .types import FrameAck, FrameData, FrameResult, ModelInfo, SubjectResult
+from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-StreamEvent = FrameAck | FrameResult | SubjectResult
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,14 +170,10 @@ class ScreeningClient:
             try:
                 for response in self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata):
                     answered = True
-                    payload = response.WhichOneof("payload")
-                    if payload == "frame_result":
-                        yield types.frame_result(response.frame_result)
-                    elif payload == "frame_ack":
-                        yield FrameAck(response.frame_ack.index, response.frame_ack.timestamp_us)
-                    else:
-                        last_subject = types.subject_result(response.subject)
-                        yield last_subject
+                    event = types.stream_event(response)
+                    if isinstance(event, SubjectResult):
+                        last_subject = event
+                    yield event
                 return
             except grpc.RpcError as error:
                 retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and pulled == 0

@@ -189,6 +189,19 @@ def frame_result(message: pb.FrameResult) -> FrameResult:
     )
 
 
+StreamEvent = FrameAck | FrameResult | SubjectResult
+
+
+def stream_event(response: pb.ScreenResponse) -> StreamEvent:
+    """One ScreenStream response as the event it carries."""
+    payload = response.WhichOneof("payload")
+    if payload == "frame_result":
+        return frame_result(response.frame_result)
+    if payload == "frame_ack":
+        return FrameAck(response.frame_ack.index, response.frame_ack.timestamp_us)
+    return subject_result(response.subject)
+
+
 def _model_ref(message: pb.ModelRef) -> ModelRef:
     return ModelRef(message.name, message.version, message.kind, message.sha256)
 
