@@ -3,7 +3,7 @@ pose, quality gate, frontalized crop.
 
 ``FacePreprocessor(PreprocessSettings()).crop_image(img)`` is what training calls for
 stills; the server calls ``analyze`` per frame (with the stream's ``FaceTracker``) and
-``crop_many`` for a batch. The crop's geometry depends only on ``CropGeometry``
+``crop`` for each accepted face. The crop's geometry depends only on ``CropGeometry``
 (input size, box height expansion, alignment name), which the model card carries.
 """
 
@@ -15,7 +15,7 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,33 +174,22 @@ class FacePreprocessor:
         return self._detect(image_bgr, tracker)
 
     def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
-        """The model-ready uint8 RGB crop of an accepted analysis."""
-        return self.crop_many([image_bgr], [analysis])[0]
-
-    def crop_many(self, images_bgr: Sequence[np.ndarray], analyses: Sequence[FaceAnalysis]) -> list[FaceCrop]:
-        """Model-ready crops of accepted analyses; raises FrameRejected for a rejected one."""
-        for analysis in analyses:
-            if analysis.rejection is not None:
-                raise FrameRejected(analysis.rejection, analysis.detail)
-            if analysis.affine is None or analysis.detection is None or analysis.quality is None:
-                raise ValueError("analysis has no face to crop")
-        # Quality was judged on this very warp; re-warp only analyses made without it.
-        pixels = [
-            a.aligned if a.aligned is not None else warp_face(image, a.affine, self.settings.input_size)
-            for image, a in zip(images_bgr, analyses, strict=True)
-        ]
-        rgb = np.stack(pixels)[..., ::-1] if pixels else np.zeros((0, self.settings.input_size,
-                                                                  self.settings.input_size, 3), np.uint8)
-        return [
-            FaceCrop(
-                pixels=np.ascontiguousarray(rgb[i]),
-                detection=a.detection,  # type: ignore[arg-type]
-                quality=a.quality,  # type: ignore[arg-type]
-                pose=a.pose,
-                landmarks=a.landmarks,
-            )
-            for i, a in enumerate(analyses)
-        ]
+        """The model-ready uint8 RGB crop of an accepted analysis; FrameRejected for a rejected one."""
+        if analysis.rejection is not None:
+            raise FrameRejected(analysis.rejection, analysis.detail)
+        if analysis.affine is None or analysis.detection is None or analysis.quality is None:
+            raise ValueError("analysis has no face to crop")
+        # Quality was judged on this very warp; re-warp only an analysis made without it.
+        bgr = analysis.aligned if analysis.aligned is not None else warp_face(
+            image_bgr, analysis.affine, self.settings.input_size
+        )
+        return FaceCrop(
+            pixels=np.ascontiguousarray(bgr[..., ::-1]),
+            detection=analysis.detection,
+            quality=analysis.quality,
+            pose=analysis.pose,
+            landmarks=analysis.landmarks,
+        )
 
     def crop_image(self, image_bgr: np.ndarray) -> tuple[FaceAnalysis, FaceCrop | None]:
         """Stills and training: analyse without a tracker, crop when accepted."""

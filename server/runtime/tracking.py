@@ -8,11 +8,12 @@ larger face is present, so a second person entering never switches the subject
 silently; the face count is reported. A scheduled keyframe of a followed face
 looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
 width): the cascade's small scales are most of its cost, so a face much smaller
-than the subject is counted only once tracking is lost and the whole range is searched. When the subject is gone and a face appears
-elsewhere (more than ``max_subject_jump`` face widths away), that frame is rejected
-FACE_CHANGED once and the new face is followed from then on. A different person in
-the same place cannot be told apart: there is no identity embedding here. The
-tracker only holds state; ``FacePreprocessor.analyze`` drives it.
+than the subject is counted only once tracking is lost and the whole range is
+searched. When the subject is gone and a face appears elsewhere (more than
+``max_subject_jump`` face widths away), that frame is rejected FACE_CHANGED once
+and the new face is followed from then on. A different person in the same place
+cannot be told apart: there is no identity embedding here. The tracker only holds
+state; ``FacePreprocessor.analyze`` drives it.
 """
 
 from __future__ import annotations
