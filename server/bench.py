@@ -212,9 +212,9 @@ def _scrape(urls: Sequence[str]) -> dict[str, float]:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
                 if sample.name.endswith("_bucket"):
                     continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 key = f"{sample.name}{{{labels}}}" if labels else sample.name
                 values[key] = values.get(key, 0.0) + sample.value
     return values
