@@ -6,7 +6,7 @@
 #   .carry/crops_holdout_clips.npz (optional) every 2nd frame of the HOLDOUT phantom clips the
 #                             slow test screens (seed 7): per-subject accuracy there is per clip
 # Writes to $OUT: train.log, the resolved config, holdout metrics and predictions,
-# and the fp16 weights split in 15 MiB parts (join with `cat weights.part-* > M`).
+# and the fp16 weights split in 15 MiB parts (join with `cat weights.part-* > M`; sha256 at the end of train.log).
 # CPU dry run: PYTHON=.venv/bin/python OUT=/tmp/dry MAX_SAMPLES=40 BATCH=8 LOG_EVERY=1 \
 #   TRAIN_NPZ=small.npz HOLDOUT_NPZ=small.npz scripts/device_train.sh
 set -euo pipefail
@@ -59,5 +59,5 @@ if clips_npz.is_file():  # per subject = per phantom clip
     (out / "holdout_clip_metrics.json").write_text(json.dumps(report_dict(clips), indent=1))
 EOF
 split -b 15M "$WORK/phantom-demo.safetensors" "$OUT/weights.part-"
-sha256sum "$WORK/phantom-demo.safetensors" | tee "$OUT/weights.sha256"
+sha256sum "$WORK/phantom-demo.safetensors" | tee -a "$OUT/train.log"  # the device returns at most 8 files
 ls -l "$OUT"

@@ -112,6 +112,9 @@ def _unpack(packed) -> list[bytes]:  # noqa: ANN001 — a uint8 numpy array from
     return frames
 
 
+_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
 def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _StreamStats, deadline: float) -> None:
     sent_at: dict[int, float] = {}
     acknowledged: set[int] = set()
@@ -140,7 +143,9 @@ def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _Str
         subject_id="bench", analyze_every_frame=config.every_frame, acknowledge_frames=config.acknowledge_frames
     )
     try:
-        with ScreeningClient(target, timeout_s=config.duration_s + 120) as client:
+        # A connection of its own, as separate callers would have: channels of one process share
+        # one by default, and the kernel spreads connections, not streams, over `--workers`.
+        with ScreeningClient(target, timeout_s=config.duration_s + 120, options=_OWN_CONNECTION) as client:
             for event in client.screen_stream(frames(), options):
                 if isinstance(event, FrameAck):
                     acknowledge(event.index)
@@ -203,21 +208,29 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
 
 
-def _scrape(urls: Sequence[str]) -> dict[str, float]:
-    """Counters and histogram sums/counts, added up over the servers' /metrics (one per worker)."""
+def _scrape(url: str) -> dict[str, float]:
+    """Counters and histogram sums/counts of one server's (one worker's) /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
-    for url in urls:
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                key = f"{sample.name}{{{labels}}}" if labels else sample.name
-                values[key] = values.get(key, 0.0) + sample.value
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            values[key] = values.get(key, 0.0) + sample.value
     return values
+
+
+def _sum_scrapes(scrapes: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Every worker's values added up."""
+    total: dict[str, float] = {}
+    for values in scrapes:
+        for key, value in values.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def _stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -323,7 +336,8 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         with ScreeningClient(target, timeout_s=30) as client:
             client.wait_until_serving(120)
             model = client.model_info().model
-        before = _scrape(metrics_urls)
+        before_each = [_scrape(url) for url in metrics_urls]
+        before = _sum_scrapes(before_each)
         cpu_before = probe.cpu_seconds() if probe else 0.0
         if probe:
             probe.start_gpu_sampling()
@@ -331,7 +345,8 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         deadline = started + config.duration_s
         stats = _run_load(target, clips, config, deadline)
         elapsed = time.monotonic() - started
-        after = _scrape(metrics_urls)
+        after_each = [_scrape(url) for url in metrics_urls]
+        after = _sum_scrapes(after_each)
         report = {
             "target": target,
             "model": {"name": model.name, "kind": model.kind},
@@ -353,6 +368,9 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         if metrics_urls:  # the server's own count, every worker's: should equal frames_sent
             received = "acroscreen_frames_received_total"
             report["server_frames_received"] = round(after.get(received, 0.0) - before.get(received, 0.0))
+            report["server_frames_received_per_worker"] = [  # how evenly the kernel spread the streams
+                round(a.get(received, 0.0) - b.get(received, 0.0)) for a, b in zip(after_each, before_each)
+            ]
         batches = after.get("acroscreen_inference_batch_size_count", 0) - before.get("acroscreen_inference_batch_size_count", 0)
         if batches:
             faces = after["acroscreen_inference_batch_size_sum"] - before.get("acroscreen_inference_batch_size_sum", 0)

@@ -37,7 +37,7 @@ from .frontalize import (
 from .landmarks import LandmarkFitter
 from .pose import estimate_pose, roll_deg
 from .quality import QualityInputs, QualitySettings, assess
-from .tracking import FaceTracker, TrackedSubject, box_from_landmarks, centre_jump, iou
+from .tracking import FaceTracker, SearchMiss, TrackedSubject, box_from_landmarks, centre_jump, iou
 from .types import (
     Box,
     Detection,
@@ -75,6 +75,13 @@ class PreprocessSettings:
     # A scheduled keyframe of a followed face looks for faces at least this fraction of its width:
     # the cascade's small scales cost the most, and a much smaller face is not a new subject.
     keyframe_min_face_ratio: float = 0.7
+    # While no face is found, the n-th miss in a row defers the next search by min(n, this) frames,
+    # as long as the scene looks the same as at the last search: no 4×4-cell block of the frames'
+    # 24×24 brightness-normalised grey thumbnails differs by ``scene_change`` grey levels or more
+    # (two different photographs: ≥ 80; a face stepping into a still room: ~40; sensor noise: < 1).
+    # 1 = search every frame.
+    max_search_gap: int = 10
+    scene_change: float = 25.0
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)
@@ -113,7 +120,7 @@ class PreprocessSettings:
         }
 
     def new_tracker(self) -> FaceTracker:
-        return FaceTracker(self.keyframe_interval)
+        return FaceTracker(self.keyframe_interval, self.max_search_gap)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -171,6 +178,16 @@ class FacePreprocessor:
                 tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
                 return tracked
             tracker.lost()
+        if tracker is not None and tracker.last_miss is not None:
+            miss = tracker.last_miss
+            changed = scene_difference(scene_thumbnail(image_bgr), miss.scene) >= self.settings.scene_change
+            if not changed and tracker.defer_search():
+                return dataclasses.replace(
+                    _rejected(miss.reason, f"{miss.detail} (the scene is unchanged since that search, "
+                                           f"{tracker.frames_since_search} frame(s) ago; searching every "
+                                           f"{tracker.search_gap} frames until a face is found)"),
+                    keyframe=False,
+                )
         return self._detect(image_bgr, tracker)
 
     def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
@@ -239,13 +256,14 @@ class FacePreprocessor:
                 detail=analysis.detail or "the followed face does not pass as a frontal face now",
             )
         if not verified:
-            if tracker is not None:
-                tracker.missed()
             small = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL]
-            if small:  # too few pixels to verify, and too few to use: say so rather than "no face"
-                return small[0]
+            # Too few pixels to verify, and too few to use: say so rather than "no face".
             detail = "no face found" if not faces else f"{len(faces)} detector hit(s), none is a face when aligned"
-            return _rejected(RejectReason.NO_FACE, detail)
+            missed = small[0] if small else _rejected(RejectReason.NO_FACE, detail)
+            if tracker is not None:
+                assert missed.rejection is not None
+                tracker.missed(SearchMiss(missed.rejection, missed.detail, scene_thumbnail(image)))
+            return missed
         (box, confidence), analysis, evidence = verified[0]
         analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))
         if tracker is not None:
@@ -388,6 +406,26 @@ def _appearance(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.nd
     patch = cv2.warpAffine(image, small, (_APPEARANCE_SIDE, _APPEARANCE_SIDE), flags=cv2.INTER_AREA)
     grey = (cv2.cvtColor(patch, cv2.COLOR_BGR2GRAY) if patch.ndim == 3 else patch).astype(np.float32)
     return (grey - grey.mean()) / (grey.std() + 1e-3)
+
+
+_SCENE_SIDE = 24
+
+
+def scene_thumbnail(image: np.ndarray) -> np.ndarray:
+    """The whole frame as a tiny brightness-normalised grey image: enough to tell a changed scene."""
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    small = cv2.resize(grey, (_SCENE_SIDE, _SCENE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return small - small.mean()
+
+
+def scene_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest mean absolute difference (grey levels) over the 6×6 blocks of two scene thumbnails.
+
+    Blocks, not the whole frame: a face stepping into one side of a still room changes a
+    few blocks a lot and the frame's mean a little.
+    """
+    blocks = np.abs(a - b).reshape(6, _SCENE_SIDE // 6, 6, _SCENE_SIDE // 6).mean(axis=(1, 3))
+    return float(blocks.max())
 
 
 class _StageClock:

@@ -9,7 +9,10 @@ silently; the face count is reported. A scheduled keyframe of a followed face
 looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
 width): the cascade's small scales are most of its cost, so a face much smaller
 than the subject is counted only once tracking is lost and the whole range is
-searched. When the subject is gone and a face appears elsewhere (more than
+searched. While no face is found, searches back off (the n-th miss in a row waits
+min(n, ``max_search_gap``) frames) as long as the scene looks the same as at the
+last search: a camera on an empty room costs a fraction of a search a frame, and a
+changed scene (a new photograph, someone stepping in) is searched at once. When the subject is gone and a face appears elsewhere (more than
 ``max_subject_jump`` face widths away), that frame is rejected FACE_CHANGED once
 and the new face is followed from then on. A different person in the same place
 cannot be told apart: there is no identity embedding here. The tracker only holds
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .frontalize import CANONICAL_EYE_DISTANCE, CANONICAL_EYE_LINE, eye_centres
-from .types import Box
+from .types import Box, RejectReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,27 +43,53 @@ class TrackedSubject:
     appearance: np.ndarray | None = field(default=None, compare=False)  # normalised aligned patch at the keyframe
 
 
+@dataclass(frozen=True, slots=True)
+class SearchMiss:
+    """The last search that found no usable face: why, and the scene it looked at."""
+
+    reason: RejectReason
+    detail: str
+    scene: np.ndarray = field(repr=False, compare=False)  # small grey thumbnail, see preprocess.scene_thumbnail
+
+
 class FaceTracker:
     """State of one stream: the subject, and when the next detection is due. Not thread-safe."""
 
-    def __init__(self, keyframe_interval: int = 5) -> None:
-        if keyframe_interval < 1:
-            raise ValueError(f"keyframe_interval must be >= 1, got {keyframe_interval}")
+    def __init__(self, keyframe_interval: int = 5, max_search_gap: int = 1) -> None:
+        if keyframe_interval < 1 or max_search_gap < 1:
+            raise ValueError(f"keyframe_interval and max_search_gap must be >= 1, got {keyframe_interval}, {max_search_gap}")
         self.keyframe_interval = keyframe_interval
+        self.max_search_gap = max_search_gap
         self.subject: TrackedSubject | None = None
         self._since_keyframe = 0
         self._lost = True
         self.misses = 0  # keyframes in a row that found no face
+        self.last_miss: SearchMiss | None = None
+        self.frames_since_search = 0  # frames whose search was deferred since the last miss
 
     @property
     def rotation_search_due(self) -> bool:
         """Search rotated copies only now and then while no face is found: it costs two more detections."""
         return self.misses % self.keyframe_interval == 0
 
-    def missed(self) -> None:
+    def missed(self, miss: SearchMiss) -> None:
         """A keyframe found no usable face."""
         self.misses += 1
         self._lost = True
+        self.last_miss = miss
+        self.frames_since_search = 0
+
+    @property
+    def search_gap(self) -> int:
+        """Frames from one search to the next while no face is found: grows by one a miss."""
+        return min(self.misses, self.max_search_gap)
+
+    def defer_search(self) -> bool:
+        """Count a frame of an unchanged scene towards the next search; True while that search is not due."""
+        if self.last_miss is None or self.frames_since_search + 1 >= self.search_gap:
+            return False
+        self.frames_since_search += 1
+        return True
 
     @property
     def following(self) -> bool:
@@ -76,6 +105,7 @@ class FaceTracker:
         """A detection (re)established the subject."""
         self.subject = subject
         self.misses = 0
+        self.last_miss = None
         self._since_keyframe = 1
         self._lost = False
 
@@ -89,12 +119,6 @@ class FaceTracker:
     def lost(self) -> None:
         """Tracking failed or no face: detect on the next frame; the last subject stays remembered."""
         self._lost = True
-
-    def reset(self) -> None:
-        """Forget the subject (a new stream or an acknowledged change of person)."""
-        self.subject = None
-        self._lost = True
-        self._since_keyframe = 0
 
 
 def box_from_landmarks(landmarks: np.ndarray) -> Box:

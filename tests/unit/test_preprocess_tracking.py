@@ -132,3 +132,49 @@ def test_second_face_does_not_take_over_and_a_new_face_is_flagged(preprocessor: 
     assert "different face" in analyses[changed].detail
     for analysis in analyses[changed + 1 :]:  # then B is followed
         assert analysis.accepted and analysis.detection is not None and analysis.detection.box.center[0] > 500
+
+
+class CountingDetector(HaarFaceDetector):
+    """The real cascade, counting its searches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.searches = 0
+
+    def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
+        self.searches += 1
+        return super().detect_all(image_bgr, min_face_px)
+
+
+def test_an_unchanged_empty_scene_is_searched_less_and_less_often() -> None:
+    detector = CountingDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings(roll_search_deg=()), detector)
+    empty = cv2.resize(cv2.imread(str(DATA / "faces" / "none" / "coffee.jpg")), (1000, 560))
+    tracker = preprocessor.settings.new_tracker()
+    rng = np.random.default_rng(0)  # sensor noise: the scene is the same, the pixels are not
+    frames = [np.clip(empty + rng.normal(0, 3, empty.shape), 0, 255).astype(np.uint8) for _ in range(30)]
+    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    assert all(a.rejection is RejectReason.NO_FACE for a in analyses)
+    searched = [a.keyframe for a in analyses]
+    # The n-th miss in a row waits min(n, max_search_gap) frames: searches at 0, 1, 3, 6, 10, 15, 21, 28.
+    assert [i for i, s in enumerate(searched) if s] == [0, 1, 3, 6, 10, 15, 21, 28]
+    assert detector.searches == 8
+    assert all("unchanged" in a.detail for a, s in zip(analyses, searched) if not s)
+
+    person = cv2.imread(str(DATA / "faces" / "identities" / "John_Rosa" / "2.jpg"))
+    arrived = preprocessor.analyze(paste(empty, person, 40, 150), tracker)  # the scene changed: searched at once
+    assert arrived.keyframe and arrived.accepted, arrived.detail
+    assert detector.searches == 9
+
+
+def test_a_stream_of_different_photographs_is_searched_every_frame() -> None:
+    """Photo sets sent as a stream: each photograph is a new scene, so none waits for a search."""
+    detector = CountingDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings(roll_search_deg=()), detector)
+    photos = [cv2.imread(str(p)) for p in sorted((DATA / "faces" / "none").glob("*.jpg"))[:5]]
+    photos.append(cv2.imread(str(DATA / "faces" / "identities" / "John_Rosa" / "2.jpg")))
+    tracker = preprocessor.settings.new_tracker()
+    analyses = [preprocessor.analyze(photo, tracker) for photo in photos]
+    assert detector.searches == len(photos)
+    assert all(a.keyframe for a in analyses)
+    assert analyses[-1].accepted, analyses[-1].detail
