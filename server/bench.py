@@ -304,8 +304,8 @@ class _ProcessProbe:
         }
 
 
-def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str]]:
-    """The server as a subprocess: its gRPC target and every worker's /metrics URL."""
+def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str], list[str]]:
+    """The server as a subprocess: its gRPC target, the workers' /metrics URLs and the model process's."""
     from .config import Settings
 
     workers = Settings.load(argv=list(config.server_args)).workers
@@ -314,29 +314,32 @@ def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert process.stdout is not None
-    metrics_urls = []
+    metrics_urls, model_ports = [], []
     for line in process.stdout:  # each worker reports the shared port and a metrics port of its own
+        model = re.search(r"model process ready \(metrics :(\d+)\)", line)  # with --workers > 1
+        if model:
+            model_ports.append(model.group(1))
         match = re.search(r"serving on ([\d.]+):(\d+) \(metrics :(\d+)\)", line)
         if match:
             host, port, metrics = match.groups()
             metrics_urls.append(f"http://{host}:{metrics}/metrics")
             if len(metrics_urls) == workers:
-                return process, f"{host}:{port}", metrics_urls
+                return process, f"{host}:{port}", metrics_urls, [f"http://{host}:{p}/metrics" for p in model_ports]
     raise RuntimeError("the benchmark server did not start (try `acroscreen serve` by hand)")
 
 
 def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
     process = None
     if config.server is None:
-        process, target, metrics_urls = _start_server(config)
+        process, target, metrics_urls, model_urls = _start_server(config)
     else:
-        target, metrics_urls = config.server, [u for u in (config.metrics_url or "").split(",") if u]
+        target, metrics_urls, model_urls = config.server, [u for u in (config.metrics_url or "").split(",") if u], []
     probe = _ProcessProbe(process.pid) if process else None
     try:
         with ScreeningClient(target, timeout_s=30) as client:
             client.wait_until_serving(120)
             model = client.model_info().model
-        before_each = [_scrape(url) for url in metrics_urls]
+        before_each = [_scrape(url) for url in metrics_urls + model_urls]
         before = _sum_scrapes(before_each)
         cpu_before = probe.cpu_seconds() if probe else 0.0
         if probe:
@@ -345,7 +348,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         deadline = started + config.duration_s
         stats = _run_load(target, clips, config, deadline)
         elapsed = time.monotonic() - started
-        after_each = [_scrape(url) for url in metrics_urls]
+        after_each = [_scrape(url) for url in metrics_urls + model_urls]
         after = _sum_scrapes(after_each)
         report = {
             "target": target,
@@ -369,7 +372,8 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
             received = "acroscreen_frames_received_total"
             report["server_frames_received"] = round(after.get(received, 0.0) - before.get(received, 0.0))
             report["server_frames_received_per_worker"] = [  # how evenly the kernel spread the streams
-                round(a.get(received, 0.0) - b.get(received, 0.0)) for a, b in zip(after_each, before_each)
+                round(a.get(received, 0.0) - b.get(received, 0.0))
+                for a, b in zip(after_each[: len(metrics_urls)], before_each)
             ]
         batches = after.get("acroscreen_inference_batch_size_count", 0) - before.get("acroscreen_inference_batch_size_count", 0)
         if batches:

@@ -5,17 +5,22 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from . import logs
 from .config import Settings
 from .errors import AcroscreenError, ModelError
 from .metrics import Metrics
+from .service.model_process import ModelLink
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
 
@@ -45,12 +50,12 @@ class RunningServer:
             close()
 
 
-def start(settings: Settings) -> RunningServer:
+def start(settings: Settings, model_link: ModelLink | None = None) -> RunningServer:
     """Listen at once (health NOT_SERVING), load and warm the model, then serve.
 
-    A worker of several (`workers` > 1) loads first and listens after: with
-    SO_REUSEPORT the kernel hands connections to every listening process, so a
-    worker must not listen before it can serve.
+    A worker of several (`workers` > 1) sends its crops to the model process over
+    `model_link`, loads first and listens after: with SO_REUSEPORT the kernel hands
+    connections to every listening process, so a worker must not listen before it can serve.
     """
     from prometheus_client import start_http_server
 
@@ -68,7 +73,7 @@ def start(settings: Settings) -> RunningServer:
         closers.append(httpd.shutdown)
         closers.append(httpd.server_close)
     try:
-        service, stop_batcher = _build_service(settings, metrics)
+        service, stop_batcher = _build_service(settings, metrics, model_link)
     except Exception:
         if grpc_server is not None:
             grpc_server.stop(0)
@@ -101,19 +106,15 @@ def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.
     return untrained_weights()
 
 
-def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
+def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
+    """The weights, and a started batcher in front of the warmed model (this process's)."""
     import cv2
     import torch
 
     from .runtime.cuda_graphs import powers_of_two_up_to
-    from .runtime.decode import DecodeLimits
-    from .runtime.landmarks import LICENCE_NOTICES
     from .runtime.model import SeverityModel
-    from .runtime.preprocess import FacePreprocessor, PreprocessSettings
     from .service.batcher import BatcherConfig, DynamicBatcher
-    from .service.pipeline import FrameAnalyzer, model_batch_runner
-    from .service.session import StreamLimits
-    from .service.types import ModelInfo, ModelRef, PreprocessingInfo
+    from .service.pipeline import model_batch_runner
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -127,9 +128,6 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     log.info("model %s %s (%s) sha256=%s on %s in %s, CUDA graphs for batch sizes %s", card.name, card.version,
              card.kind, weights.sha256 or "-", settings.device, model.precision, model.graph_batch_sizes or "none")
     model.warmup()
-
-    preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)
-    preprocessor = FacePreprocessor(preprocess_settings)
     batcher = DynamicBatcher(
         model_batch_runner(model.predict),
         BatcherConfig(
@@ -140,6 +138,33 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
         metrics,
     )
     batcher.start()
+    return weights, batcher
+
+
+def _build_service(settings: Settings, metrics: Metrics, model_link: ModelLink | None):  # noqa: ANN202
+    import cv2
+
+    from .runtime.decode import DecodeLimits
+    from .runtime.landmarks import LICENCE_NOTICES
+    from .runtime.preprocess import FacePreprocessor, PreprocessSettings
+    from .service.model_process import ModelProcessClient
+    from .service.pipeline import FrameAnalyzer
+    from .service.session import StreamLimits
+    from .service.types import ModelInfo, ModelRef, PreprocessingInfo
+
+    if model_link is None:
+        weights, batcher = _load_model(settings, metrics)
+        model_queue, stop_model = batcher, batcher.stop
+    else:  # the card only: the model runs in the model process
+        cv2.setNumThreads(settings.opencv_threads)
+        weights = load_model_weights(settings)
+        size = weights.card.preprocessing.input_size
+        client = ModelProcessClient(model_link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
+        client.start()
+        model_queue, stop_model = client, client.stop
+    card = weights.card
+    preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)
+    preprocessor = FacePreprocessor(preprocess_settings)
     p = card.preprocessing
     info = ModelInfo(
         model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=weights.sha256),
@@ -160,7 +185,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
     )
     analyzer = FrameAnalyzer(
         preprocessor=preprocessor,
-        batcher=batcher,
+        batcher=model_queue,
         decode_limits=DecodeLimits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_frame_pixels),
         metrics=metrics,
     )
@@ -180,7 +205,7 @@ def _build_service(settings: Settings, metrics: Metrics):  # noqa: ANN202
         update_every_frames=settings.update_every_frames,
         min_frames_for_score=settings.min_frames_for_score,
     )
-    return service, batcher.stop
+    return service, stop_model
 
 
 def limit_malloc_arenas(arenas: int) -> None:
@@ -202,11 +227,12 @@ def limit_malloc_arenas(arenas: int) -> None:
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish.
 
-    With `workers` > 1, that many processes are forked before any thread or server
-    starts and share the port through SO_REUSEPORT (the kernel spreads connections
-    across them), so decoding, detection and landmarks escape one interpreter's GIL;
-    each worker has its own model, batcher and metrics port. The parent only forwards
-    signals and waits.
+    With `workers` > 1, a model process and then that many workers are forked before
+    any thread or server starts. The workers share the port through SO_REUSEPORT (the
+    kernel spreads connections across them), so decoding, detection and landmarks
+    escape one interpreter's GIL; they send their crops to the one model (one CUDA
+    context, batches across every worker's streams). Each process has a metrics port
+    of its own. The parent only forwards signals and waits.
     """
     logs.configure(settings.log_level, settings.log_json)
     limit_malloc_arenas(settings.malloc_arenas)
@@ -215,12 +241,12 @@ def serve(settings: Settings) -> int:
     return _serve_one(settings)
 
 
-def _serve_one(settings: Settings) -> int:
+def _serve_one(settings: Settings, model_link: ModelLink | None = None) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        running = start(settings)
+        running = start(settings, model_link)
     except AcroscreenError as error:
         log.error("cannot start: %s", error)
         return 1
@@ -234,37 +260,134 @@ def _serve_one(settings: Settings) -> int:
     return 0
 
 
+def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) -> int:
+    """The model process: one model and one batcher for every worker's crops, until SIGTERM or all workers leave."""
+    from prometheus_client import start_http_server
+
+    from .service.model_process import ModelProcessServer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which drain first
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    metrics = Metrics()
+    metrics_port = -1
+    if settings.metrics_port >= 0:
+        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+    try:
+        weights, batcher = _load_model(settings, metrics)
+    except AcroscreenError as error:
+        log.error("cannot start the model process: %s", error)
+        return 1
+    size = weights.card.preprocessing.input_size
+    server = ModelProcessServer(links, batcher, (size, size, 3))
+    server.start()
+    metrics.model_ready.set(1)
+    print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
+    ready.send_bytes(b"ready")
+    ready.close()
+    while not stop_requested.wait(0.2) and server.serving:
+        pass
+    batcher.stop()
+    return 0
+
+
 def _supervise(settings: Settings) -> int:
-    """Fork the workers on one concrete port; forward SIGTERM/SIGINT; exit 0 when all drained."""
+    """Fork the model process, then the workers on one concrete port; forward SIGTERM/SIGINT to the
+    workers, stop the model process once they have drained; exit 0 when all ended cleanly."""
     port = settings.port or _free_port(settings.host)
-    torch_threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
-    children = []
+    cores = os.cpu_count() or 1
+    links = [ModelLink.create() for _ in range(settings.workers)]
+    ready_in, ready_out = multiprocessing.Pipe(duplex=False)
+
+    def port_of(index: int) -> int:
+        return settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
+
+    model_settings = dataclasses.replace(settings, metrics_port=port_of(settings.workers),
+                                         torch_threads=settings.torch_threads or max(1, cores // 2))
+    model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
+                      close=[ready_in, *(end for link in links for end in link.worker_ends)])
+    ready_out.close()
+    if not _wait_ready(ready_in, model_pid):
+        return 1
+    ready_in.close()
+    workers = []
     for index in range(settings.workers):
-        metrics_port = settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
-        worker = dataclasses.replace(settings, port=port, metrics_port=metrics_port, torch_threads=torch_threads)
-        pid = os.fork()
-        if pid == 0:  # the child: a complete server of its own
-            code = 1
-            try:
-                code = _serve_one(worker)
-            finally:
-                os._exit(code)
-        children.append(pid)
+        worker = dataclasses.replace(settings, port=port, metrics_port=port_of(index), torch_threads=1)
+        others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
+        workers.append(_fork(lambda: _serve_one(worker, links[index]), close=[*links[index].model_ends, *others]))
+    for link in links:
+        for end in (*link.worker_ends, *link.model_ends):
+            end.close()
+
+    stopping = threading.Event()
+
     def forward(signum: int, _frame: object) -> None:
-        for pid in children:
+        stopping.set()
+        for pid in workers:
             _signal(pid, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    codes = []
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
+    codes = {}
+    running = set(workers)
+    while running:
+        pid, status = os.wait()
         code = os.waitstatus_to_exitcode(status)
-        codes.append(code)
+        if pid == model_pid:  # it ends by itself once every worker has closed its link
+            codes[pid] = code if stopping.is_set() else code or 1
+            model_pid = 0
+            if not stopping.is_set():
+                log.error("the model process ended (exit %d) while workers were serving: stopping them", code)
+                forward(signal.SIGTERM, None)
+            continue
+        running.discard(pid)
+        codes[pid] = code
         if code != 0:  # one worker failed: stop the others rather than serve at part strength silently
-            for other in children:
-                _signal(other, signal.SIGTERM)
-    return 0 if all(code == 0 for code in codes) else 1
+            forward(signal.SIGTERM, None)
+    if model_pid:
+        _signal(model_pid, signal.SIGTERM)
+        _, status = os.waitpid(model_pid, 0)
+        codes[model_pid] = os.waitstatus_to_exitcode(status)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+def _fork(body: Callable[[], int], close: list[Connection]) -> int:
+    """A child process that closes the pipe ends it must not hold, runs `body` and exits with its code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _stop_with_parent()
+            for end in close:
+                end.close()
+            code = body()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this process when the supervisor dies (even by SIGKILL), so no worker outlives it."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive the supervisor", ctypes.get_errno())
+
+
+def _wait_ready(ready: Connection, pid: int) -> bool:
+    """Until the model process says it is ready; False if it ended first."""
+    while not ready.poll(0.2):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            log.error("the model process failed to start (exit %d)", os.waitstatus_to_exitcode(status))
+            return False
+    try:
+        return ready.recv_bytes() == b"ready"
+    except EOFError:
+        return False
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -57,13 +57,10 @@ for name, model in (("eager", eager), ("graphs", graphs)):
     print(name, "batch 64:", round(64 * 50 / (time.perf_counter() - started)), "faces/s with host copies")
 PY
 fi
-# The demo weights (47 MB) rarely fit the transfer next to the wheels: throughput needs no trained weights.
-UNTRAINED=""
-[ -f server/weights/phantom-demo.safetensors ] || UNTRAINED=--server-arg=--allow-untrained
 "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
     --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
     --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
-    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 ${WORKERS:+--server-arg=--workers=$WORKERS} $UNTRAINED \
+    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 ${WORKERS:+--server-arg=--workers=$WORKERS} \
     --out "$OUT/bench_gpu.json" 2>>"$OUT/bench.log" >/dev/null
 "$PYTHON" - "$OUT/bench_gpu.json" <<'PY' | tee -a "$OUT/bench.log"
 import json, sys

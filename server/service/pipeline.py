@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
+from typing import Protocol
 
 import numpy as np
 
-from ..errors import Overloaded
+from ..errors import ModelError, Overloaded
 from ..metrics import Metrics
 from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_image, decode_preview_grey
 from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
 from ..runtime.quality import preview_sharpness
 from ..runtime.tracking import FaceTracker
-from ..runtime.types import FaceCrop, FrameRejected, RejectReason
+from ..runtime.types import FrameRejected, RejectReason
 from .aggregator import SubjectAggregator
-from .batcher import DynamicBatcher
 from .types import FrameInput, FramePrediction, FrameStatus
 
 log = logging.getLogger(__name__)
 
 Probabilities = tuple[float, float, float]
 Deliver = Callable[[FramePrediction], None]
+
+
+class ModelQueue(Protocol):
+    """Where crops go for the model: the in-process `DynamicBatcher` or a worker's `ModelProcessClient`."""
+
+    def submit(self, item: np.ndarray, owner: Hashable = None) -> Future[Probabilities]: ...
 
 
 class FrameAnalyzer:
@@ -38,7 +44,7 @@ class FrameAnalyzer:
         self,
         *,
         preprocessor: FacePreprocessor,
-        batcher: DynamicBatcher[FaceCrop, Probabilities],
+        batcher: ModelQueue,
         decode_limits: DecodeLimits,
         metrics: Metrics,
     ) -> None:
@@ -96,12 +102,15 @@ class FrameAnalyzer:
             started = time.monotonic()
             crop = self._preprocessor.crop(image, analysis)
             stage.labels(stage="warp").observe(time.monotonic() - started)
-            future = self._batcher.submit(crop, owner=aggregator)  # one aggregator per stream
+            future = self._batcher.submit(crop.pixels, owner=aggregator)  # one aggregator per stream
         except FrameRejected as rejected:
             deliver(self._rejected(frame, aggregator, rejected.reason, rejected.detail, analysis))
             return None
         except Overloaded as overloaded:
             deliver(self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(overloaded), analysis))
+            return None
+        except ModelError as error:
+            deliver(self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, str(error), analysis))
             return None
         except Exception:  # noqa: BLE001 — a bug must cost one frame, never the stream
             log.exception("analysis of a frame failed")
@@ -163,12 +172,11 @@ class FrameAnalyzer:
         )
 
 
-def model_batch_runner(predict: Callable[..., object]) -> Callable[[Sequence[FaceCrop]], list[Probabilities]]:
+def model_batch_runner(predict: Callable[..., object]) -> Callable[[Sequence[np.ndarray]], list[Probabilities]]:
     """Adapt the model's batch predict (uint8 N×S×S×3 RGB → .probabilities N×3) to the batcher."""
 
-    def run(crops: Sequence[FaceCrop]) -> list[Probabilities]:
-        batch = np.stack([crop.pixels for crop in crops])
-        probabilities = predict(batch).probabilities  # type: ignore[attr-defined]
+    def run(crops: Sequence[np.ndarray]) -> list[Probabilities]:
+        probabilities = predict(np.stack(crops)).probabilities  # type: ignore[attr-defined]
         return [(float(p[0]), float(p[1]), float(p[2])) for p in probabilities]
 
     return run

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,35 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
 @pytest.fixture()
 def portrait_jpeg() -> bytes:
     return (Path(__file__).resolve().parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg").read_bytes()
+
+
+def _running(pid: int) -> bool:
+    """Still running: a zombie whose new parent has not reaped it yet counts as ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes in the order they were forked (Linux lists them so)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_workers_stop_when_the_model_process_dies_and_nothing_outlives_the_supervisor() -> None:
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with serving("--workers", "2", "--metrics-port", "-1", env=env) as (process, _port, _):
+        model_process, *workers = _children(process.pid)  # the model process is forked first
+        assert len(workers) == 2
+        os.kill(model_process, signal.SIGKILL)
+        assert process.wait(timeout=60) == 1  # the workers drained and the supervisor reports the failure
+        assert not any(_running(pid) for pid in workers)
+
+    with serving("--workers", "2", "--metrics-port", "-1", env=env) as (process, _port, _):
+        children = _children(process.pid)
+        process.kill()  # no chance to forward anything: the children learn from the kernel
+        process.wait()
+        deadline = time.monotonic() + 60
+        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in children)

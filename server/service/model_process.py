@@ -1,0 +1,209 @@
+"""One model for every worker process: crops travel by pipe to one inference process.
+
+With `--workers N` each worker decodes, detects, tracks and crops its own streams
+(escaping one interpreter's GIL), but the model lives in one process, so the GPU
+holds one CUDA context instead of N and batches span the streams of all workers.
+
+Each worker has a pipe pair to the model process. A request is two messages, a
+12-byte header (request id, owner key) and the crop's raw pixels (160×160×3 =
+75 KiB); the answer is one message, the three probabilities or an error. A pipe
+rather than shared memory: at 3,000 crops/s the two copies cost about a tenth of
+a core, and there are no slots to manage, leak or corrupt. The model process's
+`DynamicBatcher` keeps its queue policy: when full it sheds the oldest crop of the
+stream (across all workers) with the most queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import struct
+import threading
+from collections.abc import Hashable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from ..errors import ModelError, Overloaded
+from .batcher import DynamicBatcher
+from .pipeline import Probabilities
+
+log = logging.getLogger(__name__)
+
+_REQUEST = struct.Struct("<IQ")  # request id, owner key (the stream, as the worker knows it)
+_RESULT = struct.Struct("<I3f")  # request id, P(1), P(2), P(3)
+_FAILURE = struct.Struct("<I?")  # request id, overloaded? (else a model error); the message follows
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLink:
+    """One worker's two pipes to the model process; each side uses its own two ends."""
+
+    requests_out: Connection  # worker writes crops
+    requests_in: Connection  # model process reads them
+    results_out: Connection  # model process writes answers
+    results_in: Connection  # worker reads them
+
+    @classmethod
+    def create(cls) -> ModelLink:
+        requests_in, requests_out = multiprocessing.Pipe(duplex=False)
+        results_in, results_out = multiprocessing.Pipe(duplex=False)
+        return cls(requests_out, requests_in, results_out, results_in)
+
+    @property
+    def worker_ends(self) -> tuple[Connection, Connection]:
+        return self.requests_out, self.results_in
+
+    @property
+    def model_ends(self) -> tuple[Connection, Connection]:
+        """Each process closes the other side's ends after fork, so that side's exit reads as EOF."""
+        return self.requests_in, self.results_out
+
+
+class ModelProcessClient:
+    """A worker's handle on the shared model: `submit` like `DynamicBatcher.submit`, one future per crop.
+
+    At most `max_in_flight` crops wait for answers; beyond that a crop fails at once
+    with Overloaded (the worker's share of the model queue is full). If the model
+    process goes away, every waiting and later crop fails with ModelError.
+    """
+
+    def __init__(self, link: ModelLink, crop_shape: tuple[int, int, int], max_in_flight: int) -> None:
+        self._link = link
+        self._crop_bytes = int(np.prod(crop_shape))
+        self._max_in_flight = max_in_flight
+        self._pending: dict[int, Future[Probabilities]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._gone: str | None = None
+        self._reader = threading.Thread(target=self._read_results, name="acroscreen-model-results", daemon=True)
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self) -> None:
+        self._fail_all("the worker is stopping")
+        self._link.requests_out.close()  # the model process sees EOF and forgets this worker
+        self._reader.join(timeout=5.0)
+
+    def submit(self, pixels: np.ndarray, owner: Hashable = None) -> Future[Probabilities]:
+        future: Future[Probabilities] = Future()
+        if pixels.nbytes != self._crop_bytes or pixels.dtype != np.uint8:
+            raise ValueError(f"crop of {pixels.nbytes} bytes ({pixels.dtype}), the model takes {self._crop_bytes} uint8")
+        with self._lock:
+            if self._gone is not None:
+                raise ModelError(self._gone)
+            if len(self._pending) >= self._max_in_flight:
+                raise Overloaded(f"this worker already has {self._max_in_flight} faces waiting for the model")
+            request_id = next(self._ids) & 0xFFFFFFFF
+            self._pending[request_id] = future
+        try:
+            with self._send_lock:
+                self._link.requests_out.send_bytes(_REQUEST.pack(request_id, id(owner) & 0xFFFFFFFFFFFFFFFF))
+                self._link.requests_out.send_bytes(np.ascontiguousarray(pixels).reshape(-1).data)  # 1-D: counted in bytes
+        except OSError as error:
+            self._fail_all(f"the model process is gone ({error})")
+        return future
+
+    def _read_results(self) -> None:
+        try:
+            while True:
+                message = self._link.results_in.recv_bytes()
+                request_id = struct.unpack_from("<I", message)[0]
+                with self._lock:
+                    future = self._pending.pop(request_id, None)
+                if future is None:
+                    continue
+                try:
+                    if len(message) == _RESULT.size:
+                        future.set_result(tuple(map(float, _RESULT.unpack(message)[1:])))  # type: ignore[arg-type]
+                    else:
+                        _, overloaded = _FAILURE.unpack_from(message)
+                        text = message[_FAILURE.size :].decode("utf-8", "replace")
+                        future.set_exception(Overloaded(text) if overloaded else ModelError(text))
+                except InvalidStateError:  # cancelled by its stream meanwhile
+                    pass
+        except (EOFError, OSError) as error:
+            self._fail_all(f"the model process is gone ({type(error).__name__})")
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self._gone = self._gone or reason
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                try:
+                    future.set_exception(ModelError(reason))
+                except InvalidStateError:
+                    pass
+
+
+class ModelProcessServer:
+    """In the model process: one reader thread per worker feeds the shared batcher."""
+
+    def __init__(
+        self,
+        links: list[ModelLink],
+        batcher: DynamicBatcher[np.ndarray, Probabilities],
+        crop_shape: tuple[int, int, int],
+    ) -> None:
+        self._links = links
+        self._batcher = batcher
+        self._crop_shape = crop_shape
+        self._readers = [
+            threading.Thread(target=self._serve_worker, args=(index,), name=f"acroscreen-worker-{index}", daemon=True)
+            for index in range(len(links))
+        ]
+
+    def start(self) -> None:
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def serving(self) -> bool:
+        """False once every worker has closed its pipe (stopped or died)."""
+        return any(reader.is_alive() for reader in self._readers)
+
+    def _serve_worker(self, index: int) -> None:
+        link = self._links[index]
+        send_lock = threading.Lock()
+        expected = int(np.prod(self._crop_shape))
+
+        def answer(request_id: int, done: Future[Probabilities]) -> None:
+            error = done.exception()
+            if error is None:
+                message = _RESULT.pack(request_id, *done.result())
+            else:
+                message = _FAILURE.pack(request_id, isinstance(error, Overloaded)) + str(error).encode()
+            try:
+                with send_lock:
+                    link.results_out.send_bytes(message)
+            except OSError:
+                pass  # the worker is gone; its reader below ends on EOF
+
+        try:
+            while True:
+                request_id, owner = _REQUEST.unpack(link.requests_in.recv_bytes())
+                pixels = link.requests_in.recv_bytes()
+                if len(pixels) != expected:
+                    answer(request_id, _failed(ModelError(f"crop of {len(pixels)} bytes, expected {expected}")))
+                    continue
+                crop = np.frombuffer(pixels, np.uint8).reshape(self._crop_shape)
+                try:
+                    future = self._batcher.submit(crop, owner=(index, owner))
+                except Overloaded as error:  # the model is shutting down
+                    answer(request_id, _failed(error))
+                    continue
+                future.add_done_callback(lambda done, rid=request_id: answer(rid, done))
+        except (EOFError, OSError):
+            log.info("worker %d closed its link to the model process", index)
+
+
+def _failed(error: Exception) -> Future[Probabilities]:
+    future: Future[Probabilities] = Future()
+    future.set_exception(error)
+    return future

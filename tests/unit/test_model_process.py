@@ -1,0 +1,108 @@
+"""The shared model process's protocol: crops by pipe, answers by request id, failures to every waiter.
+
+Both ends run here in one process (threads instead of forked processes); the pipes,
+the batcher and the model are the real ones.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from acroscreen.server.errors import ModelError, Overloaded
+from acroscreen.server.metrics import Metrics
+from acroscreen.server.runtime.model import SeverityModel
+from acroscreen.server.runtime.weights import untrained_weights
+from acroscreen.server.service.batcher import BatcherConfig, DynamicBatcher
+from acroscreen.server.service.model_process import ModelLink, ModelProcessClient, ModelProcessServer
+from acroscreen.server.service.pipeline import model_batch_runner
+
+SHAPE = (160, 160, 3)
+
+
+@pytest.fixture(scope="module")
+def model() -> SeverityModel:
+    weights = untrained_weights(0)
+    return SeverityModel(weights.net, weights.card, "cpu", "fp32")
+
+
+def _serve(links: list[ModelLink], run, metrics: Metrics, **config) -> DynamicBatcher:
+    batcher = DynamicBatcher(run, BatcherConfig(**config), metrics)
+    batcher.start()
+    ModelProcessServer(links, batcher, SHAPE).start()
+    return batcher
+
+
+def test_crops_of_two_workers_share_batches_and_get_their_own_answers(model: SeverityModel) -> None:
+    links = [ModelLink.create(), ModelLink.create()]
+    metrics = Metrics()
+    batcher = _serve(links, model_batch_runner(model.predict), metrics, max_batch_size=16, max_delay_ms=200)
+    clients = [ModelProcessClient(link, SHAPE, max_in_flight=16) for link in links]
+    for client in clients:
+        client.start()
+    crops = np.random.default_rng(1).integers(0, 256, (8, *SHAPE), dtype=np.uint8)
+    futures = [clients[i % 2].submit(crop, owner=f"stream-{i % 3}") for i, crop in enumerate(crops)]
+    answers = np.array([future.result(timeout=60) for future in futures])
+    expected = model.predict(crops).probabilities
+    np.testing.assert_allclose(answers, expected, atol=1e-4)  # each answer is its own crop's, in any order
+    batch_count = metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in batch_count if s.name.endswith("_count"))
+    assert count < 8  # crops of both workers went through the model together
+    for client in clients:
+        client.stop()
+    batcher.stop()
+
+
+def test_a_worker_full_of_waiting_crops_is_told_at_once() -> None:
+    link = ModelLink.create()
+    release = threading.Event()
+
+    def slow(crops):
+        release.wait(30)
+        return [(1.0, 0.0, 0.0)] * len(crops)
+
+    batcher = _serve([link], slow, Metrics(), max_batch_size=1, max_delay_ms=0)
+    client = ModelProcessClient(link, SHAPE, max_in_flight=2)
+    client.start()
+    crop = np.zeros(SHAPE, np.uint8)
+    waiting = [client.submit(crop), client.submit(crop)]
+    with pytest.raises(Overloaded, match="2 faces waiting"):
+        client.submit(crop)
+    release.set()
+    assert [f.result(timeout=30) for f in waiting] == [(1.0, 0.0, 0.0)] * 2
+    client.submit(crop).result(timeout=30)  # room again
+    client.stop()
+    batcher.stop()
+
+
+def test_model_errors_reach_the_worker_and_a_lost_model_process_fails_every_crop() -> None:
+    link = ModelLink.create()
+    hold = threading.Event()
+
+    def failing(crops):
+        hold.wait(30)
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    batcher = _serve([link], failing, Metrics(), max_batch_size=1, max_delay_ms=0)
+    client = ModelProcessClient(link, SHAPE, max_in_flight=8)
+    client.start()
+    crop = np.zeros(SHAPE, np.uint8)
+    first = client.submit(crop)
+    hold.set()
+    with pytest.raises(ModelError, match="illegal memory access"):
+        first.result(timeout=30)
+    with pytest.raises(ValueError, match="the model takes"):
+        client.submit(np.zeros((80, 80, 3), np.uint8))
+
+    hold.clear()
+    waiting = client.submit(crop)
+    for end in link.model_ends:  # the model process dies: its ends close
+        end.close()
+    with pytest.raises(ModelError, match="model process is gone"):
+        waiting.result(timeout=30)
+    with pytest.raises(ModelError, match="model process is gone"):
+        client.submit(crop)
+    hold.set()
+    client.stop()
+    batcher.stop()
