@@ -76,12 +76,13 @@ class PreprocessSettings:
     # the cascade's small scales cost the most, and a much smaller face is not a new subject.
     keyframe_min_face_ratio: float = 0.7
     # While no face is found, the n-th miss in a row defers the next search by min(n, this) frames,
-    # as long as the scene looks the same as at the last search: no 4×4-cell block of the frames'
-    # 24×24 brightness-normalised grey thumbnails differs by ``scene_change`` grey levels or more
-    # (two different photographs: ≥ 80; a face stepping into a still room: ~40; sensor noise: < 1).
-    # 1 = search every frame.
+    # unless the frame is a different picture from the last one searched: a 4×4-cell block of the
+    # frames' 24×24 brightness-normalised grey thumbnails differs by ``scene_change`` grey levels
+    # or more (two different photographs: ≥ 80 in our data, so a photo set streamed as frames is
+    # searched photo by photo; a moving camera: mostly < 50; a face stepping into a still room:
+    # ~40, found at the next scheduled search). 1 = search every frame.
     max_search_gap: int = 10
-    scene_change: float = 25.0
+    scene_change: float = 60.0
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)

@@ -10,9 +10,10 @@ looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
 width): the cascade's small scales are most of its cost, so a face much smaller
 than the subject is counted only once tracking is lost and the whole range is
 searched. While no face is found, searches back off (the n-th miss in a row waits
-min(n, ``max_search_gap``) frames) as long as the scene looks the same as at the
-last search: a camera on an empty room costs a fraction of a search a frame, and a
-changed scene (a new photograph, someone stepping in) is searched at once. When the subject is gone and a face appears elsewhere (more than
+min(n, ``max_search_gap``) frames) unless the frame is a different picture: a camera
+on an empty room or a moving camera without a usable face costs a fraction of a search
+a frame, someone stepping in is found at the next scheduled search (within a third of a
+second at 30 fps), and a new photograph is searched at once. When the subject is gone and a face appears elsewhere (more than
 ``max_subject_jump`` face widths away), that frame is rejected FACE_CHANGED once
 and the new face is followed from then on. A different person in the same place
 cannot be told apart: there is no identity embedding here. The tracker only holds
