@@ -354,11 +354,12 @@ def _supervise(settings: Settings) -> int:
 
 def _fork(body: Callable[[], int], close: list[Connection]) -> int:
     """A child process that closes the pipe ends it must not hold, runs `body` and exits with its code."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            _stop_with_parent()
+            _stop_with_parent(parent)
             for end in close:
                 end.close()
             code = body()
@@ -367,7 +368,7 @@ def _fork(body: Callable[[], int], close: list[Connection]) -> int:
     return pid
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(parent: int) -> None:
     """SIGTERM this process when the supervisor dies (even by SIGKILL), so no worker outlives it."""
     if not sys.platform.startswith("linux"):
         return
@@ -375,6 +376,8 @@ def _stop_with_parent() -> None:
     pr_set_pdeathsig = 1
     if libc.prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive the supervisor", ctypes.get_errno())
+    if os.getppid() != parent:
+        raise SystemExit("the supervisor ended before this process could ask to be stopped with it")
 
 
 def _wait_ready(ready: Connection, pid: int) -> bool:
