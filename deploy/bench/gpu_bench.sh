@@ -8,7 +8,7 @@
 #   .whl2/   grpcio, protobuf, dlib-bin, grpcio-health-checking, grpcio-reflection (cp312)
 #   .carry/bench/  clips.npz (8 clips × 60 JPEG frames) and the dlib 5-point landmark model
 # Writes $OUT/bench_gpu.json (the `acroscreen bench` report, with the GPU named) and $OUT/bench.log.
-# CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=2 DURATION=5 BASELINE=3 \
+# CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=2 DURATION=5 BASELINE=3 WORKERS=2 \
 #   OUT=/tmp/benchout bash deploy/bench/gpu_bench.sh
 set -euo pipefail
 : "${OUT:?set OUT}"
@@ -17,6 +17,7 @@ DEVICE=${DEVICE:-cuda}
 STREAMS=${STREAMS:-112}  # 112 x 30 fps = 3,360 frames/s offered: room above the 3,000 target
 DURATION=${DURATION:-45}
 BASELINE=${BASELINE:-15}
+WORKERS=${WORKERS:-12}  # worker processes for 16 cores; the load generator and the model process share them
 mkdir -p "$OUT"
 if [ "${INSTALL_OPENCV_ONLY:-0}" = 1 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
@@ -60,7 +61,7 @@ fi
 "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
     --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
     --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
-    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 ${WORKERS:+--server-arg=--workers=$WORKERS} \
+    --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 --server-arg=--workers="$WORKERS" \
     --out "$OUT/bench_gpu.json" 2>>"$OUT/bench.log" >/dev/null
 "$PYTHON" - "$OUT/bench_gpu.json" <<'PY' | tee -a "$OUT/bench.log"
 import json, sys
