@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,8 @@ from . import logs
 from .config import Settings
 from .errors import AcroscreenError, ModelError
 from .metrics import Metrics
-from .service.model_process import ModelLink
+from .runtime.card import ModelCard, card_from_metadata, card_to_metadata
+from .service.model_process import ModelLink, RemoteModel
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
 
@@ -50,11 +52,11 @@ class RunningServer:
             close()
 
 
-def start(settings: Settings, model_link: ModelLink | None = None) -> RunningServer:
+def start(settings: Settings, remote_model: RemoteModel | None = None) -> RunningServer:
     """Listen at once (health NOT_SERVING), load and warm the model, then serve.
 
-    A worker of several (`workers` > 1) sends its crops to the model process over
-    `model_link`, loads first and listens after: with SO_REUSEPORT the kernel hands
+    A worker of several (`workers` > 1) sends its crops to the model process
+    (`remote_model`), loads first and listens after: with SO_REUSEPORT the kernel hands
     connections to every listening process, so a worker must not listen before it can serve.
     """
     from prometheus_client import start_http_server
@@ -73,7 +75,7 @@ def start(settings: Settings, model_link: ModelLink | None = None) -> RunningSer
         closers.append(httpd.shutdown)
         closers.append(httpd.server_close)
     try:
-        service, stop_batcher = _build_service(settings, metrics, model_link)
+        service, stop_batcher = _build_service(settings, metrics, remote_model)
     except Exception:
         if grpc_server is not None:
             grpc_server.stop(0)
@@ -141,7 +143,7 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
     return weights, batcher
 
 
-def _build_service(settings: Settings, metrics: Metrics, model_link: ModelLink | None):  # noqa: ANN202
+def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteModel | None):  # noqa: ANN202
     import cv2
 
     from .runtime.decode import DecodeLimits
@@ -152,22 +154,22 @@ def _build_service(settings: Settings, metrics: Metrics, model_link: ModelLink |
     from .service.session import StreamLimits
     from .service.types import ModelInfo, ModelRef, PreprocessingInfo
 
-    if model_link is None:
+    if remote_model is None:
         weights, batcher = _load_model(settings, metrics)
+        card, sha256 = weights.card, weights.sha256
         model_queue, stop_model = batcher, batcher.stop
-    else:  # the card only: the model runs in the model process
+    else:  # the model runs in the model process: no torch here
         cv2.setNumThreads(settings.opencv_threads)
-        weights = load_model_weights(settings)
-        size = weights.card.preprocessing.input_size
-        client = ModelProcessClient(model_link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
+        card, sha256 = remote_model.card, remote_model.sha256
+        size = card.preprocessing.input_size
+        client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
         model_queue, stop_model = client, client.stop
-    card = weights.card
     preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)
     preprocessor = FacePreprocessor(preprocess_settings)
     p = card.preprocessing
     info = ModelInfo(
-        model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=weights.sha256),
+        model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=sha256),
         class_labels=tuple(card.labels),
         preprocessing=PreprocessingInfo(
             input_size=p.input_size,
@@ -241,12 +243,12 @@ def serve(settings: Settings) -> int:
     return _serve_one(settings)
 
 
-def _serve_one(settings: Settings, model_link: ModelLink | None = None) -> int:
+def _serve_one(settings: Settings, remote_model: RemoteModel | None = None) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        running = start(settings, model_link)
+        running = start(settings, remote_model)
     except AcroscreenError as error:
         log.error("cannot start: %s", error)
         return 1
@@ -284,7 +286,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     server.start()
     metrics.model_ready.set(1)
     print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
-    ready.send_bytes(b"ready")
+    ready.send_bytes(json.dumps({"card": card_to_metadata(weights.card), "sha256": weights.sha256}).encode())
     ready.close()
     while not stop_requested.wait(0.2) and server.serving:
         pass
@@ -308,14 +310,16 @@ def _supervise(settings: Settings) -> int:
     model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
                       close=[ready_in, *(end for link in links for end in link.worker_ends)])
     ready_out.close()
-    if not _wait_ready(ready_in, model_pid):
-        return 1
+    card_and_hash = _wait_ready(ready_in, model_pid)
     ready_in.close()
+    if card_and_hash is None:
+        return 1
     workers = []
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=port_of(index), torch_threads=1)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
-        workers.append(_fork(lambda: _serve_one(worker, links[index]), close=[*links[index].model_ends, *others]))
+        remote = RemoteModel(links[index], *card_and_hash)
+        workers.append(_fork(lambda: _serve_one(worker, remote), close=[*links[index].model_ends, *others]))
     for link in links:
         for end in (*link.worker_ends, *link.model_ends):
             end.close()
@@ -380,17 +384,18 @@ def _stop_with_parent(parent: int) -> None:
         raise SystemExit("the supervisor ended before this process could ask to be stopped with it")
 
 
-def _wait_ready(ready: Connection, pid: int) -> bool:
-    """Until the model process says it is ready; False if it ended first."""
+def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str] | None:
+    """Until the model process reports its model card and file hash; None if it ended first."""
     while not ready.poll(0.2):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             log.error("the model process failed to start (exit %d)", os.waitstatus_to_exitcode(status))
-            return False
+            return None
     try:
-        return ready.recv_bytes() == b"ready"
+        report = json.loads(ready.recv_bytes())
     except EOFError:
-        return False
+        return None
+    return card_from_metadata(report["card"]), str(report["sha256"])
 
 
 def _signal(pid: int, signum: int) -> None:

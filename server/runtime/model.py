@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from acroscreen.server.runtime.weights import ModelCard
+    from acroscreen.server.runtime.card import ModelCard
 
 log = logging.getLogger(__name__)
 

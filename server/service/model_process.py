@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from ..errors import ModelError, Overloaded
+from ..runtime.card import ModelCard
 from .batcher import DynamicBatcher
 from .pipeline import Probabilities
 
@@ -61,6 +62,15 @@ class ModelLink:
     def model_ends(self) -> tuple[Connection, Connection]:
         """Each process closes the other side's ends after fork, so that side's exit reads as EOF."""
         return self.requests_in, self.results_out
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteModel:
+    """What a worker holds of the model process's model: the link, and the card and file hash it reported."""
+
+    link: ModelLink
+    card: ModelCard
+    sha256: str
 
 
 class ModelProcessClient:

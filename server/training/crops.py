@@ -94,7 +94,7 @@ def current_preprocessing() -> dict[str, object]:
     from dataclasses import asdict
 
     from ..runtime.preprocess import PreprocessSettings
-    from ..runtime.weights import Preprocessing
+    from ..runtime.card import Preprocessing
 
     return asdict(Preprocessing(**PreprocessSettings().card_fields()))
 

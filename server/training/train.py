@@ -35,14 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.model import SeverityNet, center_loss
-from ..runtime.weights import (
-    KINDS,
-    ModelCard,
-    Preprocessing,
-    load_weights,
-    read_facenet_checkpoint,
-    save_weights,
-)
+from ..runtime.card import KINDS, ModelCard, Preprocessing
+from ..runtime.weights import load_weights, read_facenet_checkpoint, save_weights
 from .crops import CropSet, load_or_build_crops
 
 _PHANTOM_SUFFIX = re.compile(r"-L[123]$")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -106,6 +107,10 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
                 frames = [FrameData(portrait_jpeg, ImageKind.JPEG, index=i) for i in range(3)]
                 results.append(client.screen(frames, ScreenOptions(subject_id=subject, analyze_every_frame=True)))
         assert [r.frames_analyzed for r in results] == [3, 3, 3]
+        with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60) as client:  # the card the model process reported
+            model = client.model_info().model
+        shipped = Path(__file__).resolve().parents[2] / "server" / "weights" / "phantom-demo.safetensors"
+        assert model.kind == "phantom-demo" and model.sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
 

@@ -15,7 +15,7 @@ from acroscreen.server.runtime.frontalize import (
 from acroscreen.server.runtime.landmarks import LandmarkFitter
 from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
 from acroscreen.server.runtime.types import Box
-from acroscreen.server.runtime.weights import Preprocessing
+from acroscreen.server.runtime.card import Preprocessing
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA} (CI provides it)")

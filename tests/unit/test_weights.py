@@ -16,13 +16,10 @@ from acroscreen.server.runtime.model import (
     SeverityNet,
     load_facenet_backbone,
 )
+from acroscreen.server.runtime.card import METADATA_PREFIX, ModelCard, Preprocessing, card_to_metadata
 from acroscreen.server.runtime.weights import (
-    METADATA_PREFIX,
     LoadedWeights,
-    ModelCard,
     ModelLoadError,
-    Preprocessing,
-    card_to_metadata,
     load_weights,
     read_card,
     read_facenet_checkpoint,
