@@ -211,6 +211,8 @@ class ModelProcessServer:
                 future.add_done_callback(lambda done, rid=request_id: answer(rid, done))
         except (EOFError, OSError):
             log.info("worker %d closed its link to the model process", index)
+        with send_lock:  # so the worker's reader sees EOF too and its stop() need not wait
+            link.results_out.close()
 
 
 def _failed(error: Exception) -> Future[Probabilities]:
