@@ -20,7 +20,7 @@ from pathlib import Path
 from . import logs
 from .config import Settings
 from .errors import AcroscreenError, ModelError
-from .metrics import Metrics
+from .metrics import Metrics, ProcessesSum
 from .runtime.card import ModelCard, card_from_metadata, card_to_metadata
 from .service.model_process import ModelLink, RemoteModel
 from .service.screening import ScreeningService
@@ -234,7 +234,7 @@ def serve(settings: Settings) -> int:
     kernel spreads connections across them), so decoding, detection and landmarks
     escape one interpreter's GIL; they send their crops to the one model (one CUDA
     context, batches across every worker's streams). Each process has a metrics port
-    of its own. The parent only forwards signals and waits.
+    of its own; the parent serves their sum on `metrics_port`, forwards signals and waits.
     """
     logs.configure(settings.log_level, settings.log_json)
     limit_malloc_arenas(settings.malloc_arenas)
@@ -243,7 +243,8 @@ def serve(settings: Settings) -> int:
     return _serve_one(settings)
 
 
-def _serve_one(settings: Settings, remote_model: RemoteModel | None = None) -> int:
+def _serve_one(settings: Settings, remote_model: RemoteModel | None = None, report: Connection | None = None) -> int:
+    """One server process; a worker of several tells the supervisor its metrics port through `report`."""
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
@@ -253,6 +254,9 @@ def _serve_one(settings: Settings, remote_model: RemoteModel | None = None) -> i
         log.error("cannot start: %s", error)
         return 1
     print(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})", flush=True)
+    if report is not None:
+        report.send_bytes(str(running.metrics_port).encode())
+        report.close()
     # A timed wait: the kernel may deliver the signal to one of gRPC's threads, and an
     # untimed lock wait on the main thread would then never return to run the handler.
     while not stop_requested.wait(0.2):
@@ -286,7 +290,8 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     server.start()
     metrics.model_ready.set(1)
     print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
-    ready.send_bytes(json.dumps({"card": card_to_metadata(weights.card), "sha256": weights.sha256}).encode())
+    ready.send_bytes(json.dumps({"card": card_to_metadata(weights.card), "sha256": weights.sha256,
+                                 "metrics_port": metrics_port}).encode())
     ready.close()
     while not stop_requested.wait(0.2) and server.serving:
         pass
@@ -295,34 +300,39 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
 
 
 def _supervise(settings: Settings) -> int:
-    """Fork the model process, then the workers on one concrete port; forward SIGTERM/SIGINT to the
-    workers, stop the model process once they have drained; exit 0 when all ended cleanly."""
+    """Fork the model process, then the workers on one concrete port; serve every process's
+    metrics added up on `metrics_port`; forward SIGTERM/SIGINT to the workers, let the model
+    process end once they have drained; exit 0 when all ended cleanly."""
     port = settings.port or _free_port(settings.host)
     cores = os.cpu_count() or 1
     links = [ModelLink.create() for _ in range(settings.workers)]
     ready_in, ready_out = multiprocessing.Pipe(duplex=False)
+    reports_in, reports_out = multiprocessing.Pipe(duplex=False)  # workers → here: their metrics ports
+    own_metrics = -1 if settings.metrics_port < 0 else 0  # each process on a port of its own; the sum here
 
-    def port_of(index: int) -> int:
-        return settings.metrics_port + index if settings.metrics_port > 0 else settings.metrics_port
-
-    model_settings = dataclasses.replace(settings, metrics_port=port_of(settings.workers),
+    model_settings = dataclasses.replace(settings, metrics_port=own_metrics,
                                          torch_threads=settings.torch_threads or max(1, cores // 2))
     model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
-                      close=[ready_in, *(end for link in links for end in link.worker_ends)])
+                      close=[ready_in, reports_in, reports_out, *(end for link in links for end in link.worker_ends)])
     ready_out.close()
-    card_and_hash = _wait_ready(ready_in, model_pid)
+    report = _wait_ready(ready_in, model_pid)
     ready_in.close()
-    if card_and_hash is None:
+    if report is None:
         return 1
+    card, sha256, model_metrics = report
     workers = []
     for index in range(settings.workers):
-        worker = dataclasses.replace(settings, port=port, metrics_port=port_of(index), torch_threads=1)
+        worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics, torch_threads=1)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
-        remote = RemoteModel(links[index], *card_and_hash)
-        workers.append(_fork(lambda: _serve_one(worker, remote), close=[*links[index].model_ends, *others]))
+        remote = RemoteModel(links[index], card, sha256)
+        workers.append(_fork(lambda: _serve_one(worker, remote, reports_out),
+                             close=[reports_in, *links[index].model_ends, *others]))
     for link in links:
         for end in (*link.worker_ends, *link.model_ends):
             end.close()
+    reports_out.close()
+    if settings.metrics_port >= 0:
+        _serve_metrics_sum(settings, model_metrics, reports_in)
 
     stopping = threading.Event()
 
@@ -384,8 +394,29 @@ def _stop_with_parent(parent: int) -> None:
         raise SystemExit("the supervisor ended before this process could ask to be stopped with it")
 
 
-def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str] | None:
-    """Until the model process reports its model card and file hash; None if it ended first."""
+def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connection) -> None:
+    """The supervisor's /metrics: the sum over every process (see `ProcessesSum`), workers added as they report."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::", "[::]") else settings.host.strip("[]")
+    urls = [f"http://{host}:{model_metrics}/metrics"]
+
+    def collect_reports() -> None:
+        while True:
+            try:
+                urls.append(f"http://{host}:{int(reports.recv_bytes())}/metrics")
+            except (EOFError, OSError):
+                return
+
+    threading.Thread(target=collect_reports, name="acroscreen-metrics-ports", daemon=True).start()
+    registry = CollectorRegistry()
+    registry.register(ProcessesSum(lambda: tuple(urls), expected=settings.workers + 1))
+    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    print(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)", flush=True)
+
+
+def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, int] | None:
+    """Until the model process reports its model card, file hash and metrics port; None if it ended first."""
     while not ready.poll(0.2):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -395,7 +426,7 @@ def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str] | None:
         report = json.loads(ready.recv_bytes())
     except EOFError:
         return None
-    return card_from_metadata(report["card"]), str(report["sha256"])
+    return card_from_metadata(report["card"]), str(report["sha256"]), int(report["metrics_port"])
 
 
 def _signal(pid: int, signum: int) -> None:

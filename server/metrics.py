@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -44,3 +50,43 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
         for queue in ("analysis", "inference"):
             self.queue_depth.labels(queue=queue)
+
+
+class ProcessesSum(Collector):
+    """The supervisor's /metrics with `--workers N`: every process's metrics, added up.
+
+    Counters and histograms add up; so do the gauges (streams open, queue depths), except
+    `acroscreen_model_ready`, which is the least of them and 0 until all `expected`
+    processes have reported their metrics port: ready only when every process is. A
+    process that does not answer fails the scrape rather than show a partial sum.
+    """
+
+    def __init__(self, urls: Callable[[], Sequence[str]], expected: int) -> None:
+        self._urls = urls
+        self._expected = expected
+
+    def collect(self) -> Iterator[Metric]:
+        urls = list(self._urls())
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for url in urls:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            for family in text_string_to_metric_families(text):
+                if family.name.endswith("_created"):  # creation times do not add up
+                    continue
+                families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                merged = values.setdefault(family.name, {})
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if family.name == "acroscreen_model_ready":
+                        merged[key] = min(merged.get(key, sample.value), sample.value)
+                    else:
+                        merged[key] = merged.get(key, 0.0) + sample.value
+        if len(urls) < self._expected and "acroscreen_model_ready" in values:
+            values["acroscreen_model_ready"] = {key: 0.0 for key in values["acroscreen_model_ready"]}
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+        if "acroscreen_model_ready" not in families:  # no process has reported yet
+            yield GaugeMetricFamily("acroscreen_model_ready", "1 when the model is loaded and warmed up", value=0.0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Memory soak at the CPU target load: `acroscreen serve` (demo weights, defaults) under 4 live
-# 30-fps streams for DURATION seconds; the server's RSS is sampled every 10 s.
+# 30-fps streams for DURATION seconds; the server's RSS (summed over its processes with
+# SERVER_ARGS=--workers=N; pages they share are counted in each) is sampled every 10 s.
 # Writes $OUT/soak.json: the bench report, the RSS samples, and the growth after warm-up
 # (mean RSS of the last minute against the second minute).
 #   OUT=/tmp/soak bash deploy/bench/cpu_soak.sh        # from the repository root, after `make test` set-up
@@ -14,11 +15,18 @@ log="$OUT/server.log"
 "$BIN/acroscreen" serve --port 0 --metrics-port 0 ${SERVER_ARGS:-} >"$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
-for _ in $(seq 600); do grep -q "serving on" "$log" && break; sleep 0.5; done
-ports=$(sed -n 's/.*serving on [^ ]*:\([0-9]*\) (metrics :\([0-9]*\)).*/\1 \2/p' "$log")
+# With --workers the supervisor serves every process's metrics added up: scrape that.
+for _ in $(seq 600); do
+    grep -q "serving on" "$log" && { [[ "${SERVER_ARGS:-}" != *--workers* ]] || grep -q "supervisor metrics" "$log"; } && break
+    sleep 0.5
+done
+ports=$(sed -n 's/.*serving on [^ ]*:\([0-9]*\) (metrics :\([0-9]*\)).*/\1 \2/p' "$log" | head -1)
 read -r port metrics <<<"$ports"
-(while kill -0 "$server" 2>/dev/null; do
-    echo "$(date +%s.%N) $(awk '/^VmRSS/ {print $2}' "/proc/$server/status")"
+summed=$(sed -n 's/.*supervisor metrics :\([0-9]*\).*/\1/p' "$log" | head -1)
+metrics=${summed:-$metrics}
+(while kill -0 "$server" 2>/dev/null; do  # RSS of the server and its children (workers, model process)
+    echo "$(date +%s.%N) $(cat /proc/"$server"/status $(pgrep -P "$server" | sed 's|.*|/proc/&/status|') 2>/dev/null \
+        | awk '/^VmRSS/ {kb += $2} END {print kb}')"
     sleep 10
 done) >"$OUT/rss.txt" &
 sampler=$!

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -150,3 +151,43 @@ def test_workers_stop_when_the_model_process_dies_and_nothing_outlives_the_super
         while any(_running(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(_running(pid) for pid in children)
+
+
+def test_the_supervisor_serves_every_process_metrics_added_up(portrait_jpeg: bytes) -> None:
+    """One scrape target with `--workers`: frames counted by the workers, batches by the model process."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with serving("--workers", "2", "--metrics-port", str(metrics_port), env=env) as (process, port, _):
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 60
+        while _ready(url) != 1.0:  # 1 once both workers have reported
+            assert time.monotonic() < deadline, "the summed acroscreen_model_ready never became 1"
+            time.sleep(0.2)
+        for subject in ("m-1", "m-2", "m-3"):  # new connections: the kernel may pick either worker
+            with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+                frames = [FrameData(portrait_jpeg, ImageKind.JPEG, index=i) for i in range(2)]
+                client.screen(frames, ScreenOptions(subject_id=subject, analyze_every_frame=True))
+        assert _metric(url, "acroscreen_frames_received_total") == 6.0
+        assert _metric(url, "acroscreen_frames_analyzed_total") == 6.0
+        assert _metric(url, "acroscreen_inference_batch_size_sum") == 6.0  # counted in the model process
+        assert _metric(url, "acroscreen_active_streams") == 0.0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def _ready(url: str) -> float:
+    try:
+        return _metric(url, "acroscreen_model_ready")
+    except OSError:  # the supervisor listens only once the workers are forked
+        return 0.0
