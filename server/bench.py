@@ -219,8 +219,7 @@ def _scrape(url: str) -> dict[str, float]:
             if sample.name.endswith("_bucket"):
                 continue
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            key = f"{sample.name}{{{labels}}}" if labels else sample.name
-            values[key] = values.get(key, 0.0) + sample.value
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
 
 

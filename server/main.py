@@ -110,7 +110,6 @@ def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.
 
 def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
     """The weights, and a started batcher in front of the warmed model (this process's)."""
-    import cv2
     import torch
 
     from .runtime.cuda_graphs import powers_of_two_up_to
@@ -120,9 +119,6 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    # Streams already run detection in parallel threads; OpenCV's own thread pool
-    # on top of that only oversubscribes the cores the model needs.
-    cv2.setNumThreads(settings.opencv_threads)
     weights = load_model_weights(settings)
     card = weights.card
     graph_sizes = powers_of_two_up_to(settings.max_batch_size) if settings.cuda_graphs else ()
@@ -154,12 +150,14 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     from .service.session import StreamLimits
     from .service.types import ModelInfo, ModelRef, PreprocessingInfo
 
+    # Streams already run detection in parallel threads; OpenCV's own thread pool
+    # on top of that only oversubscribes the cores the model needs.
+    cv2.setNumThreads(settings.opencv_threads)
     if remote_model is None:
         weights, batcher = _load_model(settings, metrics)
         card, sha256 = weights.card, weights.sha256
         model_queue, stop_model = batcher, batcher.stop
     else:  # the model runs in the model process: no torch here
-        cv2.setNumThreads(settings.opencv_threads)
         card, sha256 = remote_model.card, remote_model.sha256
         size = card.preprocessing.input_size
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
@@ -322,7 +320,7 @@ def _supervise(settings: Settings) -> int:
     card, sha256, model_metrics = report
     workers = []
     for index in range(settings.workers):
-        worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics, torch_threads=1)
+        worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
         remote = RemoteModel(links[index], card, sha256)
         workers.append(_fork(lambda: _serve_one(worker, remote, reports_out),

@@ -179,10 +179,11 @@ class FacePreprocessor:
                 tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
                 return tracked
             tracker.lost()
-        if tracker is not None and tracker.last_miss is not None:
+        if tracker is not None and tracker.search_can_wait:
             miss = tracker.last_miss
-            changed = scene_difference(scene_thumbnail(image_bgr), miss.scene) >= self.settings.scene_change
-            if not changed and tracker.defer_search():
+            assert miss is not None
+            if scene_difference(scene_thumbnail(image_bgr), miss.scene) < self.settings.scene_change:
+                tracker.defer_search()
                 return dataclasses.replace(
                     _rejected(miss.reason, f"{miss.detail} (the scene is unchanged since that search, "
                                            f"{tracker.frames_since_search} frame(s) ago; searching every "

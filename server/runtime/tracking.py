@@ -13,11 +13,11 @@ searched. While no face is found, searches back off (the n-th miss in a row wait
 min(n, ``max_search_gap``) frames) unless the frame is a different picture: a camera
 on an empty room or a moving camera without a usable face costs a fraction of a search
 a frame, someone stepping in is found at the next scheduled search (within a third of a
-second at 30 fps), and a new photograph is searched at once. When the subject is gone and a face appears elsewhere (more than
-``max_subject_jump`` face widths away), that frame is rejected FACE_CHANGED once
-and the new face is followed from then on. A different person in the same place
-cannot be told apart: there is no identity embedding here. The tracker only holds
-state; ``FacePreprocessor.analyze`` drives it.
+second at 30 fps), and a new photograph is searched at once. When the subject is gone
+and a face appears elsewhere (more than ``max_subject_jump`` face widths away), that
+frame is rejected FACE_CHANGED once and the new face is followed from then on. A
+different person in the same place cannot be told apart: there is no identity
+embedding here. The tracker only holds state; ``FacePreprocessor.analyze`` drives it.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ class FaceTracker:
         """Frames from one search to the next while no face is found: grows by one a miss."""
         return min(self.misses, self.max_search_gap)
 
-    def defer_search(self) -> bool:
-        """Count a frame of an unchanged scene towards the next search; True while that search is not due."""
-        if self.last_miss is None or self.frames_since_search + 1 >= self.search_gap:
-            return False
+    @property
+    def search_can_wait(self) -> bool:
+        """A search found no face lately and the next one is not due yet (unless the scene changed)."""
+        return self.last_miss is not None and self.frames_since_search + 1 < self.search_gap
+
+    def defer_search(self) -> None:
+        """This frame waits for the next search."""
         self.frames_since_search += 1
-        return True
 
     @property
     def following(self) -> bool:

@@ -101,9 +101,9 @@ class ModelProcessClient:
         self._reader.join(timeout=5.0)
 
     def submit(self, pixels: np.ndarray, owner: Hashable = None) -> Future[Probabilities]:
-        future: Future[Probabilities] = Future()
         if pixels.nbytes != self._crop_bytes or pixels.dtype != np.uint8:
             raise ValueError(f"crop of {pixels.nbytes} bytes ({pixels.dtype}), the model takes {self._crop_bytes} uint8")
+        future: Future[Probabilities] = Future()
         with self._lock:
             if self._gone is not None:
                 raise ModelError(self._gone)
@@ -183,39 +183,35 @@ class ModelProcessServer:
         send_lock = threading.Lock()
         expected = int(np.prod(self._crop_shape))
 
-        def answer(request_id: int, done: Future[Probabilities]) -> None:
-            error = done.exception()
-            if error is None:
-                message = _RESULT.pack(request_id, *done.result())
-            else:
-                message = _FAILURE.pack(request_id, isinstance(error, Overloaded)) + str(error).encode()
+        def send(message: bytes) -> None:
             try:
                 with send_lock:
                     link.results_out.send_bytes(message)
             except OSError:
                 pass  # the worker is gone; its reader below ends on EOF
 
+        def failure(request_id: int, error: BaseException) -> bytes:
+            return _FAILURE.pack(request_id, isinstance(error, Overloaded)) + str(error).encode()
+
+        def answer(request_id: int, done: Future[Probabilities]) -> None:
+            error = done.exception()
+            send(_RESULT.pack(request_id, *done.result()) if error is None else failure(request_id, error))
+
         try:
             while True:
                 request_id, owner = _REQUEST.unpack(link.requests_in.recv_bytes())
                 pixels = link.requests_in.recv_bytes()
                 if len(pixels) != expected:
-                    answer(request_id, _failed(ModelError(f"crop of {len(pixels)} bytes, expected {expected}")))
+                    send(failure(request_id, ModelError(f"crop of {len(pixels)} bytes, expected {expected}")))
                     continue
                 crop = np.frombuffer(pixels, np.uint8).reshape(self._crop_shape)
                 try:
                     future = self._batcher.submit(crop, owner=(index, owner))
                 except Overloaded as error:  # the model is shutting down
-                    answer(request_id, _failed(error))
+                    send(failure(request_id, error))
                     continue
                 future.add_done_callback(lambda done, rid=request_id: answer(rid, done))
         except (EOFError, OSError):
             log.info("worker %d closed its link to the model process", index)
         with send_lock:  # so the worker's reader sees EOF too and its stop() need not wait
             link.results_out.close()
-
-
-def _failed(error: Exception) -> Future[Probabilities]:
-    future: Future[Probabilities] = Future()
-    future.set_exception(error)
-    return future

@@ -34,6 +34,15 @@ def _serve(links: list[ModelLink], run, metrics: Metrics, **config) -> DynamicBa
     return batcher
 
 
+def _one_worker(run, max_in_flight: int) -> tuple[ModelLink, ModelProcessClient, DynamicBatcher]:
+    """One worker's client and a model side that runs every crop alone, at once."""
+    link = ModelLink.create()
+    batcher = _serve([link], run, Metrics(), max_batch_size=1, max_delay_ms=0)
+    client = ModelProcessClient(link, SHAPE, max_in_flight=max_in_flight)
+    client.start()
+    return link, client, batcher
+
+
 def test_crops_of_two_workers_share_batches_and_get_their_own_answers(model: SeverityModel) -> None:
     links = [ModelLink.create(), ModelLink.create()]
     metrics = Metrics()
@@ -55,16 +64,13 @@ def test_crops_of_two_workers_share_batches_and_get_their_own_answers(model: Sev
 
 
 def test_a_worker_full_of_waiting_crops_is_told_at_once() -> None:
-    link = ModelLink.create()
     release = threading.Event()
 
     def slow(crops):
         release.wait(30)
         return [(1.0, 0.0, 0.0)] * len(crops)
 
-    batcher = _serve([link], slow, Metrics(), max_batch_size=1, max_delay_ms=0)
-    client = ModelProcessClient(link, SHAPE, max_in_flight=2)
-    client.start()
+    _link, client, batcher = _one_worker(slow, max_in_flight=2)
     crop = np.zeros(SHAPE, np.uint8)
     waiting = [client.submit(crop), client.submit(crop)]
     with pytest.raises(Overloaded, match="2 faces waiting"):
@@ -77,16 +83,13 @@ def test_a_worker_full_of_waiting_crops_is_told_at_once() -> None:
 
 
 def test_model_errors_reach_the_worker_and_a_lost_model_process_fails_every_crop() -> None:
-    link = ModelLink.create()
     hold = threading.Event()
 
     def failing(crops):
         hold.wait(30)
         raise RuntimeError("CUDA error: an illegal memory access")
 
-    batcher = _serve([link], failing, Metrics(), max_batch_size=1, max_delay_ms=0)
-    client = ModelProcessClient(link, SHAPE, max_in_flight=8)
-    client.start()
+    link, client, batcher = _one_worker(failing, max_in_flight=8)
     crop = np.zeros(SHAPE, np.uint8)
     first = client.submit(crop)
     hold.set()
