@@ -15,6 +15,7 @@ stream (across all workers) with the most queued.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -213,5 +214,5 @@ class ModelProcessServer:
                 future.add_done_callback(lambda done, rid=request_id: answer(rid, done))
         except (EOFError, OSError):
             log.info("worker %d closed its link to the model process", index)
-        with send_lock:  # so the worker's reader sees EOF too and its stop() need not wait
-            link.results_out.close()
+        with send_lock, contextlib.suppress(OSError):  # already closed if this process is going away
+            link.results_out.close()  # so the worker's reader sees EOF too and its stop() need not wait
