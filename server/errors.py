@@ -28,6 +28,11 @@ class ModelError(AcroscreenError):
     """The model could not be loaded or failed while running."""
 
 
+INFERENCE_FAILED = "inference failed"
+"""The whole detail a client gets for a frame whose model run raised an unexpected
+exception: the exception itself is logged on the server, never sent."""
+
+
 class ConfigurationError(AcroscreenError):
     """The server's settings cannot work together (found at start, never sent to clients)."""
 

@@ -4,13 +4,17 @@ Queue + condition + one future per item (after Ray Serve's batching.py). The
 queue is bounded and never makes anyone wait: when it is full, the oldest item of
 the stream with the most items queued is shed (its future fails with Overloaded)
 to make room, so one flooding stream loses its own stale frames instead of
-starving the others, and what is analysed stays recent. A failing batch is split
-and retried so one bad item or an out-of-memory error fails only what it must.
+starving the others, and what is analysed stays recent. Cancelled items (their
+caller went away) give up their place before anyone is shed. A failing batch is
+split and retried so one bad item or an out-of-memory error fails only what it
+must; an item that fails alone gets ModelError(INFERENCE_FAILED), and the
+exception is logged once per batch, never handed to callers as text.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -18,9 +22,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ..errors import ModelError, Overloaded
+from ..errors import INFERENCE_FAILED, ModelError, Overloaded
 from ..metrics import Metrics
 from .priority import lower_current_thread_priority
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -76,6 +82,8 @@ class DynamicBatcher(Generic[Item, Result]):
         with self._condition:
             if self._stopping:
                 raise Overloaded("the model is shutting down")
+            if len(self._queue) >= self._config.queue_capacity:
+                self._drop_cancelled()
             shed = self._shed_one() if len(self._queue) >= self._config.queue_capacity else None
             self._queue.append(_Pending(item, future, time.monotonic(), owner))
             self._queued_per_owner[owner] += 1
@@ -86,6 +94,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 Overloaded(f"shed from the full inference queue ({self._config.queue_capacity} faces) for a newer frame")
             )
         return future
+
+    def _drop_cancelled(self) -> None:
+        """Free the places of items whose callers went away (the caller holds the lock)."""
+        for pending in [p for p in self._queue if p.future.cancelled()]:
+            self._queue.remove(pending)
+            self._forget(pending)
 
     def _shed_one(self) -> _Pending[Item, Result]:
         """Remove the oldest item of the owner with the most items queued (the caller holds the lock)."""
@@ -134,20 +148,31 @@ class DynamicBatcher(Generic[Item, Result]):
             self._run(batch)
 
     def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+        errors: list[Exception] = []
+        failed = self._run_or_split(batch, errors)
+        if errors:
+            first = errors[0]
+            log.error(
+                "a model batch of %d faces raised %s: %s; after retrying in smaller batches %d failed",
+                len(batch), type(first).__name__, first, failed, exc_info=first,
+            )
+
+    def _run_or_split(self, batch: list[_Pending[Item, Result]], errors: list[Exception]) -> int:
+        """Run the batch; if it raises, run each half on its own. Returns how many items failed."""
         started = time.monotonic()
         try:
             results = self._run_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise ModelError(f"model returned {len(results)} results for a batch of {len(batch)}")
         except Exception as exc:  # noqa: BLE001 — delivered to every waiter, never lost
+            errors.append(exc)
             if len(batch) > 1:
                 middle = len(batch) // 2
-                self._run(batch[:middle])
-                self._run(batch[middle:])
-                return
-            batch[0].future.set_exception(exc if isinstance(exc, ModelError) else ModelError(f"inference failed: {exc}"))
-            return
+                return self._run_or_split(batch[:middle], errors) + self._run_or_split(batch[middle:], errors)
+            batch[0].future.set_exception(exc if isinstance(exc, ModelError) else ModelError(INFERENCE_FAILED))
+            return 1
         self._metrics.stage_seconds.labels(stage="infer").observe(time.monotonic() - started)
         self._metrics.batch_size.observe(len(batch))
         for pending, result in zip(batch, results):
             pending.future.set_result(result)
+        return 0

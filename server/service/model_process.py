@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from ..errors import ModelError, Overloaded
+from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
 from ..runtime.card import ModelCard
 from .batcher import DynamicBatcher
 from .pipeline import Probabilities
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _REQUEST = struct.Struct("<IQ")  # request id, owner key (the stream, as the worker knows it)
 _RESULT = struct.Struct("<I3f")  # request id, P(1), P(2), P(3)
 _FAILURE = struct.Struct("<I?")  # request id, overloaded? (else a model error); the message follows
+MODEL_PROCESS_GONE = "the model process is gone"  # what waiting crops fail with; the cause is logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,8 @@ class ModelProcessClient:
                 self._link.requests_out.send_bytes(_REQUEST.pack(request_id, id(owner) & 0xFFFFFFFFFFFFFFFF))
                 self._link.requests_out.send_bytes(np.ascontiguousarray(pixels).reshape(-1).data)  # 1-D: counted in bytes
         except OSError as error:
-            self._fail_all(f"the model process is gone ({error})")
+            log.error("sending a crop to the model process failed: %s: %s", type(error).__name__, error)
+            self._fail_all(MODEL_PROCESS_GONE)
         return future
 
     def _read_results(self) -> None:
@@ -139,7 +141,9 @@ class ModelProcessClient:
                 except InvalidStateError:  # cancelled by its stream meanwhile
                     pass
         except (EOFError, OSError) as error:
-            self._fail_all(f"the model process is gone ({type(error).__name__})")
+            if self._gone is None:  # not this worker's own stop()
+                log.error("the link to the model process closed: %s", type(error).__name__)
+            self._fail_all(MODEL_PROCESS_GONE)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
@@ -192,7 +196,9 @@ class ModelProcessServer:
                 pass  # the worker is gone; its reader below ends on EOF
 
         def failure(request_id: int, error: BaseException) -> bytes:
-            return _FAILURE.pack(request_id, isinstance(error, Overloaded)) + str(error).encode()
+            """Our own errors keep their words; anything else was logged by the batcher and is sent as INFERENCE_FAILED."""
+            text = str(error) if isinstance(error, AcroscreenError) else INFERENCE_FAILED
+            return _FAILURE.pack(request_id, isinstance(error, Overloaded)) + text.encode()
 
         def answer(request_id: int, done: Future[Probabilities]) -> None:
             error = done.exception()

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import ModelError, Overloaded
+from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
 from ..metrics import Metrics
 from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_image, decode_preview_grey
 from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
@@ -125,10 +125,12 @@ class FrameAnalyzer:
     ) -> FramePrediction:
         if done.cancelled():
             return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "cancelled", analysis)
-        if isinstance(done.exception(), Overloaded):  # shed from the full inference queue
-            return self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(done.exception()), analysis)
-        if done.exception() is not None:
-            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, str(done.exception()), analysis)
+        error = done.exception()
+        if isinstance(error, Overloaded):  # shed from the full inference queue
+            return self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(error), analysis)
+        if error is not None:  # only our own errors are worded for clients; the batcher logged the cause
+            detail = str(error) if isinstance(error, AcroscreenError) else INFERENCE_FAILED
+            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, detail, analysis)
         probabilities = done.result()
         quality = analysis.quality
         aggregator.add_prediction(probabilities, quality.score if quality is not None else 1.0)

@@ -1,8 +1,9 @@
+import logging
 import threading
 import time
 
 import pytest
-from acroscreen.server.errors import ModelError, Overloaded
+from acroscreen.server.errors import INFERENCE_FAILED, ModelError, Overloaded
 from acroscreen.server.metrics import Metrics
 from acroscreen.server.service.batcher import BatcherConfig, DynamicBatcher
 
@@ -66,18 +67,44 @@ def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
         batcher.submit("late", owner="a")
 
 
-def test_a_failing_item_fails_alone() -> None:
+def test_a_failing_item_fails_alone_with_a_fixed_message_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[list[str]] = []
+
     def run(items):
+        calls.append(list(items))
         if "bad" in items:
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise RuntimeError("CUDA out of memory (simulated) at 0x7f3a")
         return [item.upper() for item in items]
 
     batcher = _batcher(run, max_batch_size=4, max_delay_ms=50)
-    futures = [batcher.submit(item) for item in ("a", "bad", "c", "d")]
-    assert futures[0].result(timeout=5) == "A"
-    assert futures[2].result(timeout=5) == "C" and futures[3].result(timeout=5) == "D"
-    with pytest.raises(ModelError):
-        futures[1].result(timeout=5)
+    with caplog.at_level(logging.ERROR, logger="acroscreen.server.service.batcher"):
+        futures = [batcher.submit(item) for item in ("a", "bad", "c", "d")]
+        assert futures[0].result(timeout=5) == "A"
+        assert futures[2].result(timeout=5) == "C" and futures[3].result(timeout=5) == "D"
+        with pytest.raises(ModelError) as failed:
+            futures[1].result(timeout=5)
+        batcher.stop()
+    assert str(failed.value) == INFERENCE_FAILED  # no exception text for the client
+    assert calls[0] == ["a", "bad", "c", "d"] and ["bad"] in calls  # split until it failed alone
+    [record] = caplog.records  # one line for the whole batch, with the cause
+    assert "RuntimeError: CUDA out of memory" in record.getMessage() and "1 failed" in record.getMessage()
+
+
+def test_cancelled_items_free_their_places_before_anyone_is_shed() -> None:
+    release = threading.Event()
+
+    def run(items):
+        release.wait(5)
+        return items
+
+    batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
+    first = batcher.submit("a0", owner="a")
+    time.sleep(0.05)  # the worker now holds a0
+    a1, a2, gone = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
+    assert gone.cancel()  # b's caller went away
+    c1 = batcher.submit("c1", owner="c")  # full, but b1's place is free: a1 is not shed
+    release.set()
+    assert [f.result(timeout=5) for f in (first, a1, a2, c1)] == ["a0", "a1", "a2", "c1"]
     batcher.stop()
 
 
