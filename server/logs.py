@@ -1,14 +1,26 @@
 """Structured JSON logs, one object a line. Never pixels, never a raw subject id:
-streams are named by a request id and a short hash of the subject id."""
+streams are named by a request id and a short hash of the subject id.
+
+Every call gets a request id (`request_scope`, opened by the transport for each call and sent
+to the client as ``x-request-id`` initial metadata). It lives in a context variable, so any line
+logged while serving that call carries it without being passed down, the service layer's
+included: a stream's threads run in a copy of the opening call's context.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("acroscreen_request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,12 +37,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RequestIdFilter(logging.Filter):
+    """Stamps a record with the request id of the call it was logged for, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+def handler(json_format: bool, stream: TextIO | None = None) -> logging.Handler:
+    """The server's log handler (stderr by default)."""
+    result = logging.StreamHandler(stream)
+    result.addFilter(RequestIdFilter())
+    result.setFormatter(
+        JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    return result
+
+
 def configure(level: str, json_format: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler(json_format)]
     root.setLevel(level)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@contextmanager
+def request_scope(request_id: str) -> Iterator[str]:
+    """Lines logged in this context carry `request_id`."""
+    token = _request_id.set(request_id)
+    try:
+        yield request_id
+    finally:
+        try:
+            _request_id.reset(token)
+        except ValueError:  # closed from another thread: that thread's next call sets its own id
+            pass
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
 
 
 def subject_hash(subject_id: str) -> str:

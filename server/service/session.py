@@ -18,6 +18,7 @@ result is sent. cancel(): the client went away; everything stops and is freed.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -94,7 +95,10 @@ class StreamSession:
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
-        self._worker = threading.Thread(target=self._work, name="acroscreen-stream", daemon=True)
+        # In a copy of the opening call's context, so what it logs names the call (logs.request_scope).
+        self._worker = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._work,), name="acroscreen-stream", daemon=True
+        )
         self._worker.start()
 
     # ---- reader side -------------------------------------------------------------

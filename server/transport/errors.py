@@ -1,7 +1,9 @@
 """The one mapping from domain errors to gRPC status codes, applied by one interceptor.
 
 Unexpected exceptions are logged with their traceback and reach the client as
-INTERNAL with a fixed message: raw exception text never leaves the server.
+INTERNAL with a fixed message: raw exception text never leaves the server. Being the outermost
+interceptor, it also opens each call's request-id scope (`logs.request_scope`), so that log
+line, and every other one logged for the call, names the call.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import grpc
 
 from ..errors import (
     AcroscreenError,
+    Cancelled,
     InvalidRequest,
     ModelError,
     NotReady,
     Overloaded,
     Unauthenticated,
 )
+from ..logs import new_request_id, request_scope
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ STATUS_CODES: dict[type[AcroscreenError], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ModelError: grpc.StatusCode.INTERNAL,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Cancelled: grpc.StatusCode.CANCELLED,  # the caller is gone: nobody reads it
 }
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
@@ -79,12 +84,13 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return behaviour(request, context)
-        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-            if _is_abort(error):
-                raise
-            _abort(context, error)
+        with request_scope(new_request_id()):
+            try:
+                return behaviour(request, context)
+            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+                if _is_abort(error):
+                    raise
+                _abort(context, error)
 
     return wrapped
 
@@ -93,12 +99,13 @@ def _wrap_streaming(
     behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behaviour(request, context)
-        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-            if _is_abort(error):
-                raise
-            _abort(context, error)
+        with request_scope(new_request_id()):
+            try:
+                yield from behaviour(request, context)
+            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+                if _is_abort(error):
+                    raise
+                _abort(context, error)
 
     return wrapped
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
-import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -12,7 +12,7 @@ from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from ..errors import AcroscreenError, InvalidRequest, NotReady
-from ..logs import subject_hash
+from ..logs import current_request_id, subject_hash
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
 from ..service.types import FrameAck, FramePrediction
@@ -20,6 +20,8 @@ from . import convert
 from .auth import principal_of
 
 log = logging.getLogger(__name__)
+# Initial metadata naming the call in the server's logs, for an integrator to quote.
+REQUEST_ID_KEY = "x-request-id"
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
@@ -40,17 +42,15 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     def ScreenStream(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ScreenResponse]:
+        _send_request_id(context)
         first = next(request_iterator, None)
         if first is None:
             raise InvalidRequest("empty stream: the first message must carry options")
         principal = principal_of(context.invocation_metadata())
         options = convert.first_options(first)
+        # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
-        request_id = uuid.uuid4().hex[:12]
-        log.info(
-            "stream opened",
-            extra={"request_id": request_id, "subject": subject_hash(options.subject_id), "caller": principal},
-        )
+        log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
         context.add_callback(session.cancel)
         reader = _StreamReader(request_iterator, session)
         reader.start()
@@ -64,31 +64,48 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
                     yield pb.ScreenResponse(subject=convert.subject_result(event))
         finally:
             error = type(reader.error).__name__ if reader.error else None
-            log.info("stream closed", extra={"request_id": request_id, "error": error})
+            log.info("stream closed", extra={"error": error})
         # No join: a stream finished by a limit or by idling may still have a reader
         # blocked on the client; ending the call releases it.
         if reader.error is not None:
             raise reader.error
 
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
+        _send_request_id(context)
         frames = [convert.frame_input(image) for image in request.images]
-        result = self._service.screen_images(convert.session_options(request.options), frames)
+        abandoned = threading.Event()  # set when the caller cancels, disconnects or runs out of deadline
+        if not context.add_callback(abandoned.set):
+            abandoned.set()  # the call already ended
+        result = self._service.screen_images(convert.session_options(request.options), frames, abandoned)
         return convert.subject_result(result)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         return convert.model_info(self._service.model_info)
 
 
+def _send_request_id(context: grpc.ServicerContext) -> None:
+    request_id = current_request_id()
+    if request_id is not None:  # None only without the error-mapping interceptor, which opens the scope
+        context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+
+
 class _StreamReader(threading.Thread):
-    """Reads requests so the response side never waits on the sender (and vice versa)."""
+    """Reads requests so the response side never waits on the sender (and vice versa).
+
+    Runs in a copy of the call's context: what it logs carries the call's request id.
+    """
 
     def __init__(self, requests: Iterator[pb.ScreenRequest], session: StreamSession) -> None:
         super().__init__(name="acroscreen-reader", daemon=True)
         self._requests = requests
         self._session = session
+        self._context = contextvars.copy_context()
         self.error: Exception | None = None
 
     def run(self) -> None:
+        self._context.run(self._read)
+
+    def _read(self) -> None:
         try:
             for request in self._requests:
                 self._session.submit(convert.frame_of(request))
