@@ -136,7 +136,7 @@ class FaceAnalysis:
     detail: str
     affine: np.ndarray | None  # 2×3 frame → crop; present when the landmarks form a face (always if accepted)
     keyframe: bool = True  # False when the face was tracked rather than detected
-    stage_seconds: tuple[tuple[str, float], ...] = ()  # detect / landmarks / quality time, for metrics
+    stage_seconds: tuple[tuple[str, float], ...] = ()  # detect / landmarks / warp / quality time, for metrics
     aligned: np.ndarray | None = field(default=None, repr=False, compare=False)  # the BGR crop quality was judged on
 
     @property
@@ -353,9 +353,10 @@ class FacePreprocessor:
             detail = "landmarks do not form a face inside the detector box"
             low = RejectReason.LOW_CONFIDENCE
             return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), -math.inf
-        with _stage("quality"):
+        with _stage("warp"):  # the crop the model gets: crop() reuses it
             affine = self.geometry.affine(landmarks, detection.box)
             crop = warp_face(image, affine, self.settings.input_size)
+        with _stage("quality"):
             grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
             if evidence is None:
                 with self._verifier_lock:  # dlib holds the GIL while it runs: the lock costs no parallelism

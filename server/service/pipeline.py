@@ -99,9 +99,7 @@ class FrameAnalyzer:
                 self._metrics.faces_detected.inc(analysis.detection.face_count)
             if analysis.rejection is not None:
                 raise FrameRejected(analysis.rejection, analysis.detail)
-            started = time.monotonic()
-            crop = self._preprocessor.crop(image, analysis)
-            stage.labels(stage="warp").observe(time.monotonic() - started)
+            crop = self._preprocessor.crop(image, analysis)  # warped during analysis, timed there as "warp"
             future = self._batcher.submit(crop.pixels, owner=aggregator)  # one aggregator per stream
         except FrameRejected as rejected:
             deliver(self._rejected(frame, aggregator, rejected.reason, rejected.detail, analysis))
