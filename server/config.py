@@ -57,6 +57,22 @@ class Settings:
     max_batch_delay_ms: float = _setting(5.0, "longest wait to fill a batch")
     batch_queue_capacity: int = _setting(256, "faces waiting for the model, across streams")
     landmark_points: int = _setting(5, "landmark model: 5 (commercial use ok) or 68 (research only)")
+    # Frame quality gate (runtime.quality.QualitySettings, same names without the prefix).
+    quality_min_face_px: float = _setting(64.0, "reject faces whose detector box is narrower than this (pixels)")
+    quality_good_face_px: float = _setting(128.0, "face width (pixels) at which the size component scores 1")
+    quality_min_sharpness: float = _setting(
+        15.0, "reject as blurred below this variance of the Laplacian on the inner face of the crop (LFW median ~110)"
+    )
+    quality_good_sharpness: float = _setting(300.0, "sharpness at which the sharpness component scores 1 (log scale)")
+    quality_min_brightness: float = _setting(40.0, "reject as badly exposed below this mean grey level of the inner face")
+    quality_max_brightness: float = _setting(215.0, "reject as badly exposed above this mean grey level of the inner face")
+    quality_max_clipped: float = _setting(0.25, "reject as badly exposed above this fraction of inner-face pixels at <= 5 or >= 250")
+    quality_max_yaw_deg: float = _setting(30.0, "reject faces turned further than this (degrees)")
+    quality_max_pitch_deg: float = _setting(
+        25.0, "reject faces tilted up or down further than this (degrees; gated with 68 landmarks only)"
+    )
+    quality_max_roll_deg: float = _setting(40.0, "reject faces rolled in-plane further than this (degrees)")
+    quality_min_confidence: float = _setting(0.35, "reject below this face confidence (detector x landmark fit x HOG check)")
     update_every_frames: int = _setting(10, "analysed frames between provisional subject updates")
     min_frames_for_score: int = _setting(3, "analysed frames needed before a subject gets a score")
     torch_threads: int = _setting(0, "intra-op threads for CPU inference (0 = torch default)")
@@ -100,6 +116,11 @@ class Settings:
         for name in ("workers", "max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+    def quality_thresholds(self) -> dict[str, float]:
+        """The quality_* settings without their prefix: the fields of runtime.quality.QualitySettings."""
+        prefix = "quality_"
+        return {f.name.removeprefix(prefix): getattr(self, f.name) for f in fields(self) if f.name.startswith(prefix)}
 
 
 def env_names() -> list[str]:

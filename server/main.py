@@ -145,6 +145,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     from .runtime.decode import DecodeLimits
     from .runtime.landmarks import LICENCE_NOTICES
     from .runtime.preprocess import FacePreprocessor, PreprocessSettings
+    from .runtime.quality import QualitySettings
     from .service.model_process import ModelProcessClient
     from .service.pipeline import FrameAnalyzer
     from .service.session import StreamLimits
@@ -163,7 +164,11 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
         model_queue, stop_model = client, client.stop
-    preprocess_settings = PreprocessSettings.from_card_preprocessing(card.preprocessing, landmark_points=settings.landmark_points)
+    preprocess_settings = PreprocessSettings.from_card_preprocessing(
+        card.preprocessing,
+        landmark_points=settings.landmark_points,
+        quality=QualitySettings(**settings.quality_thresholds()),
+    )
     preprocessor = FacePreprocessor(preprocess_settings)
     p = card.preprocessing
     info = ModelInfo(

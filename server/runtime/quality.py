@@ -33,6 +33,20 @@ class QualitySettings:
     max_roll_deg: float = 40.0
     min_confidence: float = 0.35  # detector confidence × landmark plausibility
 
+    def __post_init__(self) -> None:
+        """A threshold set the score ramps cannot use is refused at start, not met per frame."""
+        checks = (
+            (0.0 < self.min_face_px < self.good_face_px, "0 < min_face_px < good_face_px"),
+            (0.0 < self.min_sharpness < self.good_sharpness, "0 < min_sharpness < good_sharpness"),
+            (0.0 <= self.min_brightness < self.max_brightness <= 255.0, "0 <= min_brightness < max_brightness <= 255"),
+            (0.0 < self.max_clipped <= 1.0, "0 < max_clipped <= 1"),
+            (min(self.max_yaw_deg, self.max_pitch_deg, self.max_roll_deg) > 0.0, "pose limits > 0"),
+            (0.0 <= self.min_confidence <= 1.0, "0 <= min_confidence <= 1"),
+        )
+        broken = [rule for holds, rule in checks if not holds]
+        if broken:
+            raise ValueError(f"quality thresholds must satisfy {'; '.join(broken)}: got {self}")
+
 
 @dataclass(frozen=True, slots=True)
 class QualityInputs:

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,19 @@ def test_bad_values_name_the_variable() -> None:
 def test_every_setting_has_an_env_name() -> None:
     assert "ACROSCREEN_METRICS_PORT" in env_names()
     assert len(env_names()) == len(set(env_names()))
+
+
+def test_quality_thresholds_are_settings_with_the_gate_defaults() -> None:
+    """Every QualitySettings field is a quality_* setting (env and flag) with the same default."""
+    from acroscreen.server.runtime.quality import QualitySettings
+
+    assert Settings().quality_thresholds() == dataclasses.asdict(QualitySettings())
+    settings = Settings.load(
+        {"ACROSCREEN_QUALITY_MIN_FACE_PX": "90", "ACROSCREEN_QUALITY_MIN_SHARPNESS": "40"},
+        ["--quality-min-sharpness", "25.5", "--quality-max-yaw-deg", "20"],
+    )
+    thresholds = QualitySettings(**settings.quality_thresholds())
+    assert (thresholds.min_face_px, thresholds.min_sharpness, thresholds.max_yaw_deg) == (90.0, 25.5, 20.0)
+    assert "ACROSCREEN_QUALITY_MIN_CONFIDENCE" in env_names()
+    with pytest.raises(ValueError, match="min_face_px < good_face_px"):
+        QualitySettings(**Settings(quality_min_face_px=200.0).quality_thresholds())
