@@ -24,16 +24,17 @@ ARG REQUIRE_DEMO_WEIGHTS=1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/acroscreen
 ENV PATH=/opt/acroscreen/bin:$PATH
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The install steps live in install.sh, which CI runs into a fresh venv (no Docker engine there).
+COPY deploy/docker/install.sh /tmp/install.sh
+RUN sh /tmp/install.sh torch "${TORCH_VERSION}" "${TORCH_INDEX_URL}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY client/ client/
 COPY server/ server/
-# The server extra only: no development, media (PyAV) or test tools in the image.
-RUN pip install ".[server]"
-COPY deploy/docker/check_weights.py /tmp/check_weights.py
-RUN python /tmp/check_weights.py --require "${REQUIRE_DEMO_WEIGHTS}" --torch cpu
+COPY deploy/docker/check_weights.py deploy/docker/check_weights.py
+# The server extra only (no development, media (PyAV) or test tools), then the weights/torch check.
+RUN sh /tmp/install.sh package /src cpu "${REQUIRE_DEMO_WEIGHTS}"
 
 # ---------------------------------------------------------------- runtime: the venv, non-root
 FROM ${PYTHON_IMAGE} AS runtime

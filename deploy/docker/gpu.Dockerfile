@@ -27,16 +27,17 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/acroscreen
 ENV PATH=/opt/acroscreen/bin:$PATH
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The install steps live in install.sh, which CI runs into a fresh venv (no Docker engine there).
+COPY deploy/docker/install.sh /tmp/install.sh
+RUN sh /tmp/install.sh torch "${TORCH_VERSION}" "${TORCH_INDEX_URL}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY client/ client/
 COPY server/ server/
-# The server extra only: no development, media (PyAV) or test tools in the image.
-RUN pip install ".[server]"
-COPY deploy/docker/check_weights.py /tmp/check_weights.py
-RUN python /tmp/check_weights.py --require "${REQUIRE_DEMO_WEIGHTS}" --torch cuda
+COPY deploy/docker/check_weights.py deploy/docker/check_weights.py
+# The server extra only (no development, media (PyAV) or test tools), then the weights/torch check.
+RUN sh /tmp/install.sh package /src cuda "${REQUIRE_DEMO_WEIGHTS}"
 
 # ---------------------------------------------------------------- runtime: the venv, non-root
 FROM ${CUDA_IMAGE} AS runtime

@@ -126,24 +126,35 @@ def test_multi_stage_build_with_a_lean_runtime_stage(image: tuple[str, list[Inst
     assert not any(c.split()[-2].startswith(("server", "client", "protos", ".")) for c in copies if "--from" not in c)
 
 
+def install_steps(instructions: list[Instruction]) -> list[list[str]]:
+    """The build stage's `sh /tmp/install.sh STEP ...` commands, split as the shell splits them."""
+    build = _stages(instructions)["build"]
+    return [shlex.split(ins.args) for ins in build if ins.keyword == "RUN" and "install.sh" in ins.args]
+
+
 def test_installs_the_server_extra_only(image: tuple[str, list[Instruction]]) -> None:
     kind, instructions = image
     build = _stages(instructions)["build"]
-    installs = [ins.args for ins in build if ins.keyword == "RUN" and "pip install" in ins.args]
-    assert len(installs) == 2
-    torch_install, project_install = installs
-    args = _args(instructions)
-    assert '"torch==${TORCH_VERSION}"' in torch_install and "--index-url" in torch_install
-    assert re.search(r'pip install "\.\[server\]"$', project_install), project_install
+    # every install goes through install.sh, the script CI runs (tests/e2e/test_image_install.py)
+    assert not [ins.args for ins in build if ins.keyword == "RUN" and "pip install" in ins.args]
+    steps = install_steps(instructions)
+    assert [step[:3] for step in steps] == [["sh", "/tmp/install.sh", "torch"], ["sh", "/tmp/install.sh", "package"]]
+    torch_step, package_step = steps
+    assert torch_step[3:] == ["${TORCH_VERSION}", "${TORCH_INDEX_URL}"]
+    workdir = [ins.args for ins in build if ins.keyword == "WORKDIR"]
+    assert package_step[3:] == [workdir[-1], "cuda" if kind == "gpu" else "cpu", "${REQUIRE_DEMO_WEIGHTS}"]
+    script = (DOCKER / "install.sh").read_text()
+    assert 'pip install "$1[server]"' in script, "non-editable, the server extra only"
+    assert "-e " not in script and "[dev]" not in script and "media" not in script.split("set -eu")[1]
+    assert 'check_weights.py" --require "$3" --torch "$2"' in script
     extras = _pyproject()["project"]["optional-dependencies"]
     assert "server" in extras
     # the pinned torch satisfies the server extra's range
     from packaging.requirements import Requirement
 
+    args = _args(instructions)
     (torch_req,) = [Requirement(r) for r in extras["server"] if Requirement(r).name == "torch"]
     assert torch_req.specifier.contains(args["TORCH_VERSION"]), f"torch {args['TORCH_VERSION']} outside {torch_req}"
-    check = [ins.args for ins in build if ins.keyword == "RUN" and "check_weights.py" in ins.args]
-    assert check and f"--torch {'cuda' if kind == 'gpu' else 'cpu'}" in check[0]
 
 
 def test_demo_weights_are_package_data_and_checked_at_build() -> None:
