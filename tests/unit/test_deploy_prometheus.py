@@ -215,3 +215,59 @@ def test_dashboard_structure_and_provisioning() -> None:
     mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["services"]["grafana"]["volumes"] if v.startswith("."))
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+
+# ------------------------------------------------------------------ GPU (DCGM exporter) scoping
+
+ACROSCREEN_POD = {"namespace": "acroscreen", "pod": "acroscreen-5f7c9-x2k4q"}
+OTHER_POD = {"namespace": "research", "pod": "trainer-0"}
+GPU_SCOPE = "and on (namespace, pod) acroscreen_model_ready"
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    return name + "{" + ", ".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
+
+
+def test_every_gpu_query_is_scoped_to_acroscreens_pods() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    gpu_rules = [r["expr"] for g in rules["groups"] for r in g["rules"] if "DCGM_" in r["expr"]]
+    gpu_panels = [e for e in _dashboard_expressions() if "DCGM_" in e]
+    assert gpu_rules and len(gpu_panels) == 2
+    for expression in gpu_rules + gpu_panels:
+        assert GPU_SCOPE in " ".join(expression.split()), f"a GPU query not limited to acroscreen's pods: {expression}"
+
+
+@needs_promtool
+@pytest.mark.parametrize("kubernetes", [True, False], ids=["kubernetes", "one-host"])
+def test_dashboard_gpu_panels_show_only_acroscreens_gpus(tmp_path: Path, kubernetes: bool) -> None:
+    """The GPU panels' queries evaluated by promtool on DCGM series: in Kubernetes a GPU another
+    pod holds, and one nobody holds, stay off the panels; on one host (no pod labels) the GPU shows."""
+    node = {"Hostname": "gpu-node-1"}
+    ready = {"job": "acroscreen", "instance": "10.1.2.3:9464", **(ACROSCREEN_POD if kubernetes else {})}
+    gpus = [{"gpu": "0", **node, **(ACROSCREEN_POD if kubernetes else {})}]
+    if kubernetes:
+        gpus += [{"gpu": "1", **node, **OTHER_POD}, {"gpu": "2", **node}]
+    series = [{"series": _series("acroscreen_model_ready", ready), "values": "1x10"}]
+    for labels in gpus:
+        series += [
+            {"series": _series("DCGM_FI_DEV_GPU_UTIL", labels), "values": "50x10"},
+            {"series": _series("DCGM_FI_DEV_FB_USED", labels), "values": "60000x10"},
+            {"series": _series("DCGM_FI_DEV_FB_FREE", labels), "values": "20000x10"},
+        ]
+    shown = {"Hostname": "gpu-node-1", "gpu": "0", **({"pod": ACROSCREEN_POD["pod"]} if kubernetes else {})}
+    expected = {"DCGM_FI_DEV_GPU_UTIL": 50.0, "DCGM_FI_DEV_FB_USED": 0.75}
+    tests = []
+    for expression in _dashboard_expressions():
+        metric = next((name for name in expected if name in expression), None)
+        if metric is None:
+            continue
+        query = expression.replace("$job", ".*").replace("$instance", ".*")
+        tests.append({"expr": query, "eval_time": "5m", "exp_samples": [{"labels": _series("", shown), "value": expected[metric]}]})
+    assert len(tests) == 2
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    (tmp_path / "gpu_test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["empty.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}],
+    }))
+    result = subprocess.run([PROMTOOL, "test", "rules", "gpu_test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
