@@ -1,6 +1,7 @@
 """Deployment integration against a real server: a real Prometheus (Debian's `prometheus`
-package) scrapes it on loopback and the frame counter comes back through Prometheus's HTTP API;
-the image's health-check script answers as probes expect.
+package) scrapes it on loopback during a screening, and the received and analysed frame counters
+come back through Prometheus's HTTP API while the stream is still open, then at their final
+values; the image's health-check script answers as probes expect.
 
 Skips, saying so, where the prometheus binary is absent (`make test` installs it when it can).
 """
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,27 +97,66 @@ def _query(base: str, expression: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def test_prometheus_scrapes_the_frame_counter(server: RunningServer, prometheus: str, shared_data: Path) -> None:
-    frames = [frame for _, frame in zip(range(FRAMES), video_frames(shared_data / "videos" / "retalking_face1.mp4"))]
-    before = float(_metric_now(server, "acroscreen_frames_received_total"))
-    with ScreeningClient(f"127.0.0.1:{server.port}", timeout_s=120) as client:
-        result = client.screen(frames, ScreenOptions(subject_id="scrape", analyze_every_frame=True))
-    assert result.frames_received == FRAMES
-    expected = before + FRAMES
+def _value(base: str, expression: str) -> float | None:
+    samples = _query(base, expression)
+    return float(samples[0]["value"][1]) if samples else None
 
-    screened_at = time.monotonic()
-    deadline = screened_at + WAIT_S
+
+def _wait_for(base: str, expression: str, done: Callable[[float], bool]) -> tuple[float | None, float]:
+    """Poll Prometheus until `done(value)`; the last value seen and how long it took."""
+    started = time.monotonic()
     value = None
-    while time.monotonic() < deadline:
-        samples = _query(prometheus, 'acroscreen_frames_received_total{job="acroscreen"}')
-        if samples:
-            value = float(samples[0]["value"][1])
-            if value >= expected:
-                break
+    while time.monotonic() - started < WAIT_S:
+        value = _value(base, expression)
+        if value is not None and done(value):
+            break
         time.sleep(0.25)
-    round_trip = time.monotonic() - screened_at
-    assert value == expected, f"Prometheus saw {value}, the server counted {expected}"
-    print(f"\nscrape round trip: counter visible in Prometheus {round_trip:.2f} s after the stream ended (interval 1 s)")
+    return value, time.monotonic() - started
+
+
+RECEIVED = 'acroscreen_frames_received_total{job="acroscreen"}'
+ANALYZED = 'acroscreen_frames_analyzed_total{job="acroscreen"}'
+ACTIVE = 'acroscreen_active_streams{job="acroscreen"}'
+
+
+def test_prometheus_scrapes_the_frame_counters_during_a_screening(
+    server: RunningServer, prometheus: str, shared_data: Path
+) -> None:
+    frames = [frame for _, frame in zip(range(FRAMES), video_frames(shared_data / "videos" / "retalking_face1.mp4"))]
+    received_before = _metric_now(server, "acroscreen_frames_received_total")
+    analyzed_before = _metric_now(server, "acroscreen_frames_analyzed_total")
+    first_half = FRAMES // 2
+    during: dict[str, float | None] = {}
+
+    def frames_pausing_halfway() -> Iterator:
+        """Send half the clip, then hold the stream open until Prometheus has seen those frames."""
+        yield from frames[:first_half]
+        during["received"], during["received_after_s"] = _wait_for(
+            prometheus, RECEIVED, lambda v: v >= received_before + first_half
+        )
+        during["analyzed"], _ = _wait_for(prometheus, ANALYZED, lambda v: v > analyzed_before)
+        during["active"] = _value(prometheus, ACTIVE)
+        yield from frames[first_half:]
+
+    with ScreeningClient(f"127.0.0.1:{server.port}", timeout_s=120) as client:
+        result = client.screen(frames_pausing_halfway(), ScreenOptions(subject_id="scrape", analyze_every_frame=True))
+    assert result.frames_received == FRAMES and result.frames_analyzed > 0
+
+    # while the stream was open (it held the rest of the clip back meanwhile)
+    assert during["received"] == received_before + first_half, f"Prometheus saw {during}, mid-stream"
+    assert during["analyzed"] is not None and analyzed_before < during["analyzed"] <= analyzed_before + first_half
+    assert during["active"] == 1, "the stream was open when Prometheus was read"
+    print(f"\nscrape round trip: received frames visible in Prometheus {during['received_after_s']:.2f} s"
+          " after they were sent, mid-stream (interval 1 s)")
+
+    # and after it ended: the final counts, the stream gone
+    expected_analyzed = analyzed_before + result.frames_analyzed
+    received, _ = _wait_for(prometheus, RECEIVED, lambda v: v >= received_before + FRAMES)
+    analyzed, _ = _wait_for(prometheus, ANALYZED, lambda v: v >= expected_analyzed)
+    active, _ = _wait_for(prometheus, ACTIVE, lambda v: v == 0)
+    assert received == received_before + FRAMES, f"Prometheus saw {received} received"
+    assert analyzed == expected_analyzed, f"Prometheus saw {analyzed} analysed, the server counted {expected_analyzed}"
+    assert active == 0
 
     # the scrape carries the labels the rules and dashboards rely on
     (up,) = _query(prometheus, 'up{job="acroscreen"}')
