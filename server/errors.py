@@ -33,6 +33,10 @@ INFERENCE_FAILED = "inference failed"
 exception: the exception itself is logged on the server, never sent."""
 
 
+class Cancelled(AcroscreenError):
+    """The caller went away or its deadline passed: the work was dropped and nobody reads an answer."""
+
+
 class ConfigurationError(AcroscreenError):
     """The server's settings cannot work together (found at start, never sent to clients)."""
 

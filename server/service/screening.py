@@ -6,8 +6,9 @@ import collections
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 
-from ..errors import InvalidRequest, NotReady, Overloaded
+from ..errors import Cancelled, InvalidRequest, NotReady, Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
@@ -15,6 +16,7 @@ from .session import StreamLimits, StreamSession
 from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, SubjectResult
 
 MAX_SUBJECT_ID_LENGTH = 128
+_ABANDON_POLL_S = 0.05  # how soon ScreenImages notices that its caller went away
 
 
 class ScreeningService:
@@ -97,8 +99,15 @@ class ScreeningService:
             self._metrics.active_streams.set(len(self._sessions))
             self._idle.notify_all()
 
-    def screen_images(self, options: SessionOptions, frames: Sequence[FrameInput]) -> SubjectResult:
-        """Analyse every photograph (no rate policy) and return the final subject result."""
+    def screen_images(
+        self, options: SessionOptions, frames: Sequence[FrameInput], abandoned: threading.Event
+    ) -> SubjectResult:
+        """Analyse every photograph (no rate policy) and return the final subject result.
+
+        `abandoned` is set when the caller goes away or its deadline passes: then no
+        further photograph is analysed, faces waiting for the model give up their
+        places, and Cancelled is raised at once (nobody is left to read a result).
+        """
         _check_options(options)
         if not frames:
             raise InvalidRequest("ScreenImages needs at least one image")
@@ -106,17 +115,29 @@ class ScreeningService:
             if not self._accepting:
                 raise NotReady("the server is shutting down")
         aggregator = SubjectAggregator(options.subject_id, self._model_info.model, min_frames_for_score=1)
-        remaining = threading.Semaphore(0)
+        answered = threading.Semaphore(0)
+        waiting: list[Future] = []
 
         def deliver(_: FramePrediction) -> None:
-            remaining.release()
+            answered.release()
 
+        answers_due = 0
         for frame in frames:
+            if abandoned.is_set():
+                break
             aggregator.add_received()
             self._metrics.frames_received.inc()
-            self._analyzer.analyze(frame, None, aggregator, deliver)
-        for _ in frames:
-            remaining.acquire()
+            answers_due += 1
+            future = self._analyzer.analyze(frame, None, aggregator, deliver)
+            if future is not None:
+                waiting.append(future)
+        while answers_due and not abandoned.is_set():
+            if answered.acquire(timeout=_ABANDON_POLL_S):
+                answers_due -= 1
+        if abandoned.is_set():
+            for future in waiting:
+                future.cancel()  # the batcher skips them, and a full queue reuses their places
+            raise Cancelled("the caller went away before every image was analysed")
         result = aggregator.result(final=True)
         self._metrics.subjects_completed.labels(predicted_score=str(result.predicted_score)).inc()
         return result

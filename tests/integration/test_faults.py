@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ from acroscreen.client import (
 )
 from acroscreen.client.errors import ServerBusyError
 from acroscreen.server.main import RunningServer
+from acroscreen.server.service import pipeline
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
@@ -335,3 +336,88 @@ def test_a_full_inference_queue_sheds_frames_with_a_reason_and_every_stream_fini
         assert shed > 0, "four streams on a one-face queue should have shed some frames"
     finally:
         running.stop(grace_s=1.0)
+
+
+Batch = Sequence[np.ndarray]
+BatchRunner = Callable[[Batch], list]
+
+
+
+def _start_with_model(monkeypatch: pytest.MonkeyPatch, wrap: Callable[[BatchRunner], BatchRunner], **overrides: object) -> RunningServer:
+    """A real server whose model batches go through `wrap(real runner)`: a fault or a delay at the model's edge."""
+    real = pipeline.model_batch_runner
+    monkeypatch.setattr(pipeline, "model_batch_runner", lambda predict: wrap(real(predict)))
+    return start_server(metrics_port=-1, **overrides)
+
+
+
+def _slow_model(seconds: float, calls: list[int] | None = None) -> Callable[[BatchRunner], BatchRunner]:
+    def wrap(run: BatchRunner) -> BatchRunner:
+        def slow(crops: Batch) -> list:
+            time.sleep(seconds)
+            if calls is not None:
+                calls.append(len(crops))
+            return run(crops)
+
+        return slow
+
+    return wrap
+
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+
+def _assert_no_state_left(running: RunningServer) -> None:
+    """No stream open, nothing queued for analysis or for the model."""
+    depth = running.metrics.queue_depth
+    assert _wait_until(lambda: running.service.active_streams == 0, 10)
+    assert running.metrics.active_streams._value.get() == 0
+    assert _wait_until(lambda: depth.labels(queue="analysis")._value.get() == 0, 10)
+    assert _wait_until(lambda: depth.labels(queue="inference")._value.get() == 0, 10)
+
+
+
+def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """A slow model (0.3 s a face): ScreenStream and ScreenImages past their deadline end DEADLINE_EXCEEDED,
+    the server stops working for them (no further model calls) and every gauge returns to zero."""
+    calls: list[int] = []
+    running = _start_with_model(monkeypatch, _slow_model(0.3, calls), max_batch_size=1)
+    try:
+        images = [jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1)) for i in range(8)]
+
+        def endless() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
+            for index in range(10_000):
+                yield pb.ScreenRequest(frame=pb.Frame(index=index, jpeg=images[index % len(images)]))
+                time.sleep(0.02)
+
+        channel, stub = _stub(running)
+        with channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                for _ in stub.ScreenStream(endless(), timeout=1.5):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _assert_no_state_left(running)
+
+            calls.clear()
+            request = pb.ScreenImagesRequest(
+                options=pb.SessionOptions(subject_id="photos"), images=[pb.Frame(index=i, jpeg=image) for i, image in enumerate(images)]
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ScreenImages(request, timeout=1.0)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _assert_no_state_left(running)
+            time.sleep(0.5)  # a model call under way when the deadline passed ends
+            settled = len(calls)
+            time.sleep(1.0)
+            assert len(calls) == settled < len(images), "faces of an abandoned request should not reach the model"
+        assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and the server goes on
+    finally:
+        running.stop(grace_s=1.0)
+
