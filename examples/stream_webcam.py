@@ -10,6 +10,7 @@ analysed frames over the call (here at most 5 per second).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from acroscreen.client import FrameResult, ScreeningClient, ScreenOptions, SubjectResult
@@ -24,7 +25,18 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=30.0, help="the camera's frame rate, to bound the frame count")
     args = parser.parse_args()
 
+    # Open the camera before the call: a missing or busy camera is then a plain error here, not a
+    # stream cancelled from inside gRPC's request thread.
     frames = webcam_frames(args.device, max_frames=int(args.seconds * args.fps))
+    try:
+        first = next(frames)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except StopIteration:
+        print(f"error: webcam {args.device} gave no frame", file=sys.stderr)
+        return 1
+    frames = itertools.chain([first], frames)
     options = ScreenOptions(min_analysis_interval_ms=200, update_every_frames=10)
 
     with ScreeningClient(args.server) as client:
