@@ -97,3 +97,24 @@ def test_rejections_come_from_settings() -> None:
         face_px=100.0, crop_grey=grey, pose=HeadPose(0.0, 40.0, 0.0), confidence=0.9, pitch_measured=True
     )
     assert assess(pitched, QualitySettings())[1] is RejectReason.POSE
+
+
+@pytest.mark.parametrize("name", ("Barack_Obama/1.jpg", "John_Rosa/2.jpg"))
+def test_a_strongly_blurred_face_is_rejected_as_blurred(preprocessor: FacePreprocessor, name: str) -> None:
+    """Blur scaled to the face (σ = 3 % of its width): still found and fitted, too blurred to use."""
+    image = read("identities", name)
+    original = preprocessor.analyze(image)
+    assert original.accepted and original.detection is not None, original.detail
+    blurred = preprocessor.analyze(cv2.GaussianBlur(image, (0, 0), 0.03 * original.detection.box.width))
+    assert blurred.rejection is RejectReason.BLURRED, blurred.detail
+    assert blurred.quality is not None and blurred.quality.sharpness == 0.0
+
+
+def test_a_tighter_sharpness_threshold_rejects_a_mildly_blurred_face(preprocessor: FacePreprocessor) -> None:
+    image = read("identities", "Joe_Biden/2.jpg")  # face ≈ 450 px: σ = 3 px is mild
+    mild = cv2.GaussianBlur(image, (0, 0), 3.0)
+    assert preprocessor.analyze(mild).accepted
+    strict = FacePreprocessor(PreprocessSettings(quality=QualitySettings(min_sharpness=200.0)))
+    assert strict.analyze(image).accepted
+    rejected = strict.analyze(mild)
+    assert rejected.rejection is RejectReason.BLURRED and "< 200.0" in rejected.detail, rejected.detail
