@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,12 +16,14 @@ import numpy as np
 import pytest
 from acroscreen.client import (
     FrameData,
+    FrameResult,
     ImageKind,
     ScreeningClient,
     ScreenOptions,
     SubjectResult,
 )
 from acroscreen.client.errors import ServerBusyError
+from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
 from acroscreen.v1 import screening_pb2 as pb
@@ -48,10 +54,18 @@ def _reference_run(server: RunningServer, portrait: np.ndarray) -> SubjectResult
         return client.screen(frames, ScreenOptions(subject_id="reference", analyze_every_frame=True))
 
 
-_valid_jpeg = st.just(b"")  # replaced per test with real bytes via flatmap below
+def _gradient(size: int) -> np.ndarray:
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    return np.dstack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)])
+
+
+_VALID_JPEG = jpeg_bytes(_gradient(96))
+_VALID_PNG = png_bytes(_gradient(96))
 frame_payloads = st.one_of(
     st.binary(max_size=2048).map(lambda data: pb.Frame(jpeg=data)),
     st.binary(max_size=2048).map(lambda data: pb.Frame(png=data)),
+    st.integers(0, len(_VALID_JPEG) - 1).map(lambda cut: pb.Frame(jpeg=_VALID_JPEG[:cut])),  # truncated JPEG
+    st.integers(0, len(_VALID_PNG) - 1).map(lambda cut: pb.Frame(png=_VALID_PNG[:cut])),  # truncated PNG
     st.builds(
         lambda w, h, fmt, data: pb.Frame(raw=pb.RawImage(width=w, height=h, format=fmt, data=data)),
         st.integers(0, 2**32 - 1),
@@ -70,7 +84,7 @@ def _png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames=st.lists(frame_payloads, min_size=0, max_size=6), options_again_at=st.one_of(st.none(), st.integers(0, 5)))
 def test_fuzzed_streams_get_rejections_or_invalid_argument(fuzz_server: RunningServer, frames, options_again_at) -> None:
     requests = [pb.ScreenRequest(options=pb.SessionOptions(subject_id="fuzz", analyze_every_frame=True))]
@@ -95,11 +109,12 @@ def test_fuzzed_streams_get_rejections_or_invalid_argument(fuzz_server: RunningS
 
 
 def test_hostile_frames_then_a_normal_stream_matches_a_fresh_server(fuzz_server: RunningServer, portrait_bgr) -> None:
-    good = jpeg_bytes(portrait_bgr)
+    good, good_png = jpeg_bytes(portrait_bgr), png_bytes(portrait_bgr)
     hostile = [
         pb.Frame(png=_png_declaring(100_000, 100_000)),
         pb.Frame(png=_png_declaring(2**31, 1)),
         pb.Frame(jpeg=good[: len(good) // 2]),
+        pb.Frame(png=good_png[: len(good_png) // 2]),
         pb.Frame(raw=pb.RawImage(width=2**32 - 1, height=2**32 - 1, format=pb.PIXEL_FORMAT_BGR24, data=b"\x00" * 100)),
         pb.Frame(raw=pb.RawImage(width=10, height=10, format=99, data=b"\x00" * 300)),
     ]
@@ -112,6 +127,7 @@ def test_hostile_frames_then_a_normal_stream_matches_a_fresh_server(fuzz_server:
     assert reasons == [
         pb.REJECT_REASON_TOO_LARGE,
         pb.REJECT_REASON_TOO_LARGE,
+        pb.REJECT_REASON_DECODE_FAILED,
         pb.REJECT_REASON_DECODE_FAILED,
         pb.REJECT_REASON_TOO_LARGE,
         pb.REJECT_REASON_BAD_FORMAT,
@@ -306,8 +322,6 @@ def _rss_mb() -> float:
 
 def test_a_full_inference_queue_sheds_frames_with_a_reason_and_every_stream_finishes(portrait_bgr) -> None:
     """Queue of 1 face, 4 streams analysing every frame: shed frames come back REJECTED overloaded; none is lost."""
-    from acroscreen.client import FrameResult
-
     running = start_server(metrics_port=-1, max_batch_size=1, batch_queue_capacity=1)
     try:
         frames = [FrameData(jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1)), ImageKind.JPEG, index=i) for i in range(8)]
@@ -336,11 +350,14 @@ def test_a_full_inference_queue_sheds_frames_with_a_reason_and_every_stream_fini
         assert shed > 0, "four streams on a one-face queue should have shed some frames"
     finally:
         running.stop(grace_s=1.0)
+    # The shedding is visible in the metrics too, under the reason the frames and subject results gave.
+    rejected_overloaded = sum(events[-1].rejected.get("overloaded", 0) for events in outcomes.values())
+    assert rejected_overloaded == shed
+    assert running.metrics.frames_rejected.labels(reason="overloaded")._value.get() == shed
 
 
 Batch = Sequence[np.ndarray]
 BatchRunner = Callable[[Batch], list]
-
 
 
 def _start_with_model(monkeypatch: pytest.MonkeyPatch, wrap: Callable[[BatchRunner], BatchRunner], **overrides: object) -> RunningServer:
@@ -348,7 +365,6 @@ def _start_with_model(monkeypatch: pytest.MonkeyPatch, wrap: Callable[[BatchRunn
     real = pipeline.model_batch_runner
     monkeypatch.setattr(pipeline, "model_batch_runner", lambda predict: wrap(real(predict)))
     return start_server(metrics_port=-1, **overrides)
-
 
 
 def _slow_model(seconds: float, calls: list[int] | None = None) -> Callable[[BatchRunner], BatchRunner]:
@@ -364,13 +380,11 @@ def _slow_model(seconds: float, calls: list[int] | None = None) -> Callable[[Bat
     return wrap
 
 
-
 def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
     return condition()
-
 
 
 def _assert_no_state_left(running: RunningServer) -> None:
@@ -381,6 +395,105 @@ def _assert_no_state_left(running: RunningServer) -> None:
     assert _wait_until(lambda: depth.labels(queue="analysis")._value.get() == 0, 10)
     assert _wait_until(lambda: depth.labels(queue="inference")._value.get() == 0, 10)
 
+
+def _marked(crop: np.ndarray) -> bool:
+    """A crop of a colour-swapped frame (blue face): the one the test's model fails on."""
+    return float(crop[..., 2].mean()) > float(crop[..., 0].mean())
+
+
+def test_a_failing_batch_fails_only_its_bad_frame_with_a_fixed_message(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, portrait_bgr
+) -> None:
+    """The model raises for any batch holding a marked face: the batch is split until that face fails alone."""
+    secret = "CUDA out of memory at 0x7f3a1c (simulated)"
+    calls: list[list[bool]] = []
+
+    def failing(run: BatchRunner) -> BatchRunner:
+        def run_or_fail(crops: Batch) -> list:
+            marks = [_marked(crop) for crop in crops]
+            calls.append(marks)
+            if any(marks):
+                raise RuntimeError(secret)
+            return run(crops)
+
+        return run_or_fail
+
+    # Batches of exactly three (the delay is never what closes one): frames 0-2 and 3-5, each with one bad face.
+    running = _start_with_model(monkeypatch, failing, max_batch_size=3, max_batch_delay_ms=5000)
+    try:
+        bad = {1, 4}
+        shifted = [np.roll(portrait_bgr, 4 * i, axis=1) for i in range(6)]
+        frames = [
+            FrameData(jpeg_bytes(image[..., ::-1] if i in bad else image), ImageKind.JPEG, index=i)  # bad: blue face
+            for i, image in enumerate(shifted)
+        ]
+        with (
+            caplog.at_level(logging.ERROR, logger="acroscreen.server.service.batcher"),
+            ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client,
+        ):
+            events = list(client.screen_stream(frames, ScreenOptions(subject_id="faulty", analyze_every_frame=True)))
+            after = client.screen(frames[:1] + frames[2:4], ScreenOptions(subject_id="next", analyze_every_frame=True))
+        results = {e.index: e for e in events if isinstance(e, FrameResult)}
+        assert sorted(results) == list(range(6))
+        for index, result in results.items():
+            if index in bad:
+                assert (result.status, result.reject_reason, result.detail) == ("rejected", "inference_failed", INFERENCE_FAILED)
+            else:
+                assert result.status == "analyzed"
+        final = events[-1]
+        assert isinstance(final, SubjectResult) and final.status == "final"
+        assert final.frames_analyzed == 4 and final.rejected == {"inference_failed": 2}
+        assert secret not in repr(events)
+        split_until_alone = [[False, True, False], [False], [True, False], [True], [False]]
+        assert calls[:10] == split_until_alone * 2  # each failing batch halved until its bad face failed alone
+        assert after.status == "final" and after.frames_analyzed == 3  # the server keeps serving
+        failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(failures) == 2  # once per failing batch, not once per retry
+        assert all("RuntimeError" in r.getMessage() and "faulty" not in r.getMessage() for r in failures)
+        assert running.metrics.frames_rejected.labels(reason="inference_failed")._value.get() == 2
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_a_full_backlog_skips_frames_promptly_and_says_so(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """A live stream at 20 frames/s against a model taking 0.4 s a face: frames the backlog cannot take are
+    answered SKIPPED (backlog_full) at once, so every frame is answered within a bound instead of queueing."""
+    running = _start_with_model(monkeypatch, _slow_model(0.4), max_batch_size=1, analysis_backlog=1)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+        count = 30
+        sent_at: dict[int, float] = {}
+
+        def requests() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions(subject_id="live", acknowledge_frames=True))
+            for index in range(count):
+                sent_at[index] = time.monotonic()
+                yield pb.ScreenRequest(frame=pb.Frame(index=index, timestamp_us=index * 50_000, jpeg=good))
+                time.sleep(0.05)
+
+        answered_at: dict[int, float] = {}
+        skipped: list[int] = []
+        channel, stub = _stub(running)
+        with channel:
+            for response in stub.ScreenStream(requests(), timeout=60):
+                kind = response.WhichOneof("payload")
+                if kind == "frame_ack":
+                    answered_at.setdefault(response.frame_ack.index, time.monotonic())
+                elif kind == "frame_result" and response.frame_result.status == pb.FRAME_STATUS_SKIPPED:
+                    answered_at.setdefault(response.frame_result.index, time.monotonic())
+                    skipped.append(response.frame_result.index)
+                    assert "backlog full" in response.frame_result.detail
+                elif kind == "subject":
+                    final = response.subject
+        assert sorted(answered_at) == list(range(count)), "every frame is acknowledged or skipped"
+        worst = max(answered_at[i] - sent_at[i] for i in range(count))
+        assert worst < 1.0, f"a frame waited {worst:.2f} s for its answer; the model alone would take {0.4 * count:.0f} s"
+        assert len(skipped) >= count // 2
+        assert final.status != pb.SUBJECT_STATUS_PROVISIONAL
+        assert final.frames_skipped == len(skipped) and final.frames_analyzed == count - len(skipped)
+        assert running.metrics.frames_skipped.labels(policy="backlog_full")._value.get() == len(skipped)
+    finally:
+        running.stop(grace_s=1.0)
 
 
 def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
@@ -421,3 +534,98 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
     finally:
         running.stop(grace_s=1.0)
 
+
+def test_a_stream_past_its_longest_duration_gets_its_final_result(portrait_bgr) -> None:
+    """max_stream_duration_s = 1: a client still sending after that gets the final result and RESOURCE_EXHAUSTED;
+    a client gone quiet is finished by the server with its final result."""
+    running = start_server(metrics_port=-1, max_stream_duration_s=1.0)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+
+        def frames() -> Iterator[FrameData]:
+            for index in range(40):  # 4 s of frames
+                yield FrameData(good, ImageKind.JPEG, index=index)
+                time.sleep(0.1)
+
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            started = time.monotonic()
+            with pytest.raises(ServerBusyError, match="1 s") as caught:
+                client.screen(frames(), ScreenOptions(analyze_every_frame=True))
+            elapsed = time.monotonic() - started
+        final = caught.value.final_result
+        assert isinstance(final, SubjectResult) and final.status == "final"
+        assert 5 <= final.frames_received < 40 and final.frames_analyzed == final.frames_received
+        assert elapsed < 3.5
+
+        release = threading.Event()
+
+        def quiet() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
+            yield pb.ScreenRequest(frame=pb.Frame(index=0, jpeg=good))
+            release.wait(20)
+
+        channel, stub = _stub(running)
+        with channel:
+            started = time.monotonic()
+            responses = list(stub.ScreenStream(quiet(), timeout=30))
+            elapsed = time.monotonic() - started
+        release.set()
+        assert responses[-1].subject.frames_received == 1 and responses[-1].subject.status != pb.SUBJECT_STATUS_PROVISIONAL
+        assert elapsed < 5  # the duration limit, not the 60 s idle timeout, ended it
+        _assert_no_state_left(running)
+    finally:
+        running.stop(grace_s=1.0)
+
+
+_STREAMING_CLIENT = """
+import sys, time
+import grpc
+from acroscreen.v1 import screening_pb2 as pb, screening_pb2_grpc as pb_grpc
+
+image = sys.stdin.buffer.read()
+
+def requests():
+    yield pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True))
+    index = 0
+    while True:
+        yield pb.ScreenRequest(frame=pb.Frame(index=index, jpeg=image))
+        index += 1
+        time.sleep(0.01)
+
+responses = pb_grpc.ScreeningStub(grpc.insecure_channel(sys.argv[1])).ScreenStream(requests())
+next(responses)
+print("streaming", flush=True)
+for _ in responses:
+    pass
+"""
+
+
+def test_client_processes_killed_mid_stream_leave_no_state(portrait_bgr) -> None:
+    """A disconnect storm of real processes: six clients streaming are SIGKILLed (no goodbye on the wire)."""
+    running = start_server(metrics_port=-1, max_streams=8)
+    clients: list[subprocess.Popen] = []
+    try:
+        for _ in range(6):
+            process = subprocess.Popen(
+                [sys.executable, "-c", _STREAMING_CLIENT, f"127.0.0.1:{running.port}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )
+            process.stdin.write(jpeg_bytes(portrait_bgr))
+            process.stdin.close()
+            clients.append(process)
+        for process in clients:
+            assert process.stdout.readline() == b"streaming\n"  # its stream is open and answering
+        assert running.service.active_streams == 6
+        for process in clients:
+            process.send_signal(signal.SIGKILL)
+        for process in clients:
+            assert process.wait(10) == -signal.SIGKILL
+        _assert_no_state_left(running)
+        assert _reference_run(running, portrait_bgr).frames_analyzed == 3
+    finally:
+        for process in clients:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            process.stdout.close()
+        running.stop(grace_s=1.0)
