@@ -14,10 +14,12 @@ thread, so a blocking source (decoding a video with PyAV, reading a webcam) neve
 event loop.
 
 Known grpc.aio limitation (grpc/grpc#36066, open): when the server ends a stream with an error
-while the client is still writing frames (a refused token, a stream limit), grpc.aio may report
+while the client is still writing frames (a stream limit, a malformed frame), grpc.aio may report
 INTERNAL "Internal error from Core" instead of the server's status. This client then raises
-`ServerError` saying so. Errors before the first frame is written (e.g. too many streams, bad
-options) and all unary calls keep the server's status; the sync client is not affected.
+`ServerError` saying so. A stream's refusals (a refused token, too many streams, bad options, the
+model still loading, a draining server) come before the server accepts the stream, when no frame
+is being written, so they keep the server's status, as do all unary calls; the sync client is not
+affected.
 """
 
 from __future__ import annotations
@@ -96,31 +98,27 @@ class AsyncScreeningClient:
         self, frames: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
     ) -> AsyncIterator[StreamEvent]:
         """Stream frames; yields frame acks (when asked for), each frame's result and subject
-        updates, the FINAL result last. Leaving the `async for` early cancels the call."""
+        updates, the FINAL result last. Leaving the `async for` early cancels the call.
+
+        As in the sync client, no frame is taken from `frames` before the server has accepted the
+        stream (its initial metadata): UNAVAILABLE before that is retried with backoff, a failure
+        after it is raised, so no frame is ever lost or sent twice."""
         source = _aiter(frames)
-        touched = False  # the source was asked for a frame: a retry could lose one
         last_subject: SubjectResult | None = None
-
-        async def requests() -> AsyncIterator[pb.ScreenRequest]:
-            nonlocal touched
-            yield pb.ScreenRequest(options=options.message())
-            touched = True
-            async for frame in source:
-                yield pb.ScreenRequest(frame=types.frame_message(frame))
-
         for attempt in range(self._retry.attempts):
-            answered = False
-            call = self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata)
+            gate = _AcceptanceGate()
+            call = self._stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
             try:
+                if await call.initial_metadata():  # empty when the call ended without being accepted
+                    gate.accept()
                 async for response in call:
-                    answered = True
                     event = types.stream_event(response)
                     if isinstance(event, SubjectResult):
                         last_subject = event
                     yield event
                 return
             except grpc.aio.AioRpcError as error:
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and not touched
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not gate.accepted
                 if retryable and attempt + 1 < self._retry.attempts:
                     await self._backoff(attempt)
                     continue
@@ -129,6 +127,7 @@ class AsyncScreeningClient:
                 raise failure from error
             finally:
                 call.cancel()  # a no-op once the call has ended
+                gate.close()
 
     async def screen(
         self,
@@ -199,6 +198,31 @@ class AsyncScreeningClient:
             if time.monotonic() >= deadline:
                 raise UnavailableError(f"server not SERVING after {timeout_s:.0f} s")
             await asyncio.sleep(0.2)
+
+
+class _AcceptanceGate:
+    """Holds a stream's frames back until the server has accepted it: the request iterator sends
+    the options, then waits until the caller saw the server's initial metadata (`accept`) or gave
+    the call up (`close`), and only after acceptance takes frames from the source."""
+
+    def __init__(self) -> None:
+        self._decided = asyncio.Event()
+        self.accepted = False
+
+    def accept(self) -> None:
+        self.accepted = True
+        self._decided.set()
+
+    def close(self) -> None:
+        self._decided.set()
+
+    async def requests(self, options: ScreenOptions, source: AsyncIterator[FrameData]) -> AsyncIterator[pb.ScreenRequest]:
+        yield pb.ScreenRequest(options=options.message())
+        await self._decided.wait()
+        if not self.accepted:
+            return
+        async for frame in source:
+            yield pb.ScreenRequest(frame=types.frame_message(frame))
 
 
 async def _aiter(frames: Iterable[FrameData] | AsyncIterable[FrameData]) -> AsyncIterator[FrameData]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,34 @@ class RetryPolicy:
     max_backoff_s: float = 3.0
 
 
+class _AcceptanceGate:
+    """Holds a stream's frames back until the server has accepted it.
+
+    gRPC pulls requests on a thread of its own; this request iterator sends the options, then
+    waits until the caller saw the server's initial metadata (`accept`) or gave the call up
+    (`close`), and only after acceptance takes frames from the source.
+    """
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self.accepted = False
+
+    def accept(self) -> None:
+        self.accepted = True
+        self._decided.set()
+
+    def close(self) -> None:
+        self._decided.set()
+
+    def requests(self, options: ScreenOptions, source: Iterator[FrameData]) -> Iterator[pb.ScreenRequest]:
+        yield pb.ScreenRequest(options=options.message())
+        self._decided.wait()
+        if not self.accepted:
+            return
+        for frame in source:
+            yield pb.ScreenRequest(frame=types.frame_message(frame))
+
+
 class ScreeningClient:
     """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions."""
 
@@ -151,38 +180,38 @@ class ScreeningClient:
     def screen_stream(self, frames: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> Iterator[StreamEvent]:
         """Stream frames; yields each frame's result and subject updates, the FINAL result last.
 
-        UNAVAILABLE is retried only while no frame has been handed to gRPC, so a
-        retry can never drop or repeat a frame.
+        No frame is taken from `frames` before the server has accepted the stream (its initial
+        metadata), so UNAVAILABLE before that (no server yet, model still loading, draining) is
+        retried with backoff without losing or repeating a frame. A failure after that is raised,
+        never retried: the caller knows exactly which frames it got results for.
         """
         source = iter(frames)
-        pulled = 0
         last_subject: SubjectResult | None = None
-
-        def requests() -> Iterator[pb.ScreenRequest]:
-            nonlocal pulled
-            yield pb.ScreenRequest(options=options.message())
-            for frame in source:
-                pulled += 1
-                yield pb.ScreenRequest(frame=types.frame_message(frame))
-
         for attempt in range(self._retry.attempts):
-            answered = False
+            gate = _AcceptanceGate()
+            call = self._stub.ScreenStream(
+                gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata
+            )
             try:
-                for response in self._stub.ScreenStream(requests(), timeout=self._timeout_s, metadata=self._metadata):
-                    answered = True
+                if call.initial_metadata():  # empty when the call ended without being accepted
+                    gate.accept()
+                for response in call:
                     event = types.stream_event(response)
                     if isinstance(event, SubjectResult):
                         last_subject = event
                     yield event
                 return
             except grpc.RpcError as error:
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not answered and pulled == 0
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not gate.accepted
                 if retryable and attempt + 1 < self._retry.attempts:
                     self._backoff(attempt)
                     continue
                 failure = from_rpc_error(error)
                 failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
                 raise failure from error
+            finally:
+                call.cancel()  # a no-op once the call has ended
+                gate.close()
 
     def screen(
         self,

@@ -42,7 +42,6 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     def ScreenStream(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ScreenResponse]:
-        _send_request_id(context)
         first = next(request_iterator, None)
         if first is None:
             raise InvalidRequest("empty stream: the first message must carry options")
@@ -50,6 +49,9 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
+        # Initial metadata only once the stream is accepted: clients send no frame before it, so a
+        # refusal (model loading, draining, too many streams) never races a frame being written.
+        _send_request_id(context)
         log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
         context.add_callback(session.cancel)
         reader = _StreamReader(request_iterator, session)

@@ -1,0 +1,115 @@
+"""The sync and async clients' stream retries against real servers that come up late or go away:
+UNAVAILABLE before the server accepted the stream is retried without losing a frame; a failure
+after that is raised, never retried into a result that misses frames."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from acroscreen.client import (
+    FrameData,
+    FrameResult,
+    ImageKind,
+    RetryPolicy,
+    ScreeningClient,
+    SubjectResult,
+)
+from acroscreen.client.aio import AsyncScreeningClient
+from acroscreen.client.errors import UnavailableError
+from acroscreen.client.types import StreamEvent
+from acroscreen.server.main import RunningServer
+
+from tests.helpers import jpeg_bytes
+
+from .conftest import start_server
+
+# Enough attempts to span a server's start (model load and warm-up, ~5 s here).
+PATIENT = RetryPolicy(attempts=40, initial_backoff_s=0.2, max_backoff_s=0.5)
+
+
+def _screen(mode: str, port: int, frames: Iterator[FrameData], events: list[StreamEvent]) -> SubjectResult:
+    """One stream through the sync or the async client, every event kept."""
+    target = f"127.0.0.1:{port}"
+    if mode == "sync":
+        with ScreeningClient(target, timeout_s=120, retry=PATIENT) as client:
+            return client.screen(frames, on_event=events.append)
+
+    async def run() -> SubjectResult:
+        async with AsyncScreeningClient(target, timeout_s=120, retry=PATIENT) as client:
+            return await client.screen(frames, on_event=events.append)
+
+    return asyncio.run(run())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _frames(portrait: np.ndarray, count: int) -> list[FrameData]:
+    return [FrameData(jpeg_bytes(np.roll(portrait, 3 * i, axis=1)), ImageKind.JPEG, index=i) for i in range(count)]
+
+
+def _in_background(start: Callable[[], RunningServer], started: list[RunningServer]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: started.append(start()), name="late-server")
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_begun_before_the_server_is_up_gets_every_frame(mode: str, portrait_bgr: np.ndarray) -> None:
+    """The call starts with nothing listening, then meets a server still loading its model
+    (UNAVAILABLE either way): retried until served, with all five frames answered once each."""
+    port = _free_port()
+    started: list[RunningServer] = []
+    timer = threading.Timer(1.0, lambda: started.append(start_server(port=port, metrics_port=-1)))
+    timer.start()
+    events: list[StreamEvent] = []
+    try:
+        result = _screen(mode, port, iter(_frames(portrait_bgr, 5)), events)
+    finally:
+        timer.join()
+        for running in started:
+            running.stop(grace_s=1.0)
+    assert result.status == "final" and result.frames_received == 5
+    assert sorted(event.index for event in events if isinstance(event, FrameResult)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_that_fails_after_it_started_is_raised_not_retried(mode: str, portrait_bgr: np.ndarray) -> None:
+    """The server dies after two frames were sent and a new one takes its port at once: a retry
+    would reach it and return a result without those frames, so the client must raise instead."""
+    first = start_server(metrics_port=-1)
+    port = first.port
+    frames = _frames(portrait_bgr, 6)
+    replacement: list[RunningServer] = []
+    restarting: list[threading.Thread] = []
+    taken: list[int] = []
+
+    def source() -> Iterator[FrameData]:
+        for frame in frames:
+            if frame.index == 2:  # frames 0 and 1 are with the server
+                first.stop(grace_s=0.0)
+                restarting.append(_in_background(lambda: start_server(port=port, metrics_port=-1), replacement))
+            taken.append(frame.index)
+            yield frame
+
+    events: list[StreamEvent] = []
+    try:
+        with pytest.raises(UnavailableError) as failure:
+            _screen(mode, port, source(), events)
+    finally:
+        for thread in restarting:
+            thread.join()
+        for running in replacement:
+            running.stop(grace_s=1.0)
+    assert failure.value.final_result is None  # no FINAL result came, and none is made up
+    assert restarting, "the server was never stopped mid-stream"
+    assert all(event.index in (0, 1) for event in events if isinstance(event, FrameResult))
+    assert len(taken) <= 3  # the stream was not resumed against the new server
