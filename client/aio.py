@@ -39,6 +39,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import types
 from .client import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    KEEPALIVE_TIME_S,
+    KEEPALIVE_TIMEOUT_S,
     Credentials,
     RetryPolicy,
     ScreenOptions,
@@ -57,7 +59,7 @@ class AsyncScreeningClient:
 
     Takes what the sync `ScreeningClient` takes: `credentials` (TLS, mutual TLS, bearer token),
     `retry` (UNAVAILABLE retried with backoff only while nothing was sent, so a retry never drops
-    or repeats a frame), the message limit and the keepalive interval. `options` are extra channel
+    or repeats a frame), the message limit and the keepalive settings. `options` are extra channel
     arguments, e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for
     client-side load balancing across the pods of a headless Kubernetes Service.
     """
@@ -70,12 +72,13 @@ class AsyncScreeningClient:
         credentials: Credentials = Credentials(),
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_time_s: float = 30.0,
+        keepalive_time_s: float = KEEPALIVE_TIME_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
         self._retry = retry
-        all_options = channel_options(max_message_bytes, keepalive_time_s, options)
+        all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
         if secure is not None:
             self._channel = grpc.aio.secure_channel(target, secure, options=all_options)

@@ -89,8 +89,19 @@ class Credentials:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
+# Keepalive, matching the server's defaults (server/config.py: keepalive_time_s, keepalive_timeout_s).
+# The server takes a ping without data at most every keepalive_time_s / 2
+# (server/transport/server.py: min_client_ping_interval_ms) and answers more frequent ones with
+# GOAWAY "too_many_pings", which ends every call on the connection: never ping more often.
+KEEPALIVE_TIME_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+
+
 def channel_options(
-    max_message_bytes: int, keepalive_time_s: float, extra: Sequence[tuple[str, Any]] = ()
+    max_message_bytes: int,
+    keepalive_time_s: float = KEEPALIVE_TIME_S,
+    extra: Sequence[tuple[str, Any]] = (),
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> list[tuple[str, Any]]:
     """Message limits and a keepalive policy that match the server's, plus caller options
     (e.g. ("grpc.lb_policy_name", "round_robin") with a dns:/// target)."""
@@ -98,7 +109,7 @@ def channel_options(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         *extra,
@@ -153,12 +164,13 @@ class ScreeningClient:
         credentials: Credentials = Credentials(),
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_time_s: float = 30.0,
+        keepalive_time_s: float = KEEPALIVE_TIME_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._timeout_s = timeout_s
         self._retry = retry
-        all_options = channel_options(max_message_bytes, keepalive_time_s, options)
+        all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
         if secure is not None:
             self._channel = grpc.secure_channel(target, secure, options=all_options)

@@ -25,6 +25,13 @@ _THREADS_PER_STREAM = 2
 _SPARE_THREADS = 8
 
 
+def min_client_ping_interval_ms(settings: Settings) -> int:
+    """The shortest gap between a client's pings (without data) that the server accepts: half its own
+    keepalive interval. More frequent pings get GOAWAY "too_many_pings"; the client's defaults
+    (acroscreen.client.client.KEEPALIVE_TIME_S) match the server's and so stay above this."""
+    return int(settings.keepalive_time_s * 1000 / 2)
+
+
 class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
@@ -47,7 +54,7 @@ class GrpcServer:
                 ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time_s * 1000 / 2)),
+                ("grpc.http2.min_ping_interval_without_data_ms", min_client_ping_interval_ms(settings)),
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
