@@ -102,14 +102,13 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS (and mTLS with a client CA) when configured; None means plaintext, which must be allowed."""
+    """TLS (and mTLS with a client CA) when configured; None means plaintext, which must be allowed:
+    on a loopback address always (no other host can reach it), elsewhere only with --insecure."""
     if settings.tls_cert is None or settings.tls_key is None:
         if not _is_loopback(settings.host) and not settings.insecure:
             raise ConfigurationError(
                 f"refusing plaintext gRPC on {settings.host}: give --tls-cert/--tls-key, or --insecure to accept it"
             )
-        if not _is_loopback(settings.host):
-            log.warning("serving PLAINTEXT gRPC on %s: frames of faces cross the network unencrypted", settings.host)
         return None
     try:
         key = settings.tls_key.read_bytes()
@@ -120,6 +119,21 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def warn_about_exposure(host: str, port: int, *, encrypted: bool, tokens: bool) -> None:
+    """A warning in the log for each protection the listening port lacks, so an operator sees it
+    even where it was allowed (plaintext on loopback, no tokens)."""
+    address = f"{host}:{port}"
+    if not encrypted:
+        reach = "reachable from this host only" if _is_loopback(host) else "frames of faces cross the network unencrypted"
+        log.warning("serving PLAINTEXT gRPC on %s (%s): give --tls-cert/--tls-key to turn TLS on", address, reach)
+    if not tokens:
+        log.warning(
+            "no bearer tokens configured: anyone who can reach %s can screen; give --auth-tokens-file"
+            " or ACROSCREEN_AUTH_TOKENS",
+            address,
+        )
 
 
 def _is_loopback(host: str) -> bool:

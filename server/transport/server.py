@@ -13,7 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ..config import Settings
 from ..service.screening import ScreeningService
-from .auth import TokenAuthInterceptor, load_tokens, server_credentials
+from .auth import (
+    TokenAuthInterceptor,
+    load_tokens,
+    server_credentials,
+    warn_about_exposure,
+)
 from .errors import ErrorMappingInterceptor
 from .servicer import ScreeningServicer
 
@@ -70,6 +75,7 @@ class GrpcServer:
             self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        warn_about_exposure(settings.host, self.port, encrypted=credentials is not None, tokens=bool(tokens))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def start(self) -> None:

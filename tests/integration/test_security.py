@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,10 @@ from acroscreen.client import (
     ScreeningClient,
 )
 from acroscreen.client.errors import AuthenticationError, UnavailableError
+from acroscreen.server.config import Settings
 from acroscreen.server.errors import ConfigurationError
 from acroscreen.server.main import RunningServer
+from acroscreen.server.transport.server import GrpcServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.helpers import jpeg_bytes
 
-from .conftest import start_server
+from .conftest import BASE_SETTINGS, start_server
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 NO_RETRY = RetryPolicy(attempts=1)
@@ -147,3 +151,38 @@ def test_short_tokens_are_refused_at_start() -> None:
 
 def _fields(credentials: Credentials) -> dict:
     return {name: getattr(credentials, name) for name in ("tls", "tls_ca", "tls_cert", "tls_key", "token")}
+
+
+# --- plaintext and open access are always reported in the log -------------------------------------------
+
+def _exposure_warnings(caplog: pytest.LogCaptureFixture, settings: Settings) -> tuple[int, list[str]]:
+    """Build the gRPC server (it listens at once), and the warnings it logged."""
+    with caplog.at_level(logging.WARNING, logger="acroscreen"):
+        grpc_server = GrpcServer(settings)
+    grpc_server.stop(0)
+    return grpc_server.port, [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_plaintext_on_loopback_without_tokens_is_allowed_with_two_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    port, warnings = _exposure_warnings(caplog, dataclasses.replace(BASE_SETTINGS, metrics_port=-1))
+    plaintext = [w for w in warnings if "PLAINTEXT" in w]
+    open_access = [w for w in warnings if "no bearer tokens" in w]
+    assert len(plaintext) == 1 and f"127.0.0.1:{port}" in plaintext[0] and "--tls-cert/--tls-key" in plaintext[0]
+    assert len(open_access) == 1 and f"127.0.0.1:{port}" in open_access[0]
+
+
+def test_insecure_plaintext_on_a_public_address_warns_that_frames_cross_the_network(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = dataclasses.replace(BASE_SETTINGS, host="0.0.0.0", insecure=True, auth_tokens=TOKEN, metrics_port=-1)
+    port, warnings = _exposure_warnings(caplog, settings)
+    assert [w for w in warnings if "PLAINTEXT" in w and f"0.0.0.0:{port}" in w and "unencrypted" in w]
+    assert not [w for w in warnings if "no bearer tokens" in w]
+
+
+def test_tls_with_tokens_logs_no_exposure_warning(caplog: pytest.LogCaptureFixture, pki: _Pki) -> None:
+    settings = dataclasses.replace(
+        BASE_SETTINGS, tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=TOKEN, metrics_port=-1
+    )
+    _port, warnings = _exposure_warnings(caplog, settings)
+    assert warnings == []
