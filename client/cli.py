@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .client import Credentials, ScreeningClient, ScreenOptions, StreamEvent
-from .errors import AcroscreenClientError
+from .errors import AcroscreenClientError, AuthenticationError, UnavailableError
 from .types import FrameAck, FrameResult, SubjectResult
 
 
@@ -24,6 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except AuthenticationError as error:
+        print(f"acroscreen: {error} (give --token-file with a token the server accepts)", file=sys.stderr)
+        return 1
+    except UnavailableError as error:
+        print(f"acroscreen: {error} (is the server up at --server? a TLS server needs --tls-ca, and with mutual TLS"
+              " --tls-cert/--tls-key)", file=sys.stderr)
+        return 1
     except AcroscreenClientError as error:
         print(f"acroscreen: {error}", file=sys.stderr)
         return 1

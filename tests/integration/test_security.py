@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from acroscreen.client import (
     Credentials,
@@ -16,10 +19,11 @@ from acroscreen.client import (
     RetryPolicy,
     ScreeningClient,
 )
+from acroscreen.client.cli import main as cli_main
 from acroscreen.client.errors import AuthenticationError, UnavailableError
 from acroscreen.server.config import Settings
 from acroscreen.server.errors import ConfigurationError
-from acroscreen.server.main import RunningServer
+from acroscreen.server.main import DEFAULT_WEIGHTS, RunningServer, start
 from acroscreen.server.transport.server import GrpcServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -186,3 +190,131 @@ def test_tls_with_tokens_logs_no_exposure_warning(caplog: pytest.LogCaptureFixtu
     )
     _port, warnings = _exposure_warnings(caplog, settings)
     assert warnings == []
+
+
+# --- tokens and health through the settings the server reads: environment, flags ------------------------
+
+ENV_TOKEN = "token-from-the-environment-0123"
+FILE_TOKEN = "token-from-the-tokens-file-4567"
+RETIRED_TOKEN = "retired-token-commented-out-89ab"
+
+
+@dataclasses.dataclass
+class _Configured:
+    running: RunningServer
+    startup_log: list[str]
+
+
+@pytest.fixture(scope="module")
+def configured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Configured]:
+    """Started as `acroscreen serve` would be: ACROSCREEN_* variables, then flags, read by Settings.load."""
+    tokens_file = tmp_path_factory.mktemp("secrets") / "tokens"
+    tokens_file.write_text(f"# rotated out:\n# {RETIRED_TOKEN}\n\n{FILE_TOKEN}\n")
+    environ = {
+        "ACROSCREEN_HOST": "127.0.0.1",
+        "ACROSCREEN_PORT": "0",
+        "ACROSCREEN_METRICS_PORT": "-1",
+        "ACROSCREEN_AUTH_TOKENS": ENV_TOKEN,
+        "ACROSCREEN_HEALTH_REQUIRES_AUTH": "true",
+    }
+    settings = Settings.load(environ, ["--auth-tokens-file", str(tokens_file)])
+    records: list[logging.LogRecord] = []
+    capture = _ListHandler(records)
+    logger = logging.getLogger("acroscreen")
+    level = logger.level
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    try:
+        running = start(settings)
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(level)
+    yield _Configured(running, [record.getMessage() for record in records])
+    running.stop(grace_s=1.0)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self._records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._records.append(record)
+
+
+def _plain(port: int, token: str | None) -> ScreeningClient:
+    return ScreeningClient(f"127.0.0.1:{port}", timeout_s=30, credentials=Credentials(token=token), retry=NO_RETRY)
+
+
+def test_tokens_from_the_environment_and_from_the_tokens_file_are_accepted(
+    configured_server: _Configured, portrait_bgr
+) -> None:
+    for token in (ENV_TOKEN, FILE_TOKEN):
+        with _plain(configured_server.running.port, token) as client:
+            result = client.screen([FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG)])
+        assert result.frames_received == 1
+    for token in (RETIRED_TOKEN, None):  # a commented-out line is no token
+        with _plain(configured_server.running.port, token) as client, pytest.raises(AuthenticationError) as refused:
+            client.model_info()
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_requires_a_token_when_configured(configured_server: _Configured) -> None:
+    for token in (None, "not-a-token-but-long-enough-00"):
+        with _plain(configured_server.running.port, token) as client, pytest.raises(AuthenticationError) as refused:
+            client.health()
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with _plain(configured_server.running.port, ENV_TOKEN) as client:
+        assert client.health() == "SERVING"
+
+
+def test_the_startup_log_names_the_weights_sha256(configured_server: _Configured) -> None:
+    digest = hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    assert [line for line in configured_server.startup_log if f"sha256={digest}" in line]
+    assert not [line for line in configured_server.startup_log if "no bearer tokens" in line]
+
+
+# --- TLS without mutual TLS ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_server(pki: _Pki) -> Iterator[RunningServer]:
+    running = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=TOKEN, metrics_port=-1)
+    yield running
+    running.stop(grace_s=1.0)
+
+
+def test_server_only_tls_screens_for_a_client_that_trusts_its_ca(tls_server: RunningServer, pki: _Pki, portrait_bgr) -> None:
+    credentials = Credentials(tls=True, tls_ca=pki.ca.read_bytes(), token=TOKEN)
+    frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(3)]
+    with _client(tls_server.port, credentials) as client:
+        result = client.screen(frames)
+    assert result.status == "final" and result.frames_received == 3
+
+
+def test_server_only_tls_is_refused_by_a_client_trusting_another_ca(tls_server: RunningServer, tmp_path: Path) -> None:
+    other = _Pki(tmp_path, ca_name="someone else's CA")
+    credentials = Credentials(tls=True, tls_ca=other.ca.read_bytes(), token=TOKEN)
+    with _client(tls_server.port, credentials) as client, pytest.raises(UnavailableError):
+        client.model_info()
+
+
+# --- the CLI's connection flags ----------------------------------------------------------------------------
+
+def test_cli_screens_over_mutual_tls_with_a_token_file(
+    mtls_server: RunningServer, pki: _Pki, portrait_bgr, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "portrait.jpg"
+    image.write_bytes(jpeg_bytes(portrait_bgr))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    command = ["screen", str(image), "--server", f"localhost:{mtls_server.port}", "--json", "--timeout", "60", *tls]
+
+    assert cli_main([*command, "--token-file", str(token_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "final" and result["frames_analyzed"] == 1
+
+    assert cli_main(command) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "UNAUTHENTICATED" in err and "--token-file" in err
