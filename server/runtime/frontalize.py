@@ -23,12 +23,14 @@ put the eyes within ≈ 2 % of the inter-ocular distance of each other (LFW medi
 Limits. In-plane rotation (roll) is removed exactly. Out-of-plane rotation is not:
 with yaw the inter-ocular distance shrinks by cos(yaw), so the face is shown
 slightly larger and turned; the quality gate rejects large yaw (and, with 68 points,
-pitch) instead. A first-order planar correction from the 68-point pose (vertical
+pitch) instead. With 68 points, "frontal-3d-v1" (frontal3d.py) also undoes yaw and
+pitch with a generic 3-D face surface, keeping this module's eye-based scale and
+placement. A first-order planar correction from the 68-point pose (vertical
 scale × cos(yaw)/cos(pitch)) was measured on the clips in shared/data (yaw within
 ±12°): the spread of eye-to-mouth over inter-ocular distance across frames did not
 shrink (coefficient of variation 0.053→0.048, 0.053→0.054, 0.079→0.083, 0.061→0.062,
 0.034→0.033), so it is not applied; a 3D-reference warp would need a 3D face model
-this project does not ship. The nose is not used in the transform: a least-squares fit through
+this project did not have then (frontal3d.py now builds one). The nose is not used in the transform: a least-squares fit through
 eyes and nose would tilt the eye line under yaw and normalise away the eye-to-nose
 length. The scale is only as independent of the lower face as dlib's eye corners
 are: widening nose, mouth and jaw by 20 % moved the fitted eyes 1–4 % apart, so a
@@ -63,8 +65,9 @@ CANONICAL_EYE_DISTANCE = 0.35  # between the eye centres, in box widths
 EXPAND_ABOVE_SHARE = 0.4  # share of the added height that goes above the box
 
 SIMILARITY_EYES_V1 = "similarity-eyes-v1"
+FRONTAL_3D_V1 = "frontal-3d-v1"  # 68 points: also corrects yaw and pitch (frontal3d.py)
 BOX_ALIGNMENT = "box"
-ALIGNMENTS = (SIMILARITY_EYES_V1, BOX_ALIGNMENT)
+ALIGNMENTS = (SIMILARITY_EYES_V1, FRONTAL_3D_V1, BOX_ALIGNMENT)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,6 +24,7 @@ solvePnP on the same detector box by a median 2.5° (yaw) and 4.4° (pitch)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -92,16 +93,56 @@ def pose_from_5(landmarks: np.ndarray) -> HeadPose:
     return HeadPose(yaw_deg=math.degrees(yaw), pitch_deg=math.degrees(pitch), roll_deg=math.degrees(roll))
 
 
-def pose_from_68(landmarks: np.ndarray, frame_size: tuple[int, int]) -> HeadPose:
-    """solvePnP against the generic face; Euler angles of R = Rz(roll)·Ry(yaw)·Rx(pitch)."""
+@dataclass(frozen=True, slots=True)
+class HeadPoseFit:
+    """The rigid fit of the generic face: model point P (mm) → frame pixel camera·(rotation·P + translation)."""
+
+    rotation: np.ndarray  # 3×3
+    translation: np.ndarray  # 3, mm
+    camera: np.ndarray  # 3×3 pinhole intrinsics
+
+
+def fit_head_pose_68(landmarks: np.ndarray, frame_size: tuple[int, int]) -> HeadPoseFit | None:
+    """solvePnP (SQPnP) of the rigid 68-point subset against the generic face; None if it fails."""
     width, height = frame_size
     focal = float(max(width, height))
     camera = np.array([[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]])
     image_points = np.asarray(landmarks, dtype=np.float64)[_IDS_68]
-    ok, rvec, _tvec = cv2.solvePnP(_POINTS_68, image_points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    ok, rvec, tvec = cv2.solvePnP(_POINTS_68, image_points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
-        return pose_from_5_of_68(landmarks)
+        return None
     rotation, _ = cv2.Rodrigues(rvec)
+    return HeadPoseFit(rotation=rotation, translation=tvec.reshape(3), camera=camera)
+
+
+def fit_weak_perspective_68(landmarks: np.ndarray) -> HeadPoseFit:
+    """Least-squares scaled-orthographic fit of the generic face (rotation, scale, image shift).
+
+    Needs no focal length or principal point, which a frame cut from a larger picture does not
+    have. Returned as a pinhole fit whose camera is so far away (1 km) that it is orthographic
+    to within 10⁻⁴ over a face's depth.
+    """
+    image_points = np.asarray(landmarks, dtype=np.float64)[_IDS_68]
+    model_centre, image_centre = _POINTS_68.mean(axis=0), image_points.mean(axis=0)
+    model, image = _POINTS_68 - model_centre, image_points - image_centre
+    affine = np.linalg.lstsq(model, image, rcond=None)[0].T  # 2×3: image ≈ affine · model
+    u, singular, vt = np.linalg.svd(affine, full_matrices=False)
+    rows = u @ vt  # the nearest two orthonormal rows
+    rotation = np.vstack([rows, np.cross(rows[0], rows[1])])
+    scale = float(singular.mean())
+    distance = 1e6
+    focal = scale * distance
+    translation = np.array([*(image_centre / scale - rows @ model_centre), distance])
+    camera = np.array([[focal, 0.0, 0.0], [0.0, focal, 0.0], [0.0, 0.0, 1.0]])
+    return HeadPoseFit(rotation=rotation, translation=translation, camera=camera)
+
+
+def pose_from_68(landmarks: np.ndarray, frame_size: tuple[int, int]) -> HeadPose:
+    """solvePnP against the generic face; Euler angles of R = Rz(roll)·Ry(yaw)·Rx(pitch)."""
+    fit = fit_head_pose_68(landmarks, frame_size)
+    if fit is None:
+        return pose_from_5_of_68(landmarks)
+    rotation = fit.rotation
     yaw = math.asin(max(-1.0, min(1.0, -rotation[2, 0])))
     roll = math.atan2(rotation[1, 0], rotation[0, 0])
     pitch = math.atan2(rotation[2, 1], rotation[2, 2])

@@ -24,9 +24,11 @@ import dlib
 import numpy as np
 
 from .detect import DetectorSettings, HaarFaceDetector, subject_preference
+from .frontal3d import frontal_warp
 from .frontalize import (
     BOX_ALIGNMENT,
     CANONICAL_EYE_DISTANCE,
+    FRONTAL_3D_V1,
     SIMILARITY_EYES_V1,
     CropGeometry,
     eye_centres,
@@ -90,6 +92,8 @@ class PreprocessSettings:
     def __post_init__(self) -> None:
         if self.landmark_points not in (5, 68):
             raise ValueError(f"landmark_points must be 5 or 68, got {self.landmark_points}")
+        if self.alignment == FRONTAL_3D_V1 and self.landmark_points != 68:
+            raise ValueError(f"alignment {FRONTAL_3D_V1} needs 68 landmark points, got {self.landmark_points}")
         _ = self.geometry  # validates alignment, size and expansion
 
     @property
@@ -199,8 +203,8 @@ class FacePreprocessor:
         if analysis.affine is None or analysis.detection is None or analysis.quality is None:
             raise ValueError("analysis has no face to crop")
         # Quality was judged on this very warp; re-warp only an analysis made without it.
-        bgr = analysis.aligned if analysis.aligned is not None else warp_face(
-            image_bgr, analysis.affine, self.settings.input_size
+        bgr = analysis.aligned if analysis.aligned is not None else self._warp(
+            image_bgr, analysis.landmarks, analysis.affine
         )
         return FaceCrop(
             pixels=np.ascontiguousarray(bgr[..., ::-1]),
@@ -337,6 +341,12 @@ class FacePreprocessor:
         points = self._fitter.fit(patch, Box((side - w) / 2.0, (side - h) / 2.0, w, h))
         return transform_points(cv2.invertAffineTransform(patch_affine), points).astype(np.float32)
 
+    def _warp(self, image: np.ndarray, landmarks: np.ndarray | None, affine: np.ndarray) -> np.ndarray:
+        """The crop for the configured alignment (``affine`` is its frame → crop similarity)."""
+        if self.geometry.alignment == FRONTAL_3D_V1 and landmarks is not None:
+            return frontal_warp(landmarks, self.geometry).apply(image)
+        return warp_face(image, affine, self.settings.input_size)
+
     def _analyse_face(
         self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool,
         evidence: float | None = None,
@@ -355,7 +365,7 @@ class FacePreprocessor:
             return FaceAnalysis(detection, landmarks, pose, quality, low, detail, None, keyframe), -math.inf
         with _stage("warp"):  # the crop the model gets: crop() reuses it
             affine = self.geometry.affine(landmarks, detection.box)
-            crop = warp_face(image, affine, self.settings.input_size)
+            crop = self._warp(image, landmarks, affine)
         with _stage("quality"):
             grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
             if evidence is None:
