@@ -151,6 +151,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     from .service.session import StreamLimits
     from .service.types import ModelInfo, ModelRef, PreprocessingInfo
 
+    quality = QualitySettings(**settings.quality_thresholds())  # refuses unusable thresholds before any loading
     # Streams already run detection in parallel threads; OpenCV's own thread pool
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
@@ -167,7 +168,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     preprocess_settings = PreprocessSettings.from_card_preprocessing(
         card.preprocessing,
         landmark_points=settings.landmark_points,
-        quality=QualitySettings(**settings.quality_thresholds()),
+        quality=quality,
     )
     preprocessor = FacePreprocessor(preprocess_settings)
     p = card.preprocessing

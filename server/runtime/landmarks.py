@@ -4,6 +4,8 @@ The model files come from the `face-recognition-models` package. Importing that
 package needs `pkg_resources`, so its folder is found with `find_spec` instead.
 The 5-point model may be used commercially; the 68-point model was trained on
 iBUG 300-W, whose licence allows research and non-commercial use only.
+A fit on a 2-core AMD EPYC VM takes ~0.25 ms (5 points) and ~0.8 ms (68 points) a
+face; docs/preprocessing.md has the measurements.
 """
 
 from __future__ import annotations

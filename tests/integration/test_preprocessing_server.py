@@ -64,6 +64,11 @@ def test_a_quality_setting_changes_what_is_rejected(portrait_bgr: np.ndarray) ->
     assert "< 600 px" in frame.detail and frame.box is not None and frame.box.width < 600
 
 
+def test_unusable_quality_thresholds_stop_the_server_at_start() -> None:
+    with pytest.raises(ValueError, match="min_face_px < good_face_px"):
+        start_server(quality_min_face_px=200.0)  # above the default good_face_px (128)
+
+
 def test_subject_score_is_the_quality_weighted_mean_of_the_frames(
     client: ScreeningClient, portrait_bgr: np.ndarray
 ) -> None:
