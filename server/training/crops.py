@@ -89,27 +89,34 @@ def read_samples(data: Path) -> list[Sample]:
     return samples
 
 
-def current_preprocessing() -> dict[str, object]:
-    """The serving preprocessor's settings as the model card's Preprocessing fields."""
+def training_preprocessing(landmark_points: int = 5) -> dict[str, object]:
+    """The model card's Preprocessing fields for training crops: 5 points crop with the eye
+    similarity ("similarity-eyes-v1"), 68 points also undo yaw ("frontal-3d-v1")."""
     from dataclasses import asdict
 
-    from ..runtime.preprocess import PreprocessSettings
     from ..runtime.card import Preprocessing
+    from ..runtime.frontalize import FRONTAL_3D_V1, SIMILARITY_EYES_V1
+    from ..runtime.preprocess import PreprocessSettings
 
-    return asdict(Preprocessing(**PreprocessSettings().card_fields()))
+    alignment = FRONTAL_3D_V1 if landmark_points == 68 else SIMILARITY_EYES_V1
+    settings = PreprocessSettings(landmark_points=landmark_points, alignment=alignment)
+    return asdict(Preprocessing(**settings.card_fields()))
 
 
 _worker_preprocessor = None
 
 
-def _init_worker() -> None:
+def _init_worker(preprocessing: dict[str, object]) -> None:
+    """Each crop process builds the serving preprocessor a model with this card would get."""
     global _worker_preprocessor
     import cv2
 
+    from ..runtime.card import Preprocessing
     from ..runtime.preprocess import FacePreprocessor, PreprocessSettings
 
     cv2.setNumThreads(1)
-    _worker_preprocessor = FacePreprocessor(PreprocessSettings())
+    card = Preprocessing(**preprocessing)  # type: ignore[arg-type]
+    _worker_preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(card))
 
 
 def _crop_one(path: str) -> np.ndarray | None:
@@ -123,24 +130,31 @@ def _crop_one(path: str) -> np.ndarray | None:
     return None if crop is None else np.ascontiguousarray(crop.pixels, dtype=np.uint8)
 
 
-def build_crops(samples: list[Sample], workers: int | None = None) -> CropSet:
+def build_crops(
+    samples: list[Sample], workers: int | None = None, preprocessing: dict[str, object] | None = None
+) -> CropSet:
     """Run the serving crop on every sample (in worker processes: dlib holds the GIL).
+
+    ``preprocessing`` is a model card's Preprocessing fields (default: 5-point training crops).
 
     Workers are spawned, not forked: a fork of a process that already runs
     threads (torch, PyAV, OpenCV) can deadlock. Images where the preprocessor finds
     no usable face are dropped and counted.
     """
+    preprocessing = preprocessing or training_preprocessing()
     workers = workers or max(1, min(len(samples), os.cpu_count() or 1))
     started = time.monotonic()
     kept, crops = [], []
     paths = [str(s.path) for s in samples]
     with contextlib.ExitStack() as stack:
         if workers == 1:  # in this process: no pool to start, nothing to deadlock
-            _init_worker()
+            _init_worker(preprocessing)
             results = map(_crop_one, paths)
         else:
             context = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker))
+            pool = stack.enter_context(ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(preprocessing,)
+            ))
             results = pool.map(_crop_one, paths, chunksize=16)
         for i, (sample, crop) in enumerate(zip(samples, results, strict=True)):
             if crop is not None:
@@ -156,7 +170,7 @@ def build_crops(samples: list[Sample], workers: int | None = None) -> CropSet:
         scores=np.array([s.score for s in kept], dtype=np.int8),
         subjects=np.array([s.subject_id for s in kept], dtype=str),
         paths=np.array([str(s.path) for s in kept], dtype=str),
-        preprocessing=current_preprocessing(),
+        preprocessing=preprocessing,
         rejected=len(samples) - len(kept),
     )
 
@@ -205,25 +219,32 @@ def load_crops(path: Path) -> CropSet:
                        preprocessing=json.loads(str(z["preprocessing"])), rejected=int(z["rejected"]))
 
 
-def load_or_build_crops(data: Path, cache: Path | None = None, workers: int | None = None) -> CropSet:
+def load_or_build_crops(
+    data: Path, cache: Path | None = None, workers: int | None = None, preprocessing: dict[str, object] | None = None
+) -> CropSet:
     """Crops for DATA: DATA itself if it is a cache (.npz), else the cache if it matches, else built (and cached).
 
     A cache matches when it lists the same images with the same preprocessing; any
-    change rebuilds it, so a stale cache is never used silently.
+    change rebuilds it, so a stale cache is never used silently. A crop cache given as
+    DATA must have been made with ``preprocessing`` (when given): it cannot be rebuilt.
     """
     data = Path(data)
+    wanted_preprocessing = preprocessing or training_preprocessing()
     if data.suffix == ".npz":
-        return load_crops(data)
+        crops = load_crops(data)
+        if preprocessing is not None and crops.preprocessing != preprocessing:
+            raise ValueError(f"{data} holds crops made with {crops.preprocessing}, not {preprocessing}")
+        return crops
     samples = read_samples(data)
     if cache is not None and Path(cache).is_file():
         cached = load_crops(cache)
         wanted = {str(s.path) for s in samples}
         if set(cached.paths.tolist()) <= wanted and len(cached) + cached.rejected == len(samples) \
-                and cached.preprocessing == current_preprocessing():
+                and cached.preprocessing == wanted_preprocessing:
             print(f"using cached crops {cache} ({len(cached)} crops)", file=sys.stderr, flush=True)
             return cached
         print(f"crop cache {cache} is stale; rebuilding", file=sys.stderr, flush=True)
-    crops = build_crops(samples, workers)
+    crops = build_crops(samples, workers, wanted_preprocessing)
     if cache is not None:
         save_crops(crops, cache)
     return crops

@@ -205,9 +205,9 @@ def predict_with_model(model_path: Path, data: Path, cache: Path | None = None, 
     from ..runtime.weights import load_weights
     from .crops import load_or_build_crops
 
-    crops = load_or_build_crops(data, cache)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_weights(model_path)
+    crops = load_or_build_crops(data, cache, preprocessing=asdict(loaded.card.preprocessing))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = SeverityModel(loaded.net, loaded.card, device=device)
     probs = np.concatenate([
         model.predict(crops.pixels[i:i + batch_size]).probabilities for i in range(0, len(crops), batch_size)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..runtime.model import SeverityNet, center_loss
 from ..runtime.card import KINDS, ModelCard, Preprocessing
 from ..runtime.weights import load_weights, read_facenet_checkpoint, save_weights
-from .crops import CropSet, load_or_build_crops
+from .crops import CropSet, load_or_build_crops, training_preprocessing
 
 _PHANTOM_SUFFIX = re.compile(r"-L[123]$")
 
@@ -74,6 +74,7 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
     workers: int | None = None  # crop-building processes
+    landmark_points: int = 5  # 68: crops also undo yaw ("frontal-3d-v1"); dlib's 68-point model is research-only
     checkpoint: Path | None = None  # resumable training state, written every checkpoint_every steps
     checkpoint_every: int = 200
     log_every: int = 20
@@ -84,6 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.landmark_points not in (5, 68):
+            raise ValueError(f"landmark_points must be 5 or 68, not {self.landmark_points}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.init_weights is not None and self.backbone_weights is not None:
@@ -198,7 +201,8 @@ def config_json(config: TrainConfig) -> str:
 
 def run_train(config: TrainConfig) -> Path:
     """Body of `acroscreen train DATA --out M.safetensors`; returns the weights path."""
-    return train(config, load_or_build_crops(config.data, config.cache, config.workers)).path
+    preprocessing = training_preprocessing(config.landmark_points)
+    return train(config, load_or_build_crops(config.data, config.cache, config.workers, preprocessing)).path
 
 
 def train(config: TrainConfig, crops: CropSet) -> TrainResult:

@@ -117,3 +117,32 @@ def test_fine_tuning_starts_from_the_given_weights(phantom_data: Path) -> None:
     save_weights(start, source.net, other)
     with pytest.raises(ValueError, match="trained with"):
         train(config, crops)
+
+
+@needs_data
+def test_68_point_training_crops_and_evaluation_follow_the_models_preprocessing(phantom_data: Path) -> None:
+    """`landmark_points=68` trains on "frontal-3d-v1" crops; `evaluate --model` crops as the model's card says."""
+    import dataclasses
+
+    from acroscreen.server.runtime.weights import save_weights, untrained_weights
+    from acroscreen.server.training.crops import load_or_build_crops, training_preprocessing
+    from acroscreen.server.training.evaluate import predict_with_model
+
+    five = load_or_build_crops(phantom_data / "data", phantom_data / "crops.npz", workers=1)
+    sixty_eight = load_or_build_crops(phantom_data / "data", phantom_data / "crops68.npz", workers=1,
+                                      preprocessing=training_preprocessing(68))
+    assert sixty_eight.preprocessing["alignment"] == "frontal-3d-v1"
+    assert sixty_eight.preprocessing["landmark_points"] == 68
+    assert five.preprocessing["alignment"] == "similarity-eyes-v1"
+    assert len(sixty_eight) == len(five) and not np.array_equal(sixty_eight.pixels, five.pixels)
+    with pytest.raises(ValueError, match="made with"):
+        load_or_build_crops(phantom_data / "crops.npz", preprocessing=training_preprocessing(68))
+
+    source = untrained_weights(seed=5)
+    card = dataclasses.replace(source.card, preprocessing=type(source.card.preprocessing)(**sixty_eight.preprocessing))
+    model = phantom_data / "model68.safetensors"
+    save_weights(model, source.net, card)
+    predictions = predict_with_model(model, phantom_data / "crops68.npz", device="cpu")
+    assert len(predictions.actual) == len(sixty_eight)
+    with pytest.raises(ValueError, match="made with"):
+        predict_with_model(model, phantom_data / "crops.npz", device="cpu")
