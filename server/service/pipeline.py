@@ -121,8 +121,9 @@ class FrameAnalyzer:
     def _completed(
         self, frame: FrameInput, aggregator: SubjectAggregator, analysis: FaceAnalysis, done: Future[Probabilities]
     ) -> FramePrediction:
-        if done.cancelled():
-            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "cancelled", analysis)
+        if done.cancelled():  # its stream ended (client gone, deadline): no one waits for it, and the model did not fail
+            self._metrics.frames_skipped.labels(policy="stream_ended").inc()
+            return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "cancelled", analysis, counted=False)
         error = done.exception()
         if isinstance(error, Overloaded):  # shed from the full inference queue
             return self._rejected(frame, aggregator, RejectReason.OVERLOADED, str(error), analysis)
@@ -154,9 +155,13 @@ class FrameAnalyzer:
         reason: RejectReason,
         detail: str,
         analysis: FaceAnalysis | None,
+        *,
+        counted: bool = True,
     ) -> FramePrediction:
-        aggregator.add_rejected(reason)
-        self._metrics.frames_rejected.labels(reason=reason.value).inc()
+        """The rejection answer; ``counted`` False for a frame no one will see (already counted as skipped)."""
+        if counted:
+            aggregator.add_rejected(reason)
+            self._metrics.frames_rejected.labels(reason=reason.value).inc()
         detection = analysis.detection if analysis is not None else None
         return FramePrediction(
             index=frame.index,
