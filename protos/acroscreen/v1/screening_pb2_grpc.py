@@ -64,6 +64,11 @@ class ScreeningServicer:
         time to time, and, after the client half-closes, a last message holding
         the FINAL subject result. A stream that does not start with options, or
         that sends options twice, ends with INVALID_ARGUMENT.
+        The server sends its initial metadata (`x-request-id`) once it has
+        accepted the stream; a refusal (UNAVAILABLE while starting or draining,
+        RESOURCE_EXHAUSTED, UNAUTHENTICATED, INVALID_ARGUMENT options) comes
+        before it. Clients send frames only after it, so a refused stream can be
+        retried from its first frame without losing or repeating one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
