@@ -100,7 +100,7 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     preprocess.add_argument("source", type=Path, help="image, folder of images, or video file")
     preprocess.add_argument("--out", type=Path, required=True, help="folder for the crops")
     preprocess.add_argument("--landmarks", type=int, choices=(5, 68), default=5,
-                            help="landmark model: 5 (commercial use ok) or 68 (research only)")
+                            help="landmark model: 5 (commercial use ok) or 68 (research only; the crop also undoes yaw)")
     preprocess.add_argument("--json", action="store_true", help="one JSON object per analysed frame on stdout")
     preprocess.set_defaults(run=_preprocess)
 
