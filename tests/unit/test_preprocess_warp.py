@@ -23,8 +23,11 @@ def synthetic_frame(height: int, width: int, seed: int) -> np.ndarray:
     return frame
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("eye_distance", [25.0, 70.0, 160.0, 300.0])  # upscale … 4× block average
-def test_torch_warp_matches_opencv(eye_distance: float) -> None:
+def test_torch_warp_matches_opencv(eye_distance: float, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     geometry = CropGeometry()
     rng = np.random.default_rng(int(eye_distance))
     frames = np.stack([synthetic_frame(720, 960, seed) for seed in range(4)])
@@ -35,8 +38,8 @@ def test_torch_warp_matches_opencv(eye_distance: float) -> None:
         half = 0.5 * eye_distance * np.array([np.cos(angle), np.sin(angle)])
         affines.append(geometry.affine_from_eyes(centre - half, centre + half))
     cpu = warp_faces(list(frames), affines, geometry.input_size)
-    batch = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
-    gpu_path = warp_faces_torch(batch, np.stack(affines), geometry.input_size).permute(0, 2, 3, 1).numpy()
+    batch = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(device)
+    gpu_path = warp_faces_torch(batch, np.stack(affines), geometry.input_size).permute(0, 2, 3, 1).cpu().numpy()
     diff = np.abs(cpu.astype(np.float64) - gpu_path.astype(np.float64))
     block = prefilter_factor(affines[0])
     print(f"eye distance {eye_distance:.0f} px (block {block}): mean abs diff {diff.mean():.3f}, max {diff.max():.0f}")
