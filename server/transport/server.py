@@ -49,9 +49,13 @@ class GrpcServer:
         tokens = load_tokens(settings)
         if tokens:
             interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
+        threads = settings.max_streams * _THREADS_PER_STREAM + _SPARE_THREADS
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=settings.max_streams * _THREADS_PER_STREAM + _SPARE_THREADS),
+            ThreadPoolExecutor(max_workers=threads),
             interceptors=interceptors,
+            # Calls beyond this (a flood of ScreenImages, which --max-streams does not count) are refused
+            # with RESOURCE_EXHAUSTED at once instead of queueing, with their photographs, without bound.
+            maximum_concurrent_rpcs=threads,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -537,6 +537,43 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
         running.stop(grace_s=1.0)
 
 
+def test_a_flood_of_calls_beyond_the_call_limit_is_refused_at_once(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """--max-streams 1 allows 2 × 1 + 8 = 10 calls at once: of 16 simultaneous ScreenImages against a slow
+    model, the ones beyond 10 get RESOURCE_EXHAUSTED without waiting, the others their final result."""
+    running = _start_with_model(monkeypatch, _slow_model(0.3, []), max_batch_size=1, max_streams=1)
+    try:
+        images = [pb.Frame(index=i, jpeg=jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1))) for i in range(2)]
+        request = pb.ScreenImagesRequest(options=pb.SessionOptions(subject_id="photos"), images=images)
+        gate = threading.Barrier(16)
+        outcomes: list[tuple[str, float]] = []
+        lock = threading.Lock()
+        channel, stub = _stub(running)
+
+        def call() -> None:
+            gate.wait(10)
+            started = time.monotonic()
+            try:
+                outcome = "final" if stub.ScreenImages(request, timeout=60).status == pb.SUBJECT_STATUS_FINAL else "other"
+            except grpc.RpcError as error:
+                outcome = error.code().name
+            with lock:
+                outcomes.append((outcome, time.monotonic() - started))
+
+        with channel:
+            threads = [threading.Thread(target=call) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(90)
+        refused = [seconds for outcome, seconds in outcomes if outcome == "RESOURCE_EXHAUSTED"]
+        finished = [outcome for outcome, _ in outcomes if outcome != "RESOURCE_EXHAUSTED"]
+        assert len(outcomes) == 16 and len(refused) == 6 and finished == ["final"] * 10
+        assert max(refused) < 1.0  # refused at once, not after the admitted calls
+        assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and the server goes on
+    finally:
+        running.stop(grace_s=1.0)
+
+
 def test_a_stream_past_its_longest_duration_gets_its_final_result(portrait_bgr) -> None:
     """max_stream_duration_s = 1: a client still sending after that gets the final result and RESOURCE_EXHAUSTED;
     a client gone quiet is finished by the server with its final result."""
