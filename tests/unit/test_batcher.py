@@ -44,15 +44,16 @@ def test_items_from_many_threads_share_batches() -> None:
 
 
 def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
 
     def run(items):
+        holding.set()
         release.wait(5)
         return items
 
     batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
     first = batcher.submit("a0", owner="a")
-    time.sleep(0.05)  # the worker now holds a0
+    assert holding.wait(5)  # the worker holds a0: it is out of the queue, never shed
     a1, a2, b1 = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
     b2 = batcher.submit("b2", owner="b")  # full: stream a has the most queued, its oldest goes
     with pytest.raises(Overloaded, match="shed"):
@@ -91,15 +92,16 @@ def test_a_failing_item_fails_alone_with_a_fixed_message_and_one_log_line(caplog
 
 
 def test_cancelled_items_free_their_places_before_anyone_is_shed() -> None:
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
 
     def run(items):
+        holding.set()
         release.wait(5)
         return items
 
     batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
     first = batcher.submit("a0", owner="a")
-    time.sleep(0.05)  # the worker now holds a0
+    assert holding.wait(5)  # the worker holds a0: it is out of the queue, never shed
     a1, a2, gone = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
     assert gone.cancel()  # b's caller went away
     c1 = batcher.submit("c1", owner="c")  # full, but b1's place is free: a1 is not shed
