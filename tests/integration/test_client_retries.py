@@ -28,8 +28,15 @@ from tests.helpers import jpeg_bytes
 
 from .conftest import start_server
 
-# Enough attempts to span a server's start (model load and warm-up, ~5 s here).
-PATIENT = RetryPolicy(attempts=40, initial_backoff_s=0.2, max_backoff_s=0.5)
+# Retry for two minutes, not a count tuned to a fast machine: a server's start (model load and warm-up,
+# ~5 s here) takes far longer on a loaded CI VM, and gRPC's own reconnect backoff eats into the span.
+# RetryPolicy has no deadline, so the attempts are counted to span RETRY_SPAN_S even when every
+# jittered backoff is at its shortest (half of MAX_BACKOFF_S); a server that is up ends the retries at once.
+RETRY_SPAN_S = 120.0
+MAX_BACKOFF_S = 0.5
+PATIENT = RetryPolicy(
+    attempts=int(RETRY_SPAN_S / (MAX_BACKOFF_S / 2)) + 1, initial_backoff_s=0.2, max_backoff_s=MAX_BACKOFF_S
+)
 
 
 def _screen(mode: str, port: int, frames: Iterator[FrameData], events: list[StreamEvent]) -> SubjectResult:
