@@ -6,7 +6,12 @@ holds one CUDA context instead of N and batches span the streams of all workers.
 
 Each worker has a pipe pair to the model process. A request is two messages, a
 12-byte header (request id, owner key) and the crop's raw pixels (160×160×3 =
-75 KiB); the answer is one message, the three probabilities or an error. A pipe
+75 KiB); the answer is one message, the three probabilities or an error. A
+cancel is one 4-byte message, the request id: a worker whose stream cancels a
+crop forgets it at once (its place counts no more, a later answer is ignored)
+and tells the model process, which cancels the crop in its batcher if it is
+still queued (a crop already in a batch runs; no answer is sent for a cancelled
+one). A pipe
 rather than shared memory: at 3,000 crops/s the two copies cost about a tenth of
 a core, and there are no slots to manage, leak or corrupt. The model process's
 `DynamicBatcher` keeps its queue policy: when full it sheds the oldest crop of the
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 _REQUEST = struct.Struct("<IQ")  # request id, owner key (the stream, as the worker knows it)
 _RESULT = struct.Struct("<I3f")  # request id, P(1), P(2), P(3)
 _FAILURE = struct.Struct("<I?")  # request id, overloaded? (else a model error); the message follows
+_CANCEL = struct.Struct("<I")  # request id (a message of this size on the requests pipe is a cancel)
 MODEL_PROCESS_GONE = "the model process is gone"  # what waiting crops fail with; the cause is logged
 
 
@@ -79,8 +85,9 @@ class ModelProcessClient:
     """A worker's handle on the shared model: `submit` like `DynamicBatcher.submit`, one future per crop.
 
     At most `max_in_flight` crops wait for answers; beyond that a crop fails at once
-    with Overloaded (the worker's share of the model queue is full). If the model
-    process goes away, every waiting and later crop fails with ModelError.
+    with Overloaded (the worker's share of the model queue is full). A cancelled
+    future frees its place at once and is cancelled in the model process too. If the
+    model process goes away, every waiting and later crop fails with ModelError.
     """
 
     def __init__(self, link: ModelLink, crop_shape: tuple[int, int, int], max_in_flight: int) -> None:
@@ -120,7 +127,21 @@ class ModelProcessClient:
         except OSError as error:
             log.error("sending a crop to the model process failed: %s: %s", type(error).__name__, error)
             self._fail_all(MODEL_PROCESS_GONE)
+        future.add_done_callback(lambda done: self._forget_if_cancelled(request_id, done))
         return future
+
+    def _forget_if_cancelled(self, request_id: int, future: Future[Probabilities]) -> None:
+        if not future.cancelled():
+            return
+        with self._lock:
+            if self._pending.get(request_id) is not future:
+                return  # already answered, or failed with the link
+            del self._pending[request_id]
+        try:
+            with self._send_lock:
+                self._link.requests_out.send_bytes(_CANCEL.pack(request_id))
+        except OSError:
+            pass  # the link is gone: the reader fails everything else
 
     def _read_results(self) -> None:
         try:
@@ -200,13 +221,27 @@ class ModelProcessServer:
             text = str(error) if isinstance(error, AcroscreenError) else INFERENCE_FAILED
             return _FAILURE.pack(request_id, isinstance(error, Overloaded)) + text.encode()
 
+        queued: dict[int, Future[Probabilities]] = {}  # this worker's crops in the batcher, for cancels
+        queued_lock = threading.Lock()
+
         def answer(request_id: int, done: Future[Probabilities]) -> None:
+            with queued_lock:
+                queued.pop(request_id, None)
+            if done.cancelled():
+                return  # the worker cancelled it and forgot it
             error = done.exception()
             send(_RESULT.pack(request_id, *done.result()) if error is None else failure(request_id, error))
 
         try:
             while True:
-                request_id, owner = _REQUEST.unpack(link.requests_in.recv_bytes())
+                header = link.requests_in.recv_bytes()
+                if len(header) == _CANCEL.size:
+                    with queued_lock:
+                        cancelled = queued.get(_CANCEL.unpack(header)[0])
+                    if cancelled is not None:
+                        cancelled.cancel()  # False once in a batch: it runs, and its answer is ignored
+                    continue
+                request_id, owner = _REQUEST.unpack(header)
                 pixels = link.requests_in.recv_bytes()
                 if len(pixels) != expected:
                     send(failure(request_id, ModelError(f"crop of {len(pixels)} bytes, expected {expected}")))
@@ -217,6 +252,8 @@ class ModelProcessServer:
                 except Overloaded as error:  # the model is shutting down
                     send(failure(request_id, error))
                     continue
+                with queued_lock:
+                    queued[request_id] = future
                 future.add_done_callback(lambda done, rid=request_id: answer(rid, done))
         except (EOFError, OSError):
             log.info("worker %d closed its link to the model process", index)

@@ -7,6 +7,7 @@ the batcher and the model are the real ones.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -108,5 +109,48 @@ def test_model_errors_reach_the_worker_and_a_lost_model_process_fails_every_crop
     with pytest.raises(ModelError, match="model process is gone"):
         client.submit(crop)
     hold.set()
+    client.stop()
+    batcher.stop()
+
+
+def test_a_cancelled_crop_frees_its_place_at_once_and_does_not_reach_a_busy_model() -> None:
+    """The model is busy with crop 1; crop 2 waits in the model process's queue. Both are
+    cancelled by their streams: each place is free again at once (crops 3 and 4 are taken,
+    with room for two), crop 2 never runs, and crop 1's late answer is ignored."""
+    running = threading.Event()
+    release = threading.Event()
+    seen: list[int] = []
+
+    def slow(crops):
+        seen.extend(int(crop[0, 0, 0]) for crop in crops)
+        running.set()
+        release.wait(30)
+        return [(float(crop[0, 0, 0]), 0.0, 0.0) for crop in crops]
+
+    link = ModelLink.create()
+    metrics = Metrics()
+    batcher = _serve([link], slow, metrics, max_batch_size=1, max_delay_ms=0)
+    client = ModelProcessClient(link, SHAPE, max_in_flight=2)
+    client.start()
+
+    def crop(value: int) -> np.ndarray:
+        return np.full(SHAPE, value, np.uint8)
+
+    first = client.submit(crop(1))
+    assert running.wait(30)  # the model holds crop 1
+    second = client.submit(crop(2))
+    assert second.cancel()
+    third = client.submit(crop(3))  # would be Overloaded if crop 2 still held its place
+    assert first.cancel()
+    fourth = client.submit(crop(4))
+    queue_depth = metrics.queue_depth.labels(queue="inference")
+    deadline = time.monotonic() + 30
+    while queue_depth._value.get() < 3 and time.monotonic() < deadline:  # 2 (cancelled), 3, 4 reached the batcher
+        time.sleep(0.01)
+    release.set()
+    assert third.result(timeout=30) == (3.0, 0.0, 0.0)
+    assert fourth.result(timeout=30) == (4.0, 0.0, 0.0)
+    assert seen == [1, 3, 4]  # crop 2's cancel came before crop 3, so it was cancelled while queued
+    client.submit(crop(5)).result(timeout=30)  # crop 1's answer was ignored and the link still works
     client.stop()
     batcher.stop()
