@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import logs
 from .config import Settings
-from .errors import AcroscreenError, ModelError
+from .errors import AcroscreenError, ConfigurationError, ModelError
 from .metrics import Metrics, ProcessesSum
 from .runtime.card import ModelCard, card_from_metadata, card_to_metadata
 from .service.model_process import ModelLink, RemoteModel
@@ -143,6 +143,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     import cv2
 
     from .runtime.decode import DecodeLimits
+    from .runtime.frontalize import FRONTAL_3D_V1
     from .runtime.landmarks import LICENCE_NOTICES
     from .runtime.preprocess import FacePreprocessor, PreprocessSettings
     from .runtime.quality import QualitySettings
@@ -151,7 +152,10 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     from .service.session import StreamLimits
     from .service.types import ModelInfo, ModelRef, PreprocessingInfo
 
-    quality = QualitySettings(**settings.quality_thresholds())  # refuses unusable thresholds before any loading
+    try:  # refuses unusable thresholds before this process loads anything
+        quality = QualitySettings(**settings.quality_thresholds())
+    except ValueError as error:
+        raise ConfigurationError(f"{error} (see the --quality-* flags / ACROSCREEN_QUALITY_*)") from error
     # Streams already run detection in parallel threads; OpenCV's own thread pool
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
@@ -165,9 +169,13 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
         model_queue, stop_model = client, client.stop
+    # --landmark-points picks the model for pose and tracking, unless the model's own alignment needs 68.
+    landmark_points = 68 if card.preprocessing.alignment == FRONTAL_3D_V1 else settings.landmark_points
+    if landmark_points != settings.landmark_points:
+        log.info("the model's alignment %s uses 68 landmark points", FRONTAL_3D_V1)
     preprocess_settings = PreprocessSettings.from_card_preprocessing(
         card.preprocessing,
-        landmark_points=settings.landmark_points,
+        landmark_points=landmark_points,
         quality=quality,
     )
     preprocessor = FacePreprocessor(preprocess_settings)

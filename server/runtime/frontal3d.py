@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .frontalize import FRONTAL_3D_V1, CropGeometry, affine_scale, eye_centres, prefilter_factor
+from .frontalize import FRONTAL_3D_V1, CropGeometry, eye_centres, prefilter_factor
 from .pose import HeadPoseFit, fit_weak_perspective_68
 
 # Generic face surface, millimetres, axes of pose.py's model (x right, y down, z away from
@@ -81,7 +81,7 @@ _FULL_INSIDE, _NONE_BEYOND = 0.8, 1.1
 # A side is mirrored in when it is seen at less than this share of its mirror side's visibility.
 _MIRROR_BELOW = 0.6
 
-_GENERIC_EYE_DISTANCE_MM = 61.1  # between pose.py's generic eye centres (corner midpoints)
+GENERIC_EYE_DISTANCE_MM = 61.1  # between pose.py's generic eye centres (corner midpoints)
 
 
 
@@ -112,7 +112,7 @@ def _correction_weight(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class _FrontalView:
+class FrontalView:
     """Crop pixels ↔ points of the generic surface ↔ frame pixels, for one fitted face.
 
     Crop pixels map by a similarity to the *view plane* (u, v) in mm: the generic head
@@ -156,12 +156,6 @@ class _FrontalView:
         plane[..., 0] *= -1.0
         return plane @ self.plane_to_crop[:, :2].T + self.plane_to_crop[:, 2]
 
-    def camera_depth(self, crop_points: np.ndarray) -> np.ndarray:
-        """Distance from the camera (mm along its axis) of the surface point a crop point shows."""
-        x, y = self.crop_to_surface(crop_points)
-        surface = np.stack([x, y, surface_depth(x, y)], axis=-1)
-        return (surface @ self.fit.rotation.T + self.fit.translation)[..., 2]
-
 
 @dataclass(frozen=True, slots=True)
 class FrontalWarp:
@@ -173,7 +167,7 @@ class FrontalWarp:
     mirror_y: np.ndarray
     own_share: np.ndarray  # size × size float32 in [0, 1]: 1 = own pixel, 0 = mirrored pixel
     similarity: np.ndarray  # 2×3 frame → crop of "similarity-eyes-v1" (for tracking and scale)
-    view: _FrontalView
+    view: FrontalView
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """The frontalized crop (same dtype and channel order as the frame)."""
@@ -192,33 +186,6 @@ class FrontalWarp:
         if np.issubdtype(image.dtype, np.integer):
             return np.clip(np.rint(blended), 0, 255).astype(image.dtype)
         return blended.astype(image.dtype)
-
-    def crop_points(self, frame_points: np.ndarray) -> np.ndarray:
-        """Where frame points land in the crop (tests, plots).
-
-        Newton on the crop → frame map from three starts around the similarity's answer; where
-        the surface folds (a nose flank hidden behind the nose) several crop points see the same
-        frame point, and the one nearest the camera is the one the frame shows.
-        """
-        points = np.asarray(frame_points, dtype=np.float64).reshape(-1, 2)
-        guess = points @ self.similarity[:, :2].T + self.similarity[:, 2]
-        view = self.view
-        spread = 0.25 * _GENERIC_EYE_DISTANCE_MM * affine_scale(view.plane_to_crop)  # a quarter of the eyes' distance
-        best, best_depth = guess.copy(), np.full(len(points), np.inf)
-        for shift in (0.0, -spread, spread):
-            found = guess + [shift, 0.0]
-            for _ in range(12):
-                at = view.crop_to_frame(found)
-                step = 1e-2
-                jacobian = np.stack([(view.crop_to_frame(found + [step, 0.0]) - at) / step,
-                                     (view.crop_to_frame(found + [0.0, step]) - at) / step], axis=2)
-                jacobian[np.abs(np.linalg.det(jacobian)) < 1e-9] = np.eye(2)
-                found = found + np.linalg.solve(jacobian, (points - at)[..., None])[..., 0]
-            converged = np.linalg.norm(view.crop_to_frame(found) - points, axis=1) < 0.05
-            depth = view.camera_depth(found)
-            better = converged & (depth < best_depth)
-            best[better], best_depth[better] = found[better], depth[better]
-        return best
 
 
 def frontal_warp(landmarks: np.ndarray, geometry: CropGeometry) -> FrontalWarp:
@@ -240,13 +207,13 @@ def frontal_warp(landmarks: np.ndarray, geometry: CropGeometry) -> FrontalWarp:
     # Yaw is undone; pitch is kept (see the module docstring).
     pitch = math.atan2(fit.rotation[2, 1], fit.rotation[2, 2])
     cos_p, sin_p = math.cos(pitch), math.sin(pitch)
-    provisional = _FrontalView(fit, cos_p, sin_p, similarity, similarity)
+    provisional = FrontalView(fit, cos_p, sin_p, similarity, similarity)
     # The subject's own eyes in the view plane; the view plane → crop similarity puts them where
     # "similarity-eyes-v1" puts them.
-    half_eyes = _GENERIC_EYE_DISTANCE_MM / 2
+    half_eyes = GENERIC_EYE_DISTANCE_MM / 2
     plane_eyes = [provisional.view_point(*_surface_point(fit, eye, np.array([side * half_eyes, 0.0])))[0]
                   for eye, side in ((left_eye, -1.0), (right_eye, 1.0))]
-    view = _FrontalView(fit, cos_p, sin_p, similarity, geometry.affine_from_eyes(*plane_eyes))
+    view = FrontalView(fit, cos_p, sin_p, similarity, geometry.affine_from_eyes(*plane_eyes))
 
     x, y = view.crop_to_surface(grid)
     own = view.crop_to_frame(grid, (x, y))

@@ -23,9 +23,9 @@ put the eyes within ≈ 2 % of the inter-ocular distance of each other (LFW medi
 Limits. In-plane rotation (roll) is removed exactly. Out-of-plane rotation is not:
 with yaw the inter-ocular distance shrinks by cos(yaw), so the face is shown
 slightly larger and turned; the quality gate rejects large yaw (and, with 68 points,
-pitch) instead. With 68 points, "frontal-3d-v1" (frontal3d.py) also undoes yaw and
-pitch with a generic 3-D face surface, keeping this module's eye-based scale and
-placement. A first-order planar correction from the 68-point pose (vertical
+pitch) instead. With 68 points, "frontal-3d-v1" (frontal3d.py) also undoes yaw
+with a generic 3-D face surface (pitch is kept on purpose), keeping this module's
+eye-based scale and placement. A first-order planar correction from the 68-point pose (vertical
 scale × cos(yaw)/cos(pitch)) was measured on the clips in shared/data (yaw within
 ±12°): the spread of eye-to-mouth over inter-ocular distance across frames did not
 shrink (coefficient of variation 0.053→0.048, 0.053→0.054, 0.079→0.083, 0.061→0.062,
@@ -65,7 +65,7 @@ CANONICAL_EYE_DISTANCE = 0.35  # between the eye centres, in box widths
 EXPAND_ABOVE_SHARE = 0.4  # share of the added height that goes above the box
 
 SIMILARITY_EYES_V1 = "similarity-eyes-v1"
-FRONTAL_3D_V1 = "frontal-3d-v1"  # 68 points: also corrects yaw and pitch (frontal3d.py)
+FRONTAL_3D_V1 = "frontal-3d-v1"  # 68 points: also undoes yaw (frontal3d.py)
 BOX_ALIGNMENT = "box"
 ALIGNMENTS = (SIMILARITY_EYES_V1, FRONTAL_3D_V1, BOX_ALIGNMENT)
 

@@ -38,7 +38,7 @@ def run_preprocess(source: Path, out_dir: Path, landmark_points: int, emit_json:
         return 2
     if landmark_points == 68:
         print(f"note: {LICENCE_NOTICES[68]}", file=sys.stderr)
-    # 68 points can also undo yaw and pitch; 5 points give the eye-based similarity only.
+    # 68 points can also undo yaw; 5 points give the eye-based similarity only.
     alignment = FRONTAL_3D_V1 if landmark_points == 68 else SIMILARITY_EYES_V1
     preprocessor = FacePreprocessor(PreprocessSettings(landmark_points=landmark_points, alignment=alignment))
     out_dir.mkdir(parents=True, exist_ok=True)

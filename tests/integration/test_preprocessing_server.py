@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from acroscreen.client import FrameData, FrameResult, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
+from acroscreen.server.errors import ConfigurationError
 from acroscreen.server.main import RunningServer
 
 from tests.helpers import png_bytes
@@ -65,7 +66,7 @@ def test_a_quality_setting_changes_what_is_rejected(portrait_bgr: np.ndarray) ->
 
 
 def test_unusable_quality_thresholds_stop_the_server_at_start() -> None:
-    with pytest.raises(ValueError, match="min_face_px < good_face_px"):
+    with pytest.raises(ConfigurationError, match="min_face_px < good_face_px"):
         start_server(quality_min_face_px=200.0)  # above the default good_face_px (128)
 
 
@@ -114,3 +115,25 @@ def test_5_point_model_info_carries_no_research_only_notice(client: ScreeningCli
     info = client.model_info()
     assert info.landmark_points == 5
     assert not any("non-commercial" in notice for notice in info.notices), info.notices
+
+
+def test_a_frontal_3d_model_is_served_with_68_points_by_default(tmp_path, portrait_bgr: np.ndarray) -> None:
+    """A model trained on "frontal-3d-v1" crops needs 68 landmarks: its card decides, not the default 5."""
+    import dataclasses
+
+    from acroscreen.server.runtime.weights import save_weights, untrained_weights
+
+    source = untrained_weights(seed=1)
+    preprocessing = dataclasses.replace(source.card.preprocessing, alignment="frontal-3d-v1", landmark_points=68)
+    model = tmp_path / "frontal3d.safetensors"
+    save_weights(model, source.net, dataclasses.replace(source.card, preprocessing=preprocessing))
+    running = start_server(model=model, metrics_port=-1)
+    try:
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            info = client.model_info()
+            final = client.screen(_frames([portrait_bgr] * 3), ScreenOptions(analyze_every_frame=True))
+    finally:
+        running.stop(grace_s=1.0)
+    assert info.alignment == "frontal-3d-v1" and info.landmark_points == 68
+    assert any("300-W" in notice for notice in info.notices)
+    assert final.frames_analyzed == 3
