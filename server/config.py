@@ -35,8 +35,12 @@ class Settings:
     max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
     workers: int = _setting(1, "server processes sharing the port (so_reuseport); with more than one, the model runs in a process of its own that batches all their crops")
-    max_streams: int = _setting(32, "concurrent streams per worker; more get RESOURCE_EXHAUSTED")
-    max_streams_per_token: int = _setting(0, "concurrent streams one bearer token may hold (0 = no quota)")
+    max_streams: int = _setting(
+        32, "concurrent streams per worker, and as many ScreenImages calls besides; more get RESOURCE_EXHAUSTED"
+    )
+    max_streams_per_token: int = _setting(
+        0, "concurrent streams one bearer token may hold, and as many ScreenImages calls besides (0 = no quota)"
+    )
     max_frames_per_stream: int = _setting(108_000, "frames one stream may send (an hour at 30 fps)")
     max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")
     idle_timeout_s: float = _setting(60.0, "a stream that sends no frame for this long is finished")

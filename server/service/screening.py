@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from ..errors import Cancelled, InvalidRequest, NotReady, Overloaded
@@ -16,10 +16,15 @@ from .session import StreamLimits, StreamSession
 from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, SubjectResult
 
 MAX_SUBJECT_ID_LENGTH = 128
-_ABANDON_POLL_S = 0.05  # how soon ScreenImages notices that its caller went away
+# Seconds a refused ScreenImages call is told to wait: such a call lasts seconds, not minutes like a stream.
+_IMAGES_RETRY_AFTER_S = 1.0
 
 
 class ScreeningService:
+    """Opens streams and runs ScreenImages calls, each kind capped at `max_streams` at once (and at
+    `max_streams_per_principal` per caller when set), so a flood of either is refused with Overloaded
+    at once instead of piling up its photographs, and never crowds out the other kind or health checks."""
+
     def __init__(
         self,
         *,
@@ -40,6 +45,8 @@ class ScreeningService:
         self._max_per_principal = max_streams_per_principal
         self._limits = limits
         self._per_principal: collections.Counter[str] = collections.Counter()
+        self._image_calls = 0
+        self._image_calls_per_principal: collections.Counter[str] = collections.Counter()
         self._backlog = analysis_backlog
         self._update_every = update_every_frames
         self._min_frames = min_frames_for_score
@@ -61,6 +68,11 @@ class ScreeningService:
     def active_streams(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    @property
+    def active_image_calls(self) -> int:
+        with self._lock:
+            return self._image_calls
 
     def open_stream(self, options: SessionOptions, principal: str) -> StreamSession:
         """principal: who is calling (a token hash), for the per-caller quota."""
@@ -100,28 +112,77 @@ class ScreeningService:
             self._idle.notify_all()
 
     def screen_images(
-        self, options: SessionOptions, frames: Sequence[FrameInput], abandoned: threading.Event
+        self,
+        options: SessionOptions,
+        frames: Sequence[FrameInput],
+        principal: str,
+        on_call_end: Callable[[Callable[[], None]], bool],
     ) -> SubjectResult:
         """Analyse every photograph (no rate policy) and return the final subject result.
 
-        `abandoned` is set when the caller goes away or its deadline passes: then no
-        further photograph is analysed, faces waiting for the model give up their
-        places, and Cancelled is raised at once (nobody is left to read a result).
+        principal: who is calling (a token hash), for the per-caller quota. on_call_end(callback)
+        runs callback once the call has ended, returning False if it already has. The call ending
+        before the result is made means the caller went away or its deadline passed: then no further
+        photograph is analysed, faces waiting for the model give up their places, and Cancelled is
+        raised at once (nobody is left to read a result).
         """
         _check_options(options)
         if not frames:
             raise InvalidRequest("ScreenImages needs at least one image")
+        self._admit_image_call(principal)
+        try:
+            return self._analyze_images(options, frames, on_call_end)
+        finally:
+            self._end_image_call(principal)
+
+    def _admit_image_call(self, principal: str) -> None:
         with self._lock:
             if not self._accepting:
                 raise NotReady("the server is shutting down")
+            if self._image_calls >= self._max_streams:
+                raise Overloaded(
+                    f"{self._max_streams} ScreenImages calls are under way; try again later",
+                    retry_after_s=_IMAGES_RETRY_AFTER_S,
+                )
+            if self._max_per_principal and self._image_calls_per_principal[principal] >= self._max_per_principal:
+                raise Overloaded(
+                    f"this caller already has {self._max_per_principal} ScreenImages calls under way",
+                    retry_after_s=_IMAGES_RETRY_AFTER_S,
+                )
+            self._image_calls += 1
+            self._image_calls_per_principal[principal] += 1
+
+    def _end_image_call(self, principal: str) -> None:
+        with self._lock:
+            self._image_calls -= 1
+            self._image_calls_per_principal[principal] -= 1
+            if not self._image_calls_per_principal[principal]:
+                del self._image_calls_per_principal[principal]
+
+    def _analyze_images(
+        self,
+        options: SessionOptions,
+        frames: Sequence[FrameInput],
+        on_call_end: Callable[[Callable[[], None]], bool],
+    ) -> SubjectResult:
         aggregator = SubjectAggregator(options.subject_id, self._model_info.model, min_frames_for_score=1)
-        answered = threading.Semaphore(0)
-        waiting: list[Future] = []
+        # Released once per answered photograph, and once when the call ends: the wait below
+        # wakes for either, so an abandoned call is noticed at once without polling.
+        progress = threading.Semaphore(0)
+        abandoned = threading.Event()
+
+        def abandon() -> None:
+            abandoned.set()
+            progress.release()
+
+        if not on_call_end(abandon):
+            abandon()
 
         def deliver(_: FramePrediction) -> None:
-            answered.release()
+            progress.release()
 
         answers_due = 0
+        waiting: list[Future] = []
         for frame in frames:
             if abandoned.is_set():
                 break
@@ -132,8 +193,8 @@ class ScreeningService:
             if future is not None:
                 waiting.append(future)
         while answers_due and not abandoned.is_set():
-            if answered.acquire(timeout=_ABANDON_POLL_S):
-                answers_due -= 1
+            progress.acquire()
+            answers_due -= 1  # or the call ended, and the loop stops on that
         if abandoned.is_set():
             for future in waiting:
                 future.cancel()  # the batcher skips them, and a full queue reuses their places

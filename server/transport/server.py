@@ -25,8 +25,10 @@ from .servicer import ScreeningServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Screening"].full_name
-# Each stream holds a handler thread and a reader thread; leave room for unary calls.
-_THREADS_PER_STREAM = 2
+# Handler threads: the service admits up to --max-streams streams and as many ScreenImages calls
+# (refusing the rest at once), each holding one; spare threads keep health checks, model info and
+# those refusals from queueing behind them.
+_CAPPED_CALL_KINDS = 2
 _SPARE_THREADS = 8
 
 
@@ -49,13 +51,11 @@ class GrpcServer:
         tokens = load_tokens(settings)
         if tokens:
             interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
-        threads = settings.max_streams * _THREADS_PER_STREAM + _SPARE_THREADS
+        # No maximum_concurrent_rpcs: it would refuse health checks too (a flood of calls would fail the
+        # liveness probe); the service caps streams and ScreenImages calls itself, with retry pushback.
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=threads),
+            ThreadPoolExecutor(max_workers=settings.max_streams * _CAPPED_CALL_KINDS + _SPARE_THREADS),
             interceptors=interceptors,
-            # Calls beyond this (a flood of ScreenImages, which --max-streams does not count) are refused
-            # with RESOURCE_EXHAUSTED at once instead of queueing, with their photographs, without bound.
-            maximum_concurrent_rpcs=threads,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -75,10 +75,11 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
         _send_request_id(context)
         frames = [convert.frame_input(image) for image in request.images]
-        abandoned = threading.Event()  # set when the caller cancels, disconnects or runs out of deadline
-        if not context.add_callback(abandoned.set):
-            abandoned.set()  # the call already ended
-        result = self._service.screen_images(convert.session_options(request.options), frames, abandoned)
+        principal = principal_of(context.invocation_metadata())
+        # The call ends early when the caller cancels, disconnects or runs out of deadline.
+        result = self._service.screen_images(
+            convert.session_options(request.options), frames, principal, on_call_end=context.add_callback
+        )
         return convert.subject_result(result)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:

@@ -28,6 +28,7 @@ from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -370,11 +371,13 @@ def _start_with_model(monkeypatch: pytest.MonkeyPatch, wrap: Callable[[BatchRunn
 
 
 def _slow_model(seconds: float, calls: list[int] | None = None) -> Callable[[BatchRunner], BatchRunner]:
+    """`calls` gets each batch's size as the model starts it: a face counts once it reached the model."""
+
     def wrap(run: BatchRunner) -> BatchRunner:
         def slow(crops: Batch) -> list:
-            time.sleep(seconds)
             if calls is not None:
                 calls.append(len(crops))
+            time.sleep(seconds)
             return run(crops)
 
         return slow
@@ -390,9 +393,10 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def _assert_no_state_left(running: RunningServer) -> None:
-    """No stream open, nothing queued for analysis or for the model."""
+    """No stream open, no ScreenImages call under way, nothing queued for analysis or for the model."""
     depth = running.metrics.queue_depth
     assert _wait_until(lambda: running.service.active_streams == 0, 10)
+    assert _wait_until(lambda: running.service.active_image_calls == 0, 10)
     assert running.metrics.active_streams._value.get() == 0
     assert _wait_until(lambda: depth.labels(queue="analysis")._value.get() == 0, 10)
     assert _wait_until(lambda: depth.labels(queue="inference")._value.get() == 0, 10)
@@ -489,8 +493,12 @@ def test_a_full_backlog_skips_frames_promptly_and_says_so(monkeypatch: pytest.Mo
                     final = response.subject
         assert sorted(answered_at) == list(range(count)), "every frame is acknowledged or skipped"
         worst = max(answered_at[i] - sent_at[i] for i in range(count))
-        assert worst < 1.0, f"a frame waited {worst:.2f} s for its answer; the model alone would take {0.4 * count:.0f} s"
-        assert len(skipped) >= count // 2
+        # Answers come in milliseconds here; 3 s is slack for a loaded 2-core CI VM. Queueing behind the
+        # model instead would make the last frame wait ~0.35 s x 30 = 10 s.
+        assert worst < 3.0, f"a frame waited {worst:.2f} s for its answer; the model alone would take {0.4 * count:.0f} s"
+        # ~27 of 30 are skipped here (the model takes 8 frame intervals a face); a third allows for a sender
+        # slowed down by a loaded VM, and is still far more than a backlog that never fills would skip.
+        assert len(skipped) >= count // 3
         assert final.status != pb.SUBJECT_STATUS_PROVISIONAL
         assert final.frames_skipped == len(skipped) and final.frames_analyzed == count - len(skipped)
         assert running.metrics.frames_skipped.labels(policy="backlog_full")._value.get() == len(skipped)
@@ -527,27 +535,32 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ScreenImages(request, timeout=1.0)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The handler has ended (no call under way) and nothing waits for the model: no face of
+            # this request can reach the model any more.
             _assert_no_state_left(running)
-            time.sleep(0.5)  # a model call under way when the deadline passed ends
             settled = len(calls)
-            time.sleep(1.0)
-            assert len(calls) == settled < len(images), "faces of an abandoned request should not reach the model"
+            assert settled < len(images), "faces of an abandoned request should not reach the model"
         assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and the server goes on
+        assert len(calls) == settled + 3, "only the next run's three faces reached the model"
     finally:
         running.stop(grace_s=1.0)
 
 
 def test_a_flood_of_calls_beyond_the_call_limit_is_refused_at_once(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
-    """--max-streams 1 allows 2 × 1 + 8 = 10 calls at once: of 16 simultaneous ScreenImages against a slow
-    model, the ones beyond 10 get RESOURCE_EXHAUSTED without waiting, the others their final result."""
-    running = _start_with_model(monkeypatch, _slow_model(0.3, []), max_batch_size=1, max_streams=1)
+    """--max-streams 1 admits one ScreenImages call at a time: of 16 simultaneous ones against a slow model
+    (two faces of 1 s each), the calls that find one under way get RESOURCE_EXHAUSTED with a retry hint
+    without waiting, the admitted ones their final result; health checks answer SERVING throughout."""
+    running = _start_with_model(monkeypatch, _slow_model(1.0), max_batch_size=1, max_streams=1)
     try:
         images = [pb.Frame(index=i, jpeg=jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1))) for i in range(2)]
         request = pb.ScreenImagesRequest(options=pb.SessionOptions(subject_id="photos"), images=images)
-        gate = threading.Barrier(16)
+        flood = 16
+        gate = threading.Barrier(flood)
         outcomes: list[tuple[str, float]] = []
+        pushbacks: set[str] = set()
         lock = threading.Lock()
         channel, stub = _stub(running)
+        health = health_pb2_grpc.HealthStub(channel)
 
         def call() -> None:
             gate.wait(10)
@@ -556,20 +569,66 @@ def test_a_flood_of_calls_beyond_the_call_limit_is_refused_at_once(monkeypatch: 
                 outcome = "final" if stub.ScreenImages(request, timeout=60).status == pb.SUBJECT_STATUS_FINAL else "other"
             except grpc.RpcError as error:
                 outcome = error.code().name
+                with lock:
+                    pushbacks.update(value for key, value in error.trailing_metadata() or () if key == "grpc-retry-pushback-ms")
             with lock:
                 outcomes.append((outcome, time.monotonic() - started))
 
         with channel:
-            threads = [threading.Thread(target=call) for _ in range(16)]
+            threads = [threading.Thread(target=call) for _ in range(flood)]
             for thread in threads:
                 thread.start()
+            checks: list[int] = []
+            while any(thread.is_alive() for thread in threads):  # an admitted call holds for 2 s or more
+                checks.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+                time.sleep(0.1)
             for thread in threads:
                 thread.join(90)
         refused = [seconds for outcome, seconds in outcomes if outcome == "RESOURCE_EXHAUSTED"]
         finished = [outcome for outcome, _ in outcomes if outcome != "RESOURCE_EXHAUSTED"]
-        assert len(outcomes) == 16 and len(refused) == 6 and finished == ["final"] * 10
-        assert max(refused) < 1.0  # refused at once, not after the admitted calls
+        assert len(outcomes) == flood
+        # Typically 15 refused and 1 final; a loaded VM may spread the calls so that some come after one ended.
+        assert finished == ["final"] * len(finished) and 1 <= len(finished) <= flood // 2
+        assert max(refused) < 2.0, "refused at once, not after the admitted calls (each takes 2 s or more)"
+        assert pushbacks == {"1000"}, "refusals tell the client when to retry"
+        assert checks and set(checks) == {health_pb2.HealthCheckResponse.SERVING}
+        assert running.service.active_image_calls == 0
         assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and the server goes on
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_per_token_quota_counts_screen_images_apart_from_streams(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """--max-streams-per-token 1: a caller holding a stream may still make one ScreenImages call, not a second
+    at the same time; another caller's call is admitted meanwhile."""
+    tokens = ("first-caller-0123456789", "second-caller-0123456789")
+    running = _start_with_model(monkeypatch, _slow_model(1.0), max_batch_size=1, auth_tokens=",".join(tokens), max_streams_per_token=1)
+    try:
+        first, second = ((("authorization", f"Bearer {token}"),) for token in tokens)
+        images = [pb.Frame(index=i, jpeg=jpeg_bytes(np.roll(portrait_bgr, 4 * i, axis=1))) for i in range(2)]
+        request = pb.ScreenImagesRequest(options=pb.SessionOptions(), images=images)
+        gate = threading.Event()
+
+        def held() -> Iterator[pb.ScreenRequest]:
+            yield pb.ScreenRequest(options=pb.SessionOptions())
+            gate.wait(20)
+
+        channel, stub = _stub(running)
+        with channel:
+            stream = stub.ScreenStream(held(), timeout=30, metadata=first)
+            assert _wait_until(lambda: running.service.active_streams == 1, 10)
+            admitted = stub.ScreenImages.future(request, timeout=30, metadata=first)
+            assert _wait_until(lambda: running.service.active_image_calls == 1, 10)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ScreenImages(request, timeout=30, metadata=first)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "this caller" in (caught.value.details() or "")
+            other = stub.ScreenImages.future(request, timeout=30, metadata=second)
+            assert _wait_until(lambda: running.service.active_image_calls == 2 or other.done(), 10)
+            assert admitted.result().status == pb.SUBJECT_STATUS_FINAL and other.result().status == pb.SUBJECT_STATUS_FINAL
+            gate.set()
+            assert list(stream)[-1].subject.status == pb.SUBJECT_STATUS_INSUFFICIENT_EVIDENCE
+        _assert_no_state_left(running)
     finally:
         running.stop(grace_s=1.0)
 
