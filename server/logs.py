@@ -17,9 +17,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+T = TypeVar("T")
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("acroscreen_request_id", default=None)
 
 
@@ -69,15 +70,32 @@ def new_request_id() -> str:
 
 @contextmanager
 def request_scope(request_id: str) -> Iterator[str]:
-    """Lines logged in this context carry `request_id`."""
+    """Lines logged in this context carry `request_id`. Only for code that enters and leaves it
+    on one thread (a unary handler): a generator may be closed on another thread, where the
+    reset fails and the id stays with the first thread; it uses `request_scoped`."""
     token = _request_id.set(request_id)
     try:
         yield request_id
     finally:
-        try:
-            _request_id.reset(token)
-        except ValueError:  # closed from another thread: that thread's next call sets its own id
-            pass
+        _request_id.reset(token)
+
+
+def request_scoped(request_id: str, steps: Iterator[T]) -> Iterator[T]:
+    """`steps`, each step run in a context of its own holding `request_id`: the id never enters
+    the context of the pool thread that runs or closes it, so nothing needs resetting there."""
+    context = contextvars.copy_context()
+    context.run(_request_id.set, request_id)
+    try:
+        while True:
+            try:
+                step = context.run(next, steps)
+            except StopIteration:
+                return
+            yield step
+    finally:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            context.run(close)
 
 
 def current_request_id() -> str | None:

@@ -2,8 +2,8 @@
 
 Unexpected exceptions are logged with their traceback and reach the client as
 INTERNAL with a fixed message: raw exception text never leaves the server. Being the outermost
-interceptor, it also opens each call's request-id scope (`logs.request_scope`), so that log
-line, and every other one logged for the call, names the call.
+interceptor, it also opens each call's request-id scope (`logs.request_scope`; for a stream
+`logs.request_scoped`), so that log line, and every other one logged for the call, names the call.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..errors import (
     Overloaded,
     Unauthenticated,
 )
-from ..logs import new_request_id, request_scope
+from ..logs import new_request_id, request_scope, request_scoped
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,16 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
 def _wrap_streaming(
     behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+            if _is_abort(error):
+                raise
+            _abort(context, error)
+
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        with request_scope(new_request_id()):
-            try:
-                yield from behaviour(request, context)
-            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-                if _is_abort(error):
-                    raise
-                _abort(context, error)
+        return request_scoped(new_request_id(), mapped(request, context))
 
     return wrapped
 
