@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -153,18 +154,46 @@ def test_an_unexpected_error_is_logged_with_the_request_id_the_client_got(
     _check_privacy(lines, raw, frame, portrait_bgr)
 
 
-def test_calls_get_different_request_ids_and_unary_calls_get_one_too(server: RunningServer, portrait_bgr: np.ndarray) -> None:
+def test_calls_get_different_request_ids_and_a_unary_call_after_streams_logs_its_own(
+    server: RunningServer, log_lines: io.StringIO, portrait_bgr: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two streams, then a ScreenImages call on the same server whose analysis fails: its error
+    line names its own request id, never one a stream left behind on a handler thread."""
     frame = jpeg_bytes(portrait_bgr)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ScreeningStub(channel)
-        ids = set()
+        stream_ids = []
         for _ in range(2):
             call = stub.ScreenStream(_requests(frame), timeout=120)
             list(call)
-            ids.add(dict(call.initial_metadata())["x-request-id"])
-        _, call = stub.ScreenImages.with_call(
+            stream_ids.append(dict(call.initial_metadata())["x-request-id"])
+        streams_logged = _wait_for_closed(log_lines, stream_ids)
+
+        def analyze_failing(self, image, tracker):  # noqa: ANN001, ANN202
+            raise RuntimeError("injected analysis failure")
+
+        monkeypatch.setattr(FacePreprocessor, "analyze", analyze_failing)
+        result, call = stub.ScreenImages.with_call(
             pb.ScreenImagesRequest(images=[pb.Frame(index=0, jpeg=frame)]), timeout=120
         )
-        ids.add(dict(call.initial_metadata())["x-request-id"])
-    assert len(ids) == 3 and all(len(i) == 12 for i in ids)
-    assert logs.current_request_id() is None, "a call's scope leaked into the caller"
+        unary_id = dict(call.initial_metadata())["x-request-id"]
+    assert len({*stream_ids, unary_id}) == 3 and all(len(i) == 12 for i in (*stream_ids, unary_id))
+    assert result.frames_analyzed == 0  # the one image failed
+
+    after_streams = _parse(log_lines)[streams_logged:]
+    (failure,) = [line for line in after_streams if line["message"] == "analysis of a frame failed"]
+    assert failure.get("request_id") == unary_id, failure
+    assert not [line for line in after_streams if line.get("request_id") != unary_id], after_streams
+
+
+def _wait_for_closed(log_lines: io.StringIO, stream_ids: list[str]) -> int:
+    """How many lines were logged once every stream logged "stream closed" (its handler may
+    finish just after the client read the last answer)."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = _parse(log_lines)
+        closed = {line.get("request_id") for line in lines if line["message"] == "stream closed"}
+        if closed >= set(stream_ids):
+            return len(lines)
+        assert time.monotonic() < deadline, f"no 'stream closed' line for {set(stream_ids) - closed}"
+        time.sleep(0.05)
