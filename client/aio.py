@@ -25,6 +25,7 @@ affected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import types
 from .client import (
+    ACCEPTANCE_WAIT_S,
     DEFAULT_MAX_MESSAGE_BYTES,
     KEEPALIVE_TIME_S,
     KEEPALIVE_TIMEOUT_S,
@@ -105,7 +107,8 @@ class AsyncScreeningClient:
 
         As in the sync client, no frame is taken from `frames` before the server has accepted the
         stream (its initial metadata): UNAVAILABLE before that is retried with backoff, a failure
-        after it is raised, so no frame is ever lost or sent twice."""
+        after it is raised, so no frame is ever lost or sent twice. A server that sends no early
+        metadata (older than this client) gets the frames after `ACCEPTANCE_WAIT_S`."""
         source = _aiter(frames)
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
@@ -121,7 +124,8 @@ class AsyncScreeningClient:
                     yield event
                 return
             except grpc.aio.AioRpcError as error:
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not gate.accepted
+                frames_may_have_gone = gate.close()
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
                 if retryable and attempt + 1 < self._retry.attempts:
                     await self._backoff(attempt)
                     continue
@@ -204,25 +208,34 @@ class AsyncScreeningClient:
 
 
 class _AcceptanceGate:
-    """Holds a stream's frames back until the server has accepted it: the request iterator sends
-    the options, then waits until the caller saw the server's initial metadata (`accept`) or gave
-    the call up (`close`), and only after acceptance takes frames from the source."""
+    """Holds a stream's frames back until the server has accepted it, or ACCEPTANCE_WAIT_S passed
+    (a server older than the acceptance signal): the request iterator sends the options, then
+    waits, after they were written, until the caller saw the server's initial metadata (`accept`),
+    gave the call up (`close`) or the wait ran out, and only if the gate opened takes frames from
+    the source. Decided once: `close()` tells whether a frame may have been taken."""
 
     def __init__(self) -> None:
         self._decided = asyncio.Event()
-        self.accepted = False
+        self._opened: bool | None = None
 
     def accept(self) -> None:
-        self.accepted = True
-        self._decided.set()
+        self._decide(opened=True)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """No frame is taken from now on; True if the gate had already opened (frames may have gone)."""
+        return self._decide(opened=False)
+
+    def _decide(self, *, opened: bool) -> bool:
+        if self._opened is None:
+            self._opened = opened
         self._decided.set()
+        return self._opened
 
     async def requests(self, options: ScreenOptions, source: AsyncIterator[FrameData]) -> AsyncIterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())
-        await self._decided.wait()
-        if not self.accepted:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._decided.wait(), ACCEPTANCE_WAIT_S)
+        if not self._decide(opened=True):  # still undecided after the wait: an older server, open
             return
         async for frame in source:
             yield pb.ScreenRequest(frame=types.frame_message(frame))

@@ -125,29 +125,46 @@ class RetryPolicy:
     max_backoff_s: float = 3.0
 
 
-class _AcceptanceGate:
-    """Holds a stream's frames back until the server has accepted it.
+# How long a stream's frames wait for the server to accept it (its initial metadata), counted from
+# when the options were written. A server older than that signal sends no metadata before its first
+# answer, which needs a frame: after this wait the frames go anyway, as they did before the signal,
+# and a failure from then on is raised, never retried. A current server accepts or refuses at once.
+ACCEPTANCE_WAIT_S = 3.0
 
-    gRPC pulls requests on a thread of its own; this request iterator sends the options, then
-    waits until the caller saw the server's initial metadata (`accept`) or gave the call up
-    (`close`), and only after acceptance takes frames from the source.
+
+class _AcceptanceGate:
+    """Holds a stream's frames back until the server has accepted it, or ACCEPTANCE_WAIT_S passed.
+
+    gRPC pulls requests on a thread of its own, the next one only once the last was written; this
+    request iterator sends the options, then waits until the caller saw the server's initial
+    metadata (`accept`), gave the call up (`close`) or the wait ran out, and only if the gate
+    opened takes frames from the source. Opening and closing are decided once, under a lock, so
+    `close()` tells the caller for certain whether a frame may have been taken.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._decided = threading.Event()
-        self.accepted = False
+        self._opened: bool | None = None
 
     def accept(self) -> None:
-        self.accepted = True
-        self._decided.set()
+        self._decide(opened=True)
 
-    def close(self) -> None:
-        self._decided.set()
+    def close(self) -> bool:
+        """No frame is taken from now on; True if the gate had already opened (frames may have gone)."""
+        return self._decide(opened=False)
+
+    def _decide(self, *, opened: bool) -> bool:
+        with self._lock:
+            if self._opened is None:
+                self._opened = opened
+            self._decided.set()
+            return self._opened
 
     def requests(self, options: ScreenOptions, source: Iterator[FrameData]) -> Iterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())
-        self._decided.wait()
-        if not self.accepted:
+        self._decided.wait(ACCEPTANCE_WAIT_S)
+        if not self._decide(opened=True):  # still undecided after the wait: an older server, open
             return
         for frame in source:
             yield pb.ScreenRequest(frame=types.frame_message(frame))
@@ -195,7 +212,8 @@ class ScreeningClient:
         No frame is taken from `frames` before the server has accepted the stream (its initial
         metadata), so UNAVAILABLE before that (no server yet, model still loading, draining) is
         retried with backoff without losing or repeating a frame. A failure after that is raised,
-        never retried: the caller knows exactly which frames it got results for.
+        never retried: the caller knows exactly which frames it got results for. A server that
+        sends no early metadata (older than this client) gets the frames after ACCEPTANCE_WAIT_S.
         """
         source = iter(frames)
         last_subject: SubjectResult | None = None
@@ -214,7 +232,8 @@ class ScreeningClient:
                     yield event
                 return
             except grpc.RpcError as error:
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not gate.accepted
+                frames_may_have_gone = gate.close()
+                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
                 if retryable and attempt + 1 < self._retry.attempts:
                     self._backoff(attempt)
                     continue

@@ -49,8 +49,9 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
-        # Initial metadata only once the stream is accepted: clients send no frame before it, so a
-        # refusal (model loading, draining, too many streams) never races a frame being written.
+        # Initial metadata marks the stream accepted, sent at once and whatever else holds: clients
+        # send no frame before it (they wait ACCEPTANCE_WAIT_S at most), so a refusal (model
+        # loading, draining, too many streams) never races a frame being written.
         _send_request_id(context)
         log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
         context.add_callback(session.cancel)
@@ -87,9 +88,10 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
 
 
 def _send_request_id(context: grpc.ServicerContext) -> None:
+    """Sends the initial metadata now, naming the call when it has an id (it always has one
+    behind the error-mapping interceptor, which opens the scope)."""
     request_id = current_request_id()
-    if request_id is not None:  # None only without the error-mapping interceptor, which opens the scope
-        context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    context.send_initial_metadata(() if request_id is None else ((REQUEST_ID_KEY, request_id),))
 
 
 class _StreamReader(threading.Thread):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,9 +21,11 @@ from acroscreen.client import (
     SubjectResult,
 )
 from acroscreen.client.aio import AsyncScreeningClient
+from acroscreen.client.client import ACCEPTANCE_WAIT_S
 from acroscreen.client.errors import UnavailableError
 from acroscreen.client.types import StreamEvent
 from acroscreen.server.main import RunningServer
+from acroscreen.server.transport import servicer
 
 from tests.helpers import jpeg_bytes
 
@@ -98,12 +101,14 @@ def test_a_stream_that_fails_after_it_started_is_raised_not_retried(mode: str, p
     replacement: list[RunningServer] = []
     restarting: list[threading.Thread] = []
     taken: list[int] = []
+    restart_begun = threading.Event()
 
     def source() -> Iterator[FrameData]:
         for frame in frames:
             if frame.index == 2:  # frames 0 and 1 are with the server
                 first.stop(grace_s=0.0)
                 restarting.append(_in_background(lambda: start_server(port=port, metrics_port=-1), replacement))
+                restart_begun.set()
             taken.append(frame.index)
             yield frame
 
@@ -112,6 +117,9 @@ def test_a_stream_that_fails_after_it_started_is_raised_not_retried(mode: str, p
         with pytest.raises(UnavailableError) as failure:
             _screen(mode, port, source(), events)
     finally:
+        # The source runs on gRPC's request thread: the stop's UNAVAILABLE can reach the client
+        # before stop() returns there and the restart begins.
+        restart_begun.wait(30)
         for thread in restarting:
             thread.join()
         for running in replacement:
@@ -120,3 +128,20 @@ def test_a_stream_that_fails_after_it_started_is_raised_not_retried(mode: str, p
     assert restarting, "the server was never stopped mid-stream"
     assert all(event.index in (0, 1) for event in events if isinstance(event, FrameResult))
     assert len(taken) <= 3  # the stream was not resumed against the new server
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_server_that_sends_no_early_metadata_still_gets_the_frames(
+    mode: str, portrait_bgr: np.ndarray, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server older than the acceptance signal answers a stream's first frame before it sends
+    any metadata: the client waits ACCEPTANCE_WAIT_S for the signal, then sends its frames anyway
+    (before, the two sides waited on each other until the deadline, or forever without one)."""
+    monkeypatch.setattr(servicer, "_send_request_id", lambda context: None)
+    events: list[StreamEvent] = []
+    started = time.monotonic()
+    result = _screen(mode, server.port, iter(_frames(portrait_bgr, 3)), events)
+    took = time.monotonic() - started
+    assert result.status == "final" and result.frames_received == 3
+    assert sorted(event.index for event in events if isinstance(event, FrameResult)) == [0, 1, 2]
+    assert ACCEPTANCE_WAIT_S <= took < ACCEPTANCE_WAIT_S + 60  # the gate waited, once, then let the frames go

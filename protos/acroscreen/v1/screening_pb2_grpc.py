@@ -68,7 +68,11 @@ class ScreeningServicer:
         accepted the stream; a refusal (UNAVAILABLE while starting or draining,
         RESOURCE_EXHAUSTED, UNAUTHENTICATED, INVALID_ARGUMENT options) comes
         before it. Clients send frames only after it, so a refused stream can be
-        retried from its first frame without losing or repeating one.
+        retried from its first frame without losing or repeating one. Older
+        servers send no metadata until their first answer, which needs a frame:
+        a client that gets none within a few seconds of sending the options (the
+        Python clients: 3 s) sends its frames anyway, and does not retry that
+        stream once a frame has gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
