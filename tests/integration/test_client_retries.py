@@ -18,6 +18,7 @@ from acroscreen.client import (
     ImageKind,
     RetryPolicy,
     ScreeningClient,
+    ScreenOptions,
     SubjectResult,
 )
 from acroscreen.client.aio import AsyncScreeningClient
@@ -43,15 +44,17 @@ PATIENT = RetryPolicy(
 
 
 def _screen(mode: str, port: int, frames: Iterator[FrameData], events: list[StreamEvent]) -> SubjectResult:
-    """One stream through the sync or the async client, every event kept."""
+    """One stream through the sync or the async client, every event kept; every frame is analysed
+    (no frame skipped for a busy backlog on a slow machine), so the result is final."""
     target = f"127.0.0.1:{port}"
+    options = ScreenOptions(analyze_every_frame=True)
     if mode == "sync":
         with ScreeningClient(target, timeout_s=120, retry=PATIENT) as client:
-            return client.screen(frames, on_event=events.append)
+            return client.screen(frames, options, on_event=events.append)
 
     async def run() -> SubjectResult:
         async with AsyncScreeningClient(target, timeout_s=120, retry=PATIENT) as client:
-            return await client.screen(frames, on_event=events.append)
+            return await client.screen(frames, options, on_event=events.append)
 
     return asyncio.run(run())
 

@@ -173,10 +173,10 @@ def test_disconnect_storm_leaves_no_state(portrait_bgr, max_analysis_fps: float)
         metrics = running.metrics
         assert metrics.active_streams._value.get() == 0
         deadline = time.monotonic() + 10
-        while metrics.queue_depth.labels(queue="analysis")._value.get() and time.monotonic() < deadline:
+        queues = [metrics.queue_depth.labels(queue=name) for name in ("analysis", "inference")]
+        while any(q._value.get() for q in queues) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert metrics.queue_depth.labels(queue="analysis")._value.get() == 0
-        assert metrics.queue_depth.labels(queue="inference")._value.get() == 0
+        assert [q._value.get() for q in queues] == [0, 0]
         # Faces whose stream ended while they waited for the model are skipped, not model failures.
         assert metrics.frames_rejected.labels(reason="inference_failed")._value.get() == 0
     finally:
