@@ -43,7 +43,9 @@ def test_items_from_many_threads_share_batches() -> None:
     assert max(sizes) > 1, "items submitted together should be batched"
 
 
-def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
+def _busy_batcher_with_room_for_three():  # noqa: ANN202
+    """A one-item-batch batcher whose worker holds a0 until `release` is set: a0 is out of the
+    queue (never shed) and three more places are free."""
     release, holding = threading.Event(), threading.Event()
 
     def run(items):
@@ -53,7 +55,12 @@ def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
 
     batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
     first = batcher.submit("a0", owner="a")
-    assert holding.wait(5)  # the worker holds a0: it is out of the queue, never shed
+    assert holding.wait(5)
+    return batcher, release, first
+
+
+def test_full_queue_sheds_the_oldest_item_of_the_busiest_stream() -> None:
+    batcher, release, first = _busy_batcher_with_room_for_three()
     a1, a2, b1 = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
     b2 = batcher.submit("b2", owner="b")  # full: stream a has the most queued, its oldest goes
     with pytest.raises(Overloaded, match="shed"):
@@ -92,16 +99,7 @@ def test_a_failing_item_fails_alone_with_a_fixed_message_and_one_log_line(caplog
 
 
 def test_cancelled_items_free_their_places_before_anyone_is_shed() -> None:
-    release, holding = threading.Event(), threading.Event()
-
-    def run(items):
-        holding.set()
-        release.wait(5)
-        return items
-
-    batcher = _batcher(run, max_batch_size=1, max_delay_ms=0, queue_capacity=3)
-    first = batcher.submit("a0", owner="a")
-    assert holding.wait(5)  # the worker holds a0: it is out of the queue, never shed
+    batcher, release, first = _busy_batcher_with_room_for_three()
     a1, a2, gone = batcher.submit("a1", owner="a"), batcher.submit("a2", owner="a"), batcher.submit("b1", owner="b")
     assert gone.cancel()  # b's caller went away
     c1 = batcher.submit("c1", owner="c")  # full, but b1's place is free: a1 is not shed
