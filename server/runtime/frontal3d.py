@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .frontalize import FRONTAL_3D_V1, CropGeometry, eye_centres, prefilter_factor
+from .frontalize import FRONTAL_3D_V1, CropGeometry, block_averaged, eye_centres, prefilter_factor
 from .pose import HeadPoseFit, fit_weak_perspective_68
 
 # Generic face surface, millimetres, axes of pose.py's model (x right, y down, z away from
@@ -82,7 +82,6 @@ _FULL_INSIDE, _NONE_BEYOND = 0.8, 1.1
 _MIRROR_BELOW = 0.6
 
 GENERIC_EYE_DISTANCE_MM = 61.1  # between pose.py's generic eye centres (corner midpoints)
-
 
 
 def surface_depth(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -126,10 +125,6 @@ class FrontalView:
     pitch_sin: float
     similarity: np.ndarray  # 2×3 frame → crop ("similarity-eyes-v1")
     plane_to_crop: np.ndarray  # 2×3 view plane (mm) → crop pixels
-
-    def view_point(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Where the view plane shows surface point (x, y)."""
-        return np.stack([x, y * self.pitch_cos - surface_depth(x, y) * self.pitch_sin], axis=-1)
 
     def crop_to_surface(self, crop_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The surface point (x, y) each crop point shows (fixed-point iteration on y, a
@@ -207,12 +202,13 @@ def frontal_warp(landmarks: np.ndarray, geometry: CropGeometry) -> FrontalWarp:
     # Yaw is undone; pitch is kept (see the module docstring).
     pitch = math.atan2(fit.rotation[2, 1], fit.rotation[2, 2])
     cos_p, sin_p = math.cos(pitch), math.sin(pitch)
-    provisional = FrontalView(fit, cos_p, sin_p, similarity, similarity)
-    # The subject's own eyes in the view plane; the view plane → crop similarity puts them where
-    # "similarity-eyes-v1" puts them.
+    # The subject's own eyes in the view plane (u = x, v = y·cos p − depth·sin p); the view plane →
+    # crop similarity puts them where "similarity-eyes-v1" puts them.
     half_eyes = GENERIC_EYE_DISTANCE_MM / 2
-    plane_eyes = [provisional.view_point(*_surface_point(fit, eye, np.array([side * half_eyes, 0.0])))[0]
-                  for eye, side in ((left_eye, -1.0), (right_eye, 1.0))]
+    plane_eyes = []
+    for eye, side in ((left_eye, -1.0), (right_eye, 1.0)):
+        x, y = _surface_point(fit, eye, np.array([side * half_eyes, 0.0]))
+        plane_eyes.append(np.array([x[0], y[0] * cos_p - surface_depth(x, y)[0] * sin_p]))
     view = FrontalView(fit, cos_p, sin_p, similarity, geometry.affine_from_eyes(*plane_eyes))
 
     x, y = view.crop_to_surface(grid)
@@ -274,16 +270,11 @@ def _prefiltered(
     Returns the image to sample, and the frame coordinates' origin and factor in it.
     """
     factor = prefilter_factor(similarity)
-    if factor == 1:
+    reduced = None if factor == 1 else block_averaged(
+        image, factor, (float(map_x.min()), float(map_x.max())), (float(map_y.min()), float(map_y.max()))
+    )
+    if reduced is None:
         return image, (0.0, 0.0), 1
-    height, width = image.shape[:2]
-    margin = 2 * factor
-    x0 = max(0, math.floor((float(map_x.min()) - margin) / factor) * factor)
-    y0 = max(0, math.floor((float(map_y.min()) - margin) / factor) * factor)
-    x1 = min(width // factor * factor, math.ceil((float(map_x.max()) + margin) / factor) * factor)
-    y1 = min(height // factor * factor, math.ceil((float(map_y.max()) + margin) / factor) * factor)
-    if x1 - x0 < factor or y1 - y0 < factor:
-        return image, (0.0, 0.0), 1
-    reduced = cv2.resize(image[y0:y1, x0:x1], ((x1 - x0) // factor, (y1 - y0) // factor), interpolation=cv2.INTER_AREA)
+    image, x0, y0 = reduced
     # reduced pixel j covers frame [x0 + j·f, x0 + (j+1)·f): its centre is x0 + j·f + (f − 1)/2
-    return reduced, (x0 + (factor - 1) / 2.0, y0 + (factor - 1) / 2.0), factor
+    return image, (x0 + (factor - 1) / 2.0, y0 + (factor - 1) / 2.0), factor

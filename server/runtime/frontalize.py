@@ -165,22 +165,36 @@ def _reduced_affine(affine: np.ndarray, factor: int, x0: int, y0: int) -> np.nda
     return reduced
 
 
+def block_averaged(
+    image: np.ndarray, factor: int, x_range: tuple[float, float], y_range: tuple[float, float]
+) -> tuple[np.ndarray, int, int] | None:
+    """The frame region spanning ``x_range`` × ``y_range`` (frame pixels, plus a margin), block-averaged
+    by ``factor`` on the frame's grid of factor × factor blocks, and its origin (x0, y0): reduced
+    pixel j covers frame [x0 + j·factor, x0 + (j+1)·factor). None when the region is empty."""
+    height, width = image.shape[:2]
+    margin = 2 * factor
+    x0 = max(0, math.floor((x_range[0] - margin) / factor) * factor)
+    y0 = max(0, math.floor((y_range[0] - margin) / factor) * factor)
+    x1 = min(width // factor * factor, math.ceil((x_range[1] + margin) / factor) * factor)
+    y1 = min(height // factor * factor, math.ceil((y_range[1] + margin) / factor) * factor)
+    if x1 - x0 < factor or y1 - y0 < factor:
+        return None
+    roi = image[y0:y1, x0:x1]
+    return cv2.resize(roi, ((x1 - x0) // factor, (y1 - y0) // factor), interpolation=cv2.INTER_AREA), x0, y0
+
+
 def warp_face(image: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
     """One crop of ``size``² from a frame (any channel order; the order is kept)."""
     affine = np.asarray(affine, dtype=np.float64)
     factor = prefilter_factor(affine)
     if factor > 1:
-        height, width = image.shape[:2]
         inverse = cv2.invertAffineTransform(affine)
         corners = transform_points(inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]]) - 0.5)
-        margin = 2 * factor
-        x0 = max(0, math.floor((corners[:, 0].min() - margin) / factor) * factor)
-        y0 = max(0, math.floor((corners[:, 1].min() - margin) / factor) * factor)
-        x1 = min(width // factor * factor, math.ceil((corners[:, 0].max() + margin) / factor) * factor)
-        y1 = min(height // factor * factor, math.ceil((corners[:, 1].max() + margin) / factor) * factor)
-        if x1 - x0 >= factor and y1 - y0 >= factor:
-            roi = image[y0:y1, x0:x1]
-            image = cv2.resize(roi, ((x1 - x0) // factor, (y1 - y0) // factor), interpolation=cv2.INTER_AREA)
+        reduced = block_averaged(
+            image, factor, (corners[:, 0].min(), corners[:, 0].max()), (corners[:, 1].min(), corners[:, 1].max())
+        )
+        if reduced is not None:
+            image, x0, y0 = reduced
             affine = _reduced_affine(affine, factor, x0, y0)
     return cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
