@@ -46,6 +46,7 @@ from .client import (
     Credentials,
     RetryPolicy,
     ScreenOptions,
+    _AcceptanceDecision,
     channel_options,
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
@@ -207,29 +208,15 @@ class AsyncScreeningClient:
             await asyncio.sleep(0.2)
 
 
-class _AcceptanceGate:
+class _AcceptanceGate(_AcceptanceDecision):
     """Holds a stream's frames back until the server has accepted it, or ACCEPTANCE_WAIT_S passed
     (a server older than the acceptance signal): the request iterator sends the options, then
-    waits, after they were written, until the caller saw the server's initial metadata (`accept`),
-    gave the call up (`close`) or the wait ran out, and only if the gate opened takes frames from
-    the source. Decided once: `close()` tells whether a frame may have been taken."""
+    waits, after they were written, for the decision, and only if the gate opened takes frames
+    from the source."""
 
     def __init__(self) -> None:
         self._decided = asyncio.Event()
-        self._opened: bool | None = None
-
-    def accept(self) -> None:
-        self._decide(opened=True)
-
-    def close(self) -> bool:
-        """No frame is taken from now on; True if the gate had already opened (frames may have gone)."""
-        return self._decide(opened=False)
-
-    def _decide(self, *, opened: bool) -> bool:
-        if self._opened is None:
-            self._opened = opened
-        self._decided.set()
-        return self._opened
+        super().__init__(self._decided.set)
 
     async def requests(self, options: ScreenOptions, source: AsyncIterator[FrameData]) -> AsyncIterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())

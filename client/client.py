@@ -132,19 +132,15 @@ class RetryPolicy:
 ACCEPTANCE_WAIT_S = 3.0
 
 
-class _AcceptanceGate:
-    """Holds a stream's frames back until the server has accepted it, or ACCEPTANCE_WAIT_S passed.
+class _AcceptanceDecision:
+    """Whether a stream's gate opened (frames may go) or closed (none will), decided once by
+    whichever comes first: the server's acceptance (`accept`), the caller giving the call up
+    (`close`), or the acceptance wait running out. `wake` wakes the waiting request iterator;
+    the sync and async gates differ only in what they wait on."""
 
-    gRPC pulls requests on a thread of its own, the next one only once the last was written; this
-    request iterator sends the options, then waits until the caller saw the server's initial
-    metadata (`accept`), gave the call up (`close`) or the wait ran out, and only if the gate
-    opened takes frames from the source. Opening and closing are decided once, under a lock, so
-    `close()` tells the caller for certain whether a frame may have been taken.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None]) -> None:
         self._lock = threading.Lock()
-        self._decided = threading.Event()
+        self._wake = wake
         self._opened: bool | None = None
 
     def accept(self) -> None:
@@ -158,8 +154,22 @@ class _AcceptanceGate:
         with self._lock:
             if self._opened is None:
                 self._opened = opened
-            self._decided.set()
+            self._wake()
             return self._opened
+
+
+class _AcceptanceGate(_AcceptanceDecision):
+    """Holds a stream's frames back until the server has accepted it, or ACCEPTANCE_WAIT_S passed.
+
+    gRPC pulls requests on a thread of its own, the next one only once the last was written; this
+    request iterator sends the options, then waits until the decision (the lock makes it certain
+    for `close()`'s caller whether a frame may have been taken), and only if the gate opened takes
+    frames from the source.
+    """
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        super().__init__(self._decided.set)
 
     def requests(self, options: ScreenOptions, source: Iterator[FrameData]) -> Iterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())
