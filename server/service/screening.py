@@ -16,8 +16,36 @@ from .session import StreamLimits, StreamSession
 from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, SubjectResult
 
 MAX_SUBJECT_ID_LENGTH = 128
-# Seconds a refused ScreenImages call is told to wait: such a call lasts seconds, not minutes like a stream.
-_IMAGES_RETRY_AFTER_S = 1.0
+
+
+class _CallSlots:
+    """Calls of one kind under way, in all and per caller, capped at `limit` and `per_caller`
+    (0: no per-caller cap); a refusal is Overloaded with the wait a client should retry after.
+    Not locked itself: the service's lock guards it."""
+
+    def __init__(self, *, noun: str, state: str, limit: int, per_caller: int, retry_after_s: float,
+                 caller_retry_after_s: float) -> None:
+        self._noun, self._state = noun, state
+        self._limit, self._per_caller = limit, per_caller
+        self._retry_after_s, self._caller_retry_after_s = retry_after_s, caller_retry_after_s
+        self._callers: collections.Counter[str] = collections.Counter()
+        self.count = 0
+
+    def take(self, principal: str) -> None:
+        if self.count >= self._limit:
+            raise Overloaded(f"{self._limit} {self._noun} are {self._state}; try again later",
+                             retry_after_s=self._retry_after_s)
+        if self._per_caller and self._callers[principal] >= self._per_caller:
+            raise Overloaded(f"this caller already has {self._per_caller} {self._noun} {self._state}",
+                             retry_after_s=self._caller_retry_after_s)
+        self.count += 1
+        self._callers[principal] += 1
+
+    def give_back(self, principal: str) -> None:
+        self.count -= 1
+        self._callers[principal] -= 1
+        if not self._callers[principal]:
+            del self._callers[principal]
 
 
 class ScreeningService:
@@ -41,12 +69,14 @@ class ScreeningService:
         self._analyzer = analyzer
         self._model_info = model_info
         self._metrics = metrics
-        self._max_streams = max_streams
-        self._max_per_principal = max_streams_per_principal
         self._limits = limits
-        self._per_principal: collections.Counter[str] = collections.Counter()
-        self._image_calls = 0
-        self._image_calls_per_principal: collections.Counter[str] = collections.Counter()
+        self._stream_slots = _CallSlots(noun="streams", state="open", limit=max_streams,
+                                        per_caller=max_streams_per_principal, retry_after_s=2.0,
+                                        caller_retry_after_s=5.0)
+        # A ScreenImages call lasts seconds, not minutes like a stream: its refusals say retry sooner.
+        self._image_slots = _CallSlots(noun="ScreenImages calls", state="under way", limit=max_streams,
+                                       per_caller=max_streams_per_principal, retry_after_s=1.0,
+                                       caller_retry_after_s=1.0)
         self._backlog = analysis_backlog
         self._update_every = update_every_frames
         self._min_frames = min_frames_for_score
@@ -72,7 +102,7 @@ class ScreeningService:
     @property
     def active_image_calls(self) -> int:
         with self._lock:
-            return self._image_calls
+            return self._image_slots.count
 
     def open_stream(self, options: SessionOptions, principal: str) -> StreamSession:
         """principal: who is calling (a token hash), for the per-caller quota."""
@@ -80,12 +110,7 @@ class ScreeningService:
         with self._lock:
             if not self._accepting:
                 raise NotReady("the server is shutting down")
-            if len(self._sessions) >= self._max_streams:
-                raise Overloaded(f"{self._max_streams} streams are open; try again later", retry_after_s=2.0)
-            if self._max_per_principal and self._per_principal[principal] >= self._max_per_principal:
-                raise Overloaded(
-                    f"this caller already has {self._max_per_principal} streams open", retry_after_s=5.0
-                )
+            self._stream_slots.take(principal)
             session = StreamSession(
                 options=options,
                 analyzer=self._analyzer,
@@ -97,7 +122,6 @@ class ScreeningService:
                 on_close=self._closed,
             )
             self._sessions[session] = principal
-            self._per_principal[principal] += 1
             self._metrics.active_streams.set(len(self._sessions))
         return session
 
@@ -105,9 +129,7 @@ class ScreeningService:
         with self._lock:
             principal = self._sessions.pop(session, None)
             if principal is not None:
-                self._per_principal[principal] -= 1
-                if not self._per_principal[principal]:
-                    del self._per_principal[principal]
+                self._stream_slots.give_back(principal)
             self._metrics.active_streams.set(len(self._sessions))
             self._idle.notify_all()
 
@@ -139,25 +161,11 @@ class ScreeningService:
         with self._lock:
             if not self._accepting:
                 raise NotReady("the server is shutting down")
-            if self._image_calls >= self._max_streams:
-                raise Overloaded(
-                    f"{self._max_streams} ScreenImages calls are under way; try again later",
-                    retry_after_s=_IMAGES_RETRY_AFTER_S,
-                )
-            if self._max_per_principal and self._image_calls_per_principal[principal] >= self._max_per_principal:
-                raise Overloaded(
-                    f"this caller already has {self._max_per_principal} ScreenImages calls under way",
-                    retry_after_s=_IMAGES_RETRY_AFTER_S,
-                )
-            self._image_calls += 1
-            self._image_calls_per_principal[principal] += 1
+            self._image_slots.take(principal)
 
     def _end_image_call(self, principal: str) -> None:
         with self._lock:
-            self._image_calls -= 1
-            self._image_calls_per_principal[principal] -= 1
-            if not self._image_calls_per_principal[principal]:
-                del self._image_calls_per_principal[principal]
+            self._image_slots.give_back(principal)
 
     def _analyze_images(
         self,
