@@ -10,12 +10,13 @@ included: a stream's threads run in a copy of the opening call's context.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO, TypeVar
 
@@ -96,6 +97,11 @@ def request_scoped(request_id: str, steps: Iterator[T]) -> Iterator[T]:
         close = getattr(steps, "close", None)
         if close is not None:
             context.run(close)
+
+
+def in_this_call(target: Callable[[], T]) -> Callable[[], T]:
+    """`target`, to run on another thread in a copy of this context: what it logs names this call."""
+    return functools.partial(contextvars.copy_context().run, target)
 
 
 def current_request_id() -> str | None:

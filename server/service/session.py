@@ -18,7 +18,6 @@ result is sent. cancel(): the client went away; everything stops and is freed.
 
 from __future__ import annotations
 
-import contextvars
 import queue
 import threading
 import time
@@ -27,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..errors import Overloaded
+from ..logs import in_this_call
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
@@ -95,10 +95,7 @@ class StreamSession:
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
-        # In a copy of the opening call's context, so what it logs names the call (logs.request_scope).
-        self._worker = threading.Thread(
-            target=contextvars.copy_context().run, args=(self._work,), name="acroscreen-stream", daemon=True
-        )
+        self._worker = threading.Thread(target=in_this_call(self._work), name="acroscreen-stream", daemon=True)
         self._worker.start()
 
     # ---- reader side -------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from ..errors import AcroscreenError, InvalidRequest, NotReady
-from ..logs import current_request_id, subject_hash
+from ..logs import current_request_id, in_this_call, subject_hash
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
 from ..service.types import FrameAck, FramePrediction
@@ -104,11 +103,11 @@ class _StreamReader(threading.Thread):
         super().__init__(name="acroscreen-reader", daemon=True)
         self._requests = requests
         self._session = session
-        self._context = contextvars.copy_context()
+        self._read_in_call = in_this_call(self._read)
         self.error: Exception | None = None
 
     def run(self) -> None:
-        self._context.run(self._read)
+        self._read_in_call()
 
     def _read(self) -> None:
         try:
