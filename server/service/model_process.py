@@ -11,9 +11,8 @@ cancel is one 4-byte message, the request id: a worker whose stream cancels a
 crop forgets it at once (its place counts no more, a later answer is ignored)
 and tells the model process, which cancels the crop in its batcher if it is
 still queued (a crop already in a batch runs; no answer is sent for a cancelled
-one). A pipe
-rather than shared memory: at 3,000 crops/s the two copies cost about a tenth of
-a core, and there are no slots to manage, leak or corrupt. The model process's
+one). A pipe rather than shared memory: at 3,000 crops/s the two copies cost
+about a tenth of a core, and there are no slots to manage, leak or corrupt. The model process's
 `DynamicBatcher` keeps its queue policy: when full it sheds the oldest crop of the
 stream (across all workers) with the most queued.
 """
