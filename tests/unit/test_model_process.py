@@ -102,8 +102,11 @@ def test_model_errors_reach_the_worker_and_a_lost_model_process_fails_every_crop
 
     hold.clear()
     waiting = client.submit(crop)
-    for end in link.model_ends:  # the model process dies: its ends close
-        end.close()
+    # The model process dies: the worker reads EOF where its answers come from. (Only that end is
+    # closed here: closing the requests' end too would race the model side's reader, which closes
+    # the answers' end itself when its input fails, and two threads closing one Connection at once
+    # can close its descriptor twice, EBADF. The worker's stop() below ends that reader cleanly.)
+    link.results_out.close()
     with pytest.raises(ModelError, match="model process is gone"):
         waiting.result(timeout=30)
     with pytest.raises(ModelError, match="model process is gone"):
