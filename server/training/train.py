@@ -10,6 +10,11 @@ Augmentation follows the paper: brightness, saturation, Gaussian noise and
 horizontal flip, applied in torch on whole batches on the training device; a
 small random shift stands in for landmark jitter between video frames.
 
+With `ema_decay` > 0, validation, early stopping and the saved weights use an
+exponential moving average of the weights (and BatchNorm statistics): on a few
+hundred identities the raw weights' validation accuracy swings by several points
+from epoch to epoch, and the average does not.
+
 Validation uses whole source identities (a phantom subject `<identity>-L<k>`
 belongs to the group `<identity>`), so no person is on both sides. Early stopping
 watches validation accuracy; a temperature fitted on validation logits (LBFGS on
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..runtime.model import SeverityNet, center_loss
 from ..runtime.card import KINDS, ModelCard, Preprocessing
@@ -62,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.03
     dropout: float = 0.2
+    ema_decay: float = 0.0  # 0 = off; else validated and saved weights are this EMA of the trained ones
     center_weight: float = 0.003  # λ
     center_lr: float = 0.5  # α
     val_fraction: float = 0.15  # share of identities held out for early stopping and temperature
@@ -89,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"landmark_points must be 5 or 68, not {self.landmark_points}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
         if self.init_weights is not None and self.backbone_weights is not None:
             raise ValueError("give init_weights or backbone_weights, not both")
 
@@ -254,12 +263,17 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     eval_every = config.eval_every or steps_per_epoch
     state = {"step": 0, "best_acc": -1.0, "best_loss": math.inf, "stale": 0, "planned": planned}
     best_state = copy.deepcopy(net.state_dict())
+    averaged = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+                if config.ema_decay else None)
+    judged = averaged.module if averaged is not None else net  # the weights validated and saved
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order_rng = np.random.default_rng(config.seed)
 
     if config.checkpoint is not None and Path(config.checkpoint).is_file():
         saved = torch.load(config.checkpoint, map_location=device, weights_only=True)
         net.load_state_dict(saved["net"])
+        if averaged is not None:
+            averaged.load_state_dict(saved["averaged"])
         optimizer.load_state_dict(saved["optimizer"])
         best_state = saved["best"]
         state.update({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in saved["state"].items()})
@@ -301,6 +315,8 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         loss.backward()
         optimizer.step()
         update_centers(net.centers, embedding.detach(), y, config.center_lr)
+        if averaged is not None:
+            averaged.update_parameters(net)
         state["step"] += 1
         step = int(state["step"])
         if step % config.log_every == 0:
@@ -318,7 +334,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
                                                                                      - config.log_every),
                                                  _eval_share(len(val_set), config.batch_size, eval_every))
         if step % eval_every == 0 or step == state["planned"]:
-            logits = evaluate_logits(net, val_pixels, prep, device, config.amp)
+            logits = evaluate_logits(judged, val_pixels, prep, device, config.amp)
             if len(val_labels):
                 val_loss = float(F.cross_entropy(logits, val_labels))
                 val_acc = float((logits.argmax(1) == val_labels).float().mean())
@@ -327,7 +343,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             better = val_acc > state["best_acc"] or (val_acc == state["best_acc"] and val_loss < state["best_loss"])
             if better:
                 state.update(best_acc=val_acc, best_loss=val_loss, stale=0)
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
             else:
                 state["stale"] += 1
             print(f"validation at step {step} (epoch {step / steps_per_epoch:.1f}): accuracy {val_acc:.4f}  "
@@ -339,10 +355,10 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             stop_reason = "wall-clock cap"
             break
         if config.checkpoint is not None and step % config.checkpoint_every == 0:
-            _save_checkpoint(config.checkpoint, net, optimizer, best_state, state)
+            _save_checkpoint(config.checkpoint, net, averaged, optimizer, best_state, state)
     print(f"stopped at step {state['step']}: {stop_reason}", file=sys.stderr, flush=True)
     if config.checkpoint is not None:
-        _save_checkpoint(config.checkpoint, net, optimizer, best_state, state)
+        _save_checkpoint(config.checkpoint, net, averaged, optimizer, best_state, state)
 
     net.load_state_dict(best_state)
     val_logits = evaluate_logits(net, val_pixels, prep, device, config.amp)
@@ -361,7 +377,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         "stop_reason": stop_reason, "seconds": round(seconds, 1), "device": str(device),
         "validation_accuracy": round(state["best_acc"], 4), "validation_nll_calibrated": round(val_nll, 4),
         "temperature": round(temperature, 4), "center_loss_weight": config.center_weight,
-        "center_lr": config.center_lr, "seed": config.seed,
+        "center_lr": config.center_lr, "ema_decay": config.ema_decay, "seed": config.seed,
         "backbone_weights": str(config.backbone_weights) if config.backbone_weights else None,
         "init_weights": str(config.init_weights) if config.init_weights else None,
     }
@@ -391,11 +407,15 @@ def _eval_share(val_count: int, batch_size: int, eval_every: int) -> float:
     return (val_count / batch_size) / 3.0 / max(1, eval_every)
 
 
-def _save_checkpoint(path: Path, net: SeverityNet, optimizer: torch.optim.Optimizer,
-                     best_state: dict[str, torch.Tensor], state: dict[str, float]) -> None:
+def _save_checkpoint(path: Path, net: SeverityNet, averaged: AveragedModel | None,
+                     optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor],
+                     state: dict[str, float]) -> None:
     """Everything needed to resume (weights_only-loadable); written atomically."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "best": best_state,
-                "state": {k: torch.tensor(v) for k, v in state.items()}}, tmp)
+    saved = {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "best": best_state,
+             "state": {k: torch.tensor(v) for k, v in state.items()}}
+    if averaged is not None:
+        saved["averaged"] = averaged.state_dict()
+    torch.save(saved, tmp)
     tmp.replace(path)

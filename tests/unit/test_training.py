@@ -91,6 +91,38 @@ def test_a_few_steps_reduce_the_loss_and_write_loadable_weights(phantom_data: Pa
 
 
 @needs_data
+def test_with_ema_the_saved_weights_are_the_average_and_resume_keeps_it(phantom_data: Path) -> None:
+    """`ema_decay`: validation and the saved file use the averaged weights, which the checkpoint carries."""
+    import torch
+    from acroscreen.server.runtime.weights import load_weights
+    from acroscreen.server.training.crops import load_or_build_crops
+    from acroscreen.server.training.train import TrainConfig, train
+
+    crops = load_or_build_crops(phantom_data / "data", phantom_data / "crops.npz", workers=1)
+    checkpoint = phantom_data / "ema.ckpt"
+    config = TrainConfig(data=phantom_data / "data", out=phantom_data / "ema.safetensors", batch_size=4,
+                         max_samples=4 * 4, eval_every=4, ema_decay=0.5, val_fraction=0.34, workers=1,
+                         device="cpu", checkpoint=checkpoint, checkpoint_every=2)
+    train(config, crops)
+    saved = torch.load(checkpoint, weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in saved["averaged"].items()}
+    written = load_weights(config.out)
+    assert json.loads(written.card.training_summary)["ema_decay"] == 0.5
+    weights = [k for k, v in written.net.state_dict().items() if v.ndim > 1 and k != "centers"]
+    raw_differs = 0
+    for name in weights:
+        value = written.net.state_dict()[name].float()
+        torch.testing.assert_close(value, averaged[name].half().float())
+        raw_differs += not torch.equal(saved["net"][name].half().float(), value)
+    assert raw_differs > len(weights) // 2  # the raw weights are not what was saved
+
+    # Resuming at the end loads the average too: nothing left to train, the same file comes out.
+    train(config, crops)
+    again = load_weights(config.out).net.state_dict()
+    assert all(torch.equal(again[name], written.net.state_dict()[name]) for name in weights)
+
+
+@needs_data
 def test_fine_tuning_starts_from_the_given_weights(phantom_data: Path) -> None:
     """`init_weights`: every parameter comes from the file (checked with lr 0), and its preprocessing must match."""
     import dataclasses
