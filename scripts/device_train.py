@@ -39,6 +39,8 @@ def load_all(paths: list[Path]):
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, rest = text.partition(":")
     fields = dict(item.split("=", 1) for item in rest.split(",") if item)
+    if {"seed", "val_fraction"} & fields.keys():
+        raise ValueError(f"{name}: variants share one validation split; seed and val_fraction are fixed")
     return name, fields
 
 
