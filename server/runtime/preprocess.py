@@ -78,11 +78,15 @@ class PreprocessSettings:
     # the cascade's small scales cost the most, and a much smaller face is not a new subject.
     keyframe_min_face_ratio: float = 0.7
     # While no face is found, the n-th miss in a row defers the next search by min(n, this) frames,
-    # unless the frame is a different picture from the last one searched: a 4×4-cell block of the
+    # unless the frame is a different picture from the frame before it: a 4×4-cell block of the
     # frames' 24×24 brightness-normalised grey thumbnails differs by ``scene_change`` grey levels
     # or more (two different photographs: ≥ 80 in our data, so a photo set streamed as frames is
-    # searched photo by photo; a moving camera: mostly < 50; a face stepping into a still room:
-    # ~40, found at the next scheduled search). 1 = search every frame.
+    # searched photo by photo; consecutive frames of a moving camera: mostly < 50; a face stepping
+    # into a still room: ~40, found at the next scheduled search). Frame to frame, not against the
+    # searched frame: a pan drifts past the threshold within a few frames, and searching on that
+    # drift cost the face-less Hamilton clip a search every ~4 frames. So a face-less stream
+    # without cuts is searched at most once every ``max_search_gap`` frames (a third of a second
+    # at 30 fps) once the back-off has grown. 1 = search every frame.
     max_search_gap: int = 10
     scene_change: float = 60.0
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
@@ -184,14 +188,15 @@ class FacePreprocessor:
                 return tracked
             tracker.lost()
         if tracker is not None and tracker.search_can_wait:
-            miss = tracker.last_miss
-            assert miss is not None
-            if scene_difference(scene_thumbnail(image_bgr), miss.scene) < self.settings.scene_change:
-                tracker.defer_search()
+            miss, last_scene = tracker.last_miss, tracker.last_scene
+            assert miss is not None and last_scene is not None
+            scene = scene_thumbnail(image_bgr)
+            if scene_difference(scene, last_scene) < self.settings.scene_change:
+                tracker.defer_search(scene)
                 return dataclasses.replace(
-                    _rejected(miss.reason, f"{miss.detail} (the scene is unchanged since that search, "
-                                           f"{tracker.frames_since_search} frame(s) ago; searching every "
-                                           f"{tracker.search_gap} frames until a face is found)"),
+                    _rejected(miss.reason, f"{miss.detail} (the scene is unchanged, with no cut since that "
+                                           f"search, {tracker.frames_since_search} frame(s) ago; searching "
+                                           f"every {tracker.search_gap} frames until a face is found)"),
                     keyframe=False,
                 )
         return self._detect(image_bgr, tracker)
@@ -268,7 +273,7 @@ class FacePreprocessor:
             missed = small[0] if small else _rejected(RejectReason.NO_FACE, detail)
             if tracker is not None:
                 assert missed.rejection is not None
-                tracker.missed(SearchMiss(missed.rejection, missed.detail, scene_thumbnail(image)))
+                tracker.missed(SearchMiss(missed.rejection, missed.detail), scene_thumbnail(image))
             return missed
         (box, confidence), analysis, evidence = verified[0]
         analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))

@@ -10,10 +10,12 @@ looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
 width): the cascade's small scales are most of its cost, so a face much smaller
 than the subject is counted only once tracking is lost and the whole range is
 searched. While no face is found, searches back off (the n-th miss in a row waits
-min(n, ``max_search_gap``) frames) unless the frame is a different picture: a camera
-on an empty room or a moving camera without a usable face costs a fraction of a search
-a frame, someone stepping in is found at the next scheduled search (within a third of a
-second at 30 fps), and a new photograph is searched at once. When the subject is gone
+min(n, ``max_search_gap``) frames) unless the frame is a different picture from the one
+before it (a cut, or the next photograph of a set): a camera on an empty room or a
+moving camera without a usable face is searched at most once every ``max_search_gap``
+frames once the back-off has grown (a pan drifts far from the searched scene over those
+frames, but never cuts), someone stepping in is found at the next scheduled search
+(within a third of a second at 30 fps), and a new photograph is searched at once. When the subject is gone
 and a face appears elsewhere (more than ``max_subject_jump`` face widths away), that
 frame is rejected FACE_CHANGED once and the new face is followed from then on. A
 different person in the same place cannot be told apart: there is no identity
@@ -46,11 +48,10 @@ class TrackedSubject:
 
 @dataclass(frozen=True, slots=True)
 class SearchMiss:
-    """The last search that found no usable face: why, and the scene it looked at."""
+    """The last search that found no usable face, and why."""
 
     reason: RejectReason
     detail: str
-    scene: np.ndarray = field(repr=False, compare=False)  # small grey thumbnail, see preprocess.scene_thumbnail
 
 
 class FaceTracker:
@@ -67,17 +68,21 @@ class FaceTracker:
         self.misses = 0  # keyframes in a row that found no face
         self.last_miss: SearchMiss | None = None
         self.frames_since_search = 0  # frames whose search was deferred since the last miss
+        # The last frame seen while no face is found, as a small grey thumbnail (see
+        # preprocess.scene_thumbnail): a frame that differs much from it is a new picture.
+        self.last_scene: np.ndarray | None = None
 
     @property
     def rotation_search_due(self) -> bool:
         """Search rotated copies only now and then while no face is found: it costs two more detections."""
         return self.misses % self.keyframe_interval == 0
 
-    def missed(self, miss: SearchMiss) -> None:
-        """A keyframe found no usable face."""
+    def missed(self, miss: SearchMiss, scene: np.ndarray) -> None:
+        """A keyframe found no usable face in ``scene``."""
         self.misses += 1
         self._lost = True
         self.last_miss = miss
+        self.last_scene = scene
         self.frames_since_search = 0
 
     @property
@@ -90,9 +95,10 @@ class FaceTracker:
         """A search found no face lately and the next one is not due yet (unless the scene changed)."""
         return self.last_miss is not None and self.frames_since_search + 1 < self.search_gap
 
-    def defer_search(self) -> None:
-        """This frame waits for the next search."""
+    def defer_search(self, scene: np.ndarray) -> None:
+        """This frame (``scene``) waits for the next search."""
         self.frames_since_search += 1
+        self.last_scene = scene
 
     @property
     def following(self) -> bool:
@@ -109,6 +115,7 @@ class FaceTracker:
         self.subject = subject
         self.misses = 0
         self.last_miss = None
+        self.last_scene = None
         self._since_keyframe = 1
         self._lost = False
 

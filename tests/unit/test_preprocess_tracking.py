@@ -202,6 +202,20 @@ def test_an_empty_scene_is_searched_less_and_less_often() -> None:
     assert stepped_in[6].keyframe and detector.searches == 9
 
 
+def test_a_moving_empty_scene_is_searched_on_the_back_off_schedule() -> None:
+    """A pan drifts far from the searched frame but never cuts: it waits for its searches like a still scene."""
+    detector = CountingDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings(roll_search_deg=()), detector)
+    wide = cv2.resize(cv2.imread(str(DATA / "faces" / "none" / "coffee.jpg")), (1600, 560))
+    frames = [wide[:, 12 * i : 12 * i + 1000] for i in range(50)]  # 12 px a frame: 0.4 s to cross a face
+    tracker = preprocessor.settings.new_tracker()
+    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    assert all(a.rejection is RejectReason.NO_FACE for a in analyses)
+    # At most one search every max_search_gap (10) frames once the back-off has grown.
+    assert [i for i, a in enumerate(analyses) if a.keyframe] == [0, 1, 3, 6, 10, 15, 21, 28, 36, 45]
+    assert detector.searches == 10
+
+
 def test_a_stream_of_different_photographs_is_searched_every_frame() -> None:
     """Photo sets sent as a stream: each photograph is a new scene, so none waits for a search."""
     detector = CountingDetector()
