@@ -169,8 +169,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
         model_queue, stop_model = client, client.stop
-    # --landmark-points picks the model for pose and tracking, unless the model's own alignment needs 68.
-    landmark_points = 68 if card.preprocessing.alignment == FRONTAL_3D_V1 else settings.landmark_points
+    landmark_points = _landmark_points(settings, card)
     if landmark_points != settings.landmark_points:
         log.info("the model's alignment %s uses 68 landmark points", FRONTAL_3D_V1)
     preprocess_settings = PreprocessSettings.from_card_preprocessing(
@@ -220,6 +219,13 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
         min_frames_for_score=settings.min_frames_for_score,
     )
     return service, stop_model
+
+
+def _landmark_points(settings: Settings, card: ModelCard) -> int:
+    """--landmark-points picks the model for pose and tracking, unless the model's own alignment needs 68."""
+    from .runtime.frontalize import FRONTAL_3D_V1
+
+    return 68 if card.preprocessing.alignment == FRONTAL_3D_V1 else settings.landmark_points
 
 
 def limit_malloc_arenas(arenas: int) -> None:
@@ -332,6 +338,12 @@ def _supervise(settings: Settings) -> int:
     if report is None:
         return 1
     card, sha256, model_metrics = report
+    # The workers' landmark model, loaded once here (no thread or gRPC runs yet): forked, they
+    # share its pages, which dlib only reads, instead of holding a copy each (~10 MB private a
+    # worker with the 5-point model), and on a many-core node one copy competes for the L3 cache.
+    from .runtime.preprocess import shared_fitter
+
+    shared_fitter(_landmark_points(settings, card))
     workers = []
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)

@@ -153,8 +153,11 @@ class FaceAnalysis:
 
 
 @functools.lru_cache(maxsize=2)
-def _shared_fitter(points: int) -> LandmarkFitter:
-    """dlib predictors are read-only once loaded; loading the 68-point one takes ~1 s, so share it."""
+def shared_fitter(points: int) -> LandmarkFitter:
+    """dlib predictors are read-only once loaded; loading the 68-point one takes ~1 s, so share it.
+
+    Processes forked after the first call share it too (see main._supervise).
+    """
     return LandmarkFitter(points)
 
 
@@ -168,7 +171,7 @@ class FacePreprocessor:
         self.settings = settings
         self.geometry = settings.geometry
         self._detector = detector or HaarFaceDetector(settings.detector)
-        self._fitter = _shared_fitter(settings.landmark_points)
+        self._fitter = shared_fitter(settings.landmark_points)
         # Built here, once: building dlib's HOG detector holds the GIL for ~0.25 s,
         # which would stall every other stream if each new thread built its own.
         self._verifier = AlignedFaceVerifier()
