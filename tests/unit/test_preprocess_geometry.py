@@ -7,13 +7,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from acroscreen.server.runtime.detect import HaarFaceDetector
 from acroscreen.server.runtime.frontalize import (
     CropGeometry,
     eye_centres,
     transform_points,
 )
 from acroscreen.server.runtime.landmarks import LandmarkFitter
-from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
+from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings, _intensity_patch, dlib_intensity
 from acroscreen.server.runtime.types import Box
 from acroscreen.server.runtime.card import Preprocessing
 
@@ -154,3 +155,29 @@ def test_proportions_survive_frontalization(preprocessor: FacePreprocessor) -> N
         print(f"{feature}: crop ratio {crop_ratio:.3f}, frame ratio {frame_ratio:.3f}, applied {factor}")
         assert crop_ratio == pytest.approx(factor, rel=0.10)
         assert crop_ratio == pytest.approx(frame_ratio, rel=0.06)
+
+
+@needs_data
+def test_dlib_fits_its_intensity_image_as_it_fits_the_colour_one() -> None:
+    """Fit patches are warped from dlib_intensity: it must be exactly what dlib reads in a BGR image."""
+    image = face(FRONTAL[0])
+    grey = dlib_intensity(image)
+    assert grey.shape == image.shape[:2]
+    assert np.array_equal(grey, (image.astype(np.int32).sum(axis=2) // 3).astype(np.uint8))
+    fitter = LandmarkFitter(5)
+    box = HaarFaceDetector().detect(image)
+    assert box is not None
+    assert np.array_equal(fitter.fit(image, box.box), fitter.fit(grey, box.box))
+
+
+@pytest.mark.parametrize("centre", [(160.0, 120.0), (12.0, 230.0)])  # inside; past the bottom-left corner
+def test_the_fit_patch_is_the_warp_of_the_whole_frame_s_intensity(centre: tuple[float, float]) -> None:
+    """Only the frame region under the fit patch is converted and warped: same patch as from the whole frame."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), (0, 0), 2)
+    affine = cv2.getRotationMatrix2D(centre, 12.0, 2.5)
+    affine[:, 2] += np.array([100.0 - centre[0], 100.0 - centre[1]])
+    whole = cv2.warpAffine(dlib_intensity(image), affine, (200, 200), borderMode=cv2.BORDER_REPLICATE)
+    patch = _intensity_patch(image, affine, 200)
+    assert patch.shape == whole.shape and patch.dtype == np.uint8
+    assert np.abs(patch.astype(np.int32) - whole).max() <= 1  # fixed-point interpolation of a shifted origin
