@@ -78,7 +78,6 @@ class TrainConfig:
     saturation: float = 0.4  # factor drawn from [1 - s, 1 + s]
     noise_std: float = 6.0  # max σ of the Gaussian pixel noise, in 0..255 units
     shift_px: int = 4  # max random translation
-    blur_sigma: float = 0.0  # max σ (px) of a Gaussian blur drawn per image; 0 = off (see augment)
     device: str | None = None  # default: cuda if available
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
     workers: int | None = None  # crop-building processes
@@ -130,12 +129,7 @@ def split_by_group(subjects: np.ndarray, val_fraction: float, seed: int) -> np.n
 
 
 def augment(batch: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Paper augmentations on a float N×3×H×W batch in 0..255 (brightness, saturation, noise, flip) + shift.
-
-    With ``blur_sigma``, half of the images are also blurred with σ drawn from [0, blur_sigma]:
-    a phantom's warp stretches its texture more the stronger the morph, so without it the
-    network also reads sharpness as severity and under-calls softer video frames.
-    """
+    """Paper augmentations on a float N×3×H×W batch in 0..255 (brightness, saturation, noise, flip) + shift."""
     n = batch.shape[0]
     dev = batch.device
 
@@ -148,9 +142,6 @@ def augment(batch: torch.Tensor, config: TrainConfig, generator: torch.Generator
         dx, dy = (torch.randint(-config.shift_px, config.shift_px + 1, (2,), generator=generator, device=dev)
                   .tolist())
         batch = torch.roll(batch, shifts=(dy, dx), dims=(2, 3))
-    if config.blur_sigma:
-        sigma = uniform(0, config.blur_sigma, n) * (uniform(0, 1, n) < 0.5)
-        batch = gaussian_blur(batch, sigma)
     grey = (batch * torch.tensor([0.299, 0.587, 0.114], device=dev)[None, :, None, None]).sum(1, keepdim=True)
     sat = uniform(1 - config.saturation, 1 + config.saturation, n, 1, 1, 1)
     batch = grey + (batch - grey) * sat
@@ -158,19 +149,6 @@ def augment(batch: torch.Tensor, config: TrainConfig, generator: torch.Generator
     sigma = uniform(0, config.noise_std, n, 1, 1, 1)
     batch = batch + torch.randn(batch.shape, generator=generator, device=dev) * sigma
     return batch.clamp(0, 255)
-
-
-def gaussian_blur(batch: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each image of an N×C×H×W batch with its own σ (px; 0 leaves it unchanged), separably."""
-    n, c, h, w = batch.shape
-    radius = max(1, math.ceil(3.0 * float(sigma.max())))
-    offsets = torch.arange(-radius, radius + 1, device=batch.device, dtype=batch.dtype)
-    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N·C)×K
-    x = F.pad(batch.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
-    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
-    return x.reshape(n, c, h, w)
 
 
 def to_input(pixels_nhwc: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
