@@ -166,16 +166,12 @@ def test_disconnect_storm_leaves_no_state(portrait_bgr, max_analysis_fps: float)
             call.cancel()
         for channel in channels:
             channel.close()
-        deadline = time.monotonic() + 15
-        while running.service.active_streams and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: running.service.active_streams == 0, 15)
         assert running.service.active_streams == 0
         metrics = running.metrics
         assert metrics.active_streams._value.get() == 0
-        deadline = time.monotonic() + 10
         queues = [metrics.queue_depth.labels(queue=name) for name in ("analysis", "inference")]
-        while any(q._value.get() for q in queues) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: not any(q._value.get() for q in queues), 10)
         assert [q._value.get() for q in queues] == [0, 0]
         # Faces whose stream ended while they waited for the model are skipped, not model failures.
         assert metrics.frames_rejected.labels(reason="inference_failed")._value.get() == 0
@@ -228,16 +224,10 @@ def test_per_token_quota(portrait_bgr) -> None:
         gate = threading.Event()
         metadata = (("authorization", f"Bearer {token}"),)
 
-        def held() -> Iterator[pb.ScreenRequest]:
-            yield pb.ScreenRequest(options=pb.SessionOptions())
-            gate.wait(20)
-
         channel, stub = _stub(running)
         with channel:
-            first = stub.ScreenStream(held(), timeout=30, metadata=metadata)
-            deadline = time.monotonic() + 10
-            while running.service.active_streams == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            first = stub.ScreenStream(_held_stream(gate), timeout=30, metadata=metadata)
+            _wait_until(lambda: running.service.active_streams > 0, 10)
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.ScreenStream(iter([pb.ScreenRequest(options=pb.SessionOptions())]), timeout=30, metadata=metadata))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -383,6 +373,12 @@ def _slow_model(seconds: float, calls: list[int] | None = None) -> Callable[[Bat
         return slow
 
     return wrap
+
+
+def _held_stream(gate: threading.Event) -> Iterator[pb.ScreenRequest]:
+    """A stream that opens a session and sends nothing more until the gate is set (at most 20 s)."""
+    yield pb.ScreenRequest(options=pb.SessionOptions())
+    gate.wait(20)
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -609,13 +605,9 @@ def test_per_token_quota_counts_screen_images_apart_from_streams(monkeypatch: py
         request = pb.ScreenImagesRequest(options=pb.SessionOptions(), images=images)
         gate = threading.Event()
 
-        def held() -> Iterator[pb.ScreenRequest]:
-            yield pb.ScreenRequest(options=pb.SessionOptions())
-            gate.wait(20)
-
         channel, stub = _stub(running)
         with channel:
-            stream = stub.ScreenStream(held(), timeout=30, metadata=first)
+            stream = stub.ScreenStream(_held_stream(gate), timeout=30, metadata=first)
             assert _wait_until(lambda: running.service.active_streams == 1, 10)
             admitted = stub.ScreenImages.future(request, timeout=30, metadata=first)
             assert _wait_until(lambda: running.service.active_image_calls == 1, 10)
