@@ -58,22 +58,19 @@ def train_one(args: argparse.Namespace, name: str, fields: dict[str, str]) -> No
 
 def validation_crops(args: argparse.Namespace):
     """Validation rows of the full training data, as every variant's split chose them (same seed, same people)."""
-    from acroscreen.server.training.train import split_by_group
+    from acroscreen.server.training.train import TrainConfig, split_by_group
 
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     crops = load_all(args.train)
-    return crops.subset(split_by_group(crops.subjects, 0.15, 0))
+    return crops.subset(split_by_group(crops.subjects, defaults["val_fraction"], defaults["seed"]))
 
 
 def accuracy(weights: Path, crops) -> float:
-    import torch
-    from acroscreen.server.runtime.model import SeverityModel
     from acroscreen.server.runtime.weights import load_weights
+    from acroscreen.server.training.evaluate import predict_crops
 
-    loaded = load_weights(weights)
-    model = SeverityModel(loaded.net, loaded.card, "cuda" if torch.cuda.is_available() else "cpu")
-    predicted = np.concatenate([model.predict(crops.pixels[i:i + 256]).probabilities.argmax(1) + 1
-                                for i in range(0, len(crops), 256)])
-    return float((predicted == crops.scores).mean())
+    predictions = predict_crops(load_weights(weights), crops, batch_size=256)
+    return float((predictions.predicted == predictions.actual).mean())
 
 
 def main() -> int:

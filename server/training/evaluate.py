@@ -17,8 +17,13 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..runtime.weights import LoadedWeights
+    from .crops import CropSet
 
 SCORES = (1, 2, 3)
 ECE_BINS = 10
@@ -199,14 +204,21 @@ def read_predictions_csv(path: Path) -> Predictions:
 def predict_with_model(model_path: Path, data: Path, cache: Path | None = None, device: str | None = None,
                        batch_size: int = 64) -> Predictions:
     """Run the weights file over DATA (folder, CSV manifest or crop cache .npz) through the serving preprocessing."""
-    import torch
-
-    from ..runtime.model import SeverityModel
     from ..runtime.weights import load_weights
     from .crops import load_or_build_crops
 
     loaded = load_weights(model_path)
     crops = load_or_build_crops(data, cache, preprocessing=asdict(loaded.card.preprocessing))
+    return predict_crops(loaded, crops, device, batch_size)
+
+
+def predict_crops(loaded: LoadedWeights, crops: CropSet, device: str | None = None,
+                  batch_size: int = 64) -> Predictions:
+    """Run loaded weights over crops already made with their preprocessing."""
+    import torch
+
+    from ..runtime.model import SeverityModel
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = SeverityModel(loaded.net, loaded.card, device=device)
     probs = np.concatenate([
