@@ -339,15 +339,14 @@ class FacePreprocessor:
         """Landmarks on an upright (rotated by angle_deg), large-enough patch, mapped back to the frame.
 
         The patch is warped from dlib's own intensity image (see ``dlib_intensity``) of only
-        the region it covers: one channel instead of three, and for the 5-point model
-        FIT_PATCH_SIDES box sides instead of 2.2 (it reads ~1.2), ~5x less to warp.
+        the region it covers: one channel instead of three, over FIT_PATCH_SIDES box sides
+        (1.6 for the 5-point model instead of 2.2: it reads ~1.2), ~5x less to warp.
         """
         scale = max(1.0, self.settings.fit_min_box_px / box.width)
         if scale == 1.0 and abs(angle_deg) < 3.0:
             return self._fitter.fit(image, box)
         cx, cy = box.center
-        sides = FIT_PATCH_SIDES if self.settings.landmark_points == 5 else 2.2
-        side = math.ceil(sides * max(box.width, box.height) * scale)
+        side = math.ceil(FIT_PATCH_SIDES[self.settings.landmark_points] * max(box.width, box.height) * scale)
         patch_affine = cv2.getRotationMatrix2D((cx, cy), angle_deg, scale)
         patch_affine[:, 2] += np.array([side / 2.0 - cx, side / 2.0 - cy])
         patch = _intensity_patch(image, patch_affine, side)
@@ -423,11 +422,11 @@ class AlignedFaceVerifier:
         return best
 
 
-# Fit patches span this many face-box sides: dlib's 5-point model reads pixels within ~1.2
-# sides around the box centre (profiled for issue #5), so 1.6 leaves a margin (was 2.2). The
-# 68-point model's jaw contour reaches further (on 117 LFW faces 1.6 sides moved its landmarks
-# by up to 3.2 px, median 0.6), and it was not profiled, so it keeps 2.2.
-FIT_PATCH_SIDES = 1.6
+# Fit patches span this many face-box sides, by landmark model: dlib's 5-point model reads
+# pixels within ~1.2 sides around the box centre (profiled for issue #5), so 1.6 leaves a
+# margin (was 2.2). The 68-point model's jaw contour reaches further (on 117 LFW faces 1.6
+# sides moved its landmarks by up to 3.2 px, median 0.6), and it was not profiled: 2.2.
+FIT_PATCH_SIDES = {5: 1.6, 68: 2.2}
 # dlib reads a BGR image's pixels as (b + g + r) // 3; the 1×4 matrix with offset -1/3 rounds to that floor.
 _DLIB_INTENSITY = np.array([[1 / 3, 1 / 3, 1 / 3, -1 / 3]], dtype=np.float32)
 
