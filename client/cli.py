@@ -139,6 +139,15 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     evaluate.add_argument("--save-predictions", type=Path, default=None, help="write the per-frame predictions CSV")
     evaluate.set_defaults(run=_evaluate)
 
+    calibrate = verbs.add_parser("calibrate-int8", help="measure the activation scales for int8 CPU inference")
+    calibrate.add_argument("data", type=Path, help="DATA folder, CSV or crop cache of training images (never holdout)")
+    calibrate.add_argument("--model", type=Path, required=True, help="weights file to calibrate")
+    calibrate.add_argument("--out", type=Path, default=None, help="scales file (default: beside the weights, <stem>.int8.json)")
+    calibrate.add_argument("--cache", type=Path, default=None, help="crop cache for DATA")
+    calibrate.add_argument("--crops", type=int, default=512, help="crops to calibrate on; the next 512 check the result")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(run=_calibrate)
+
     demo = verbs.add_parser("demo", help="start a server and screen the shipped demo clips")
     demo.add_argument("--frames", type=int, default=60, help="frames per demo clip")
     _add_server_flags(demo)
@@ -292,6 +301,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, predictions=args.predictions, as_json=args.json, plots=args.plots,
         cache=args.cache, device=args.device, save_predictions=args.save_predictions,
     )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from acroscreen.server.training.calibrate import run_calibrate
+
+    run_calibrate(model=args.model, data=args.data, out=args.out, cache=args.cache, crops=args.crops, seed=args.seed)
     return 0
 
 

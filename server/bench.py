@@ -403,7 +403,8 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
     # The same weights the started server chose from the same environment and flags.
     server_settings = Settings.load(argv=list(config.server_args))
     weights = load_model_weights(server_settings)
-    model = SeverityModel(weights.net, weights.card, device, server_settings.cpu_precision)
+    model = SeverityModel(weights.net, weights.card, device, server_settings.cpu_precision,
+                          int8_scales=weights.int8_scales)
     model.warmup()
     preprocessor = FacePreprocessor(PreprocessSettings.from_card_preprocessing(weights.card.preprocessing))
     # Interleave the clips, as the concurrent streams do, so a short run sees all of them.

@@ -30,7 +30,9 @@ class Settings:
         True, "on cuda, capture the model as CUDA graphs at batch sizes 1, 2, 4 … max_batch_size (--no-cuda-graphs: eager)"
     )
     cpu_precision: str = _setting(
-        "auto", "model arithmetic on the CPU: fp32, bf16, or auto (bf16 where the CPU has it natively)"
+        "auto",
+        "model arithmetic on the CPU: fp32, bf16, int8 (needs the weights' .int8.json scales), or auto "
+        "(int8 where the scales exist, else bf16 where the CPU has it natively, else fp32)",
     )
     max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
@@ -109,8 +111,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
-        if self.cpu_precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"cpu_precision must be auto, fp32 or bf16, not {self.cpu_precision!r}")
+        if self.cpu_precision not in ("auto", "fp32", "bf16", "int8"):
+            raise ValueError(f"cpu_precision must be auto, fp32, bf16 or int8, not {self.cpu_precision!r}")
         if self.landmark_points not in (5, 68):
             raise ValueError("landmark_points must be 5 or 68")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -122,7 +122,11 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
     weights = load_model_weights(settings)
     card = weights.card
     graph_sizes = powers_of_two_up_to(settings.max_batch_size) if settings.cuda_graphs else ()
-    model = SeverityModel(weights.net, card, settings.device, settings.cpu_precision, graph_sizes)
+    try:
+        model = SeverityModel(weights.net, card, settings.device, settings.cpu_precision, graph_sizes,
+                              int8_scales=weights.int8_scales)
+    except ValueError as error:  # int8 asked for weights without scales
+        raise ModelError(str(error)) from error
     log.info("model %s %s (%s) sha256=%s on %s in %s, CUDA graphs for batch sizes %s", card.name, card.version,
              card.kind, weights.sha256 or "-", settings.device, model.precision, model.graph_batch_sizes or "none")
     model.warmup()

@@ -3,6 +3,7 @@
 The card travels inside the weights file so the server rebuilds its preprocessing,
 labels and temperature from the file alone, and every result can name the model.
 Files are never unpickled; facenet ``.pt`` checkpoints load with ``weights_only=True``.
+A ``<stem>.int8.json`` beside the file (``runtime.int8``) adds the scales for int8 CPU inference.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .card import ARCHITECTURE, ModelCard, card_from_metadata, card_to_metadata, parse_json
+from .int8 import Int8Error, Int8Scales, read_scales, scales_path
 
 _SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,11 +33,13 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class LoadedWeights:
-    """A network ready for ``SeverityModel``, its card and the file's sha256 ("" if not from a file)."""
+    """A network ready for ``SeverityModel``, its card, the file's sha256 ("" if not from a file)
+    and the int8 scales stored beside it, if any."""
 
     net: SeverityNet
     card: ModelCard
     sha256: str
+    int8_scales: Int8Scales | None = None
 
 
 def save_weights(
@@ -78,8 +82,9 @@ def read_card(path: str | Path) -> ModelCard:
         raise ModelLoadError(f"weights file {path}: {exc}") from exc
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> LoadedWeights:
-    """Read, verify and build the network in float32 on ``device``; ``ModelLoadError`` on any problem."""
+def load_weights(path: str | Path, device: str | torch.device = "cpu", with_int8_scales: bool = True) -> LoadedWeights:
+    """Read, verify and build the network in float32 on ``device``; ``ModelLoadError`` on any problem,
+    a stale int8 scales file beside it included (unless ``with_int8_scales`` is false)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -104,7 +109,12 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise ModelLoadError(f"weights file {path}: architecture mismatch: {exc}") from exc
     net.load_state_dict(tensors, strict=True)
     sha256 = hashlib.sha256(data).hexdigest()
-    return LoadedWeights(net=net.float().to(device).eval(), card=card, sha256=sha256)
+    int8_file = scales_path(path)
+    try:
+        int8_scales = read_scales(int8_file, sha256) if with_int8_scales and int8_file.is_file() else None
+    except Int8Error as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return LoadedWeights(net=net.float().to(device).eval(), card=card, sha256=sha256, int8_scales=int8_scales)
 
 
 def untrained_weights(seed: int = 0) -> LoadedWeights:

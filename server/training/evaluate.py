@@ -220,7 +220,7 @@ def predict_crops(loaded: LoadedWeights, crops: CropSet, device: str | None = No
     from ..runtime.model import SeverityModel
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SeverityModel(loaded.net, loaded.card, device=device)
+    model = SeverityModel(loaded.net, loaded.card, device=device, int8_scales=loaded.int8_scales)
     probs = np.concatenate([
         model.predict(crops.pixels[i:i + batch_size]).probabilities for i in range(0, len(crops), batch_size)
     ]) if len(crops) else np.zeros((0, 3), np.float32)

@@ -245,7 +245,7 @@ def test_cpu_bf16_matches_fp32_and_auto_follows_the_cpu(loaded: LoadedWeights, m
     auto = SeverityModel(loaded.net, loaded.card)
     assert auto.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
     with pytest.raises(ValueError, match="cpu_precision"):
-        SeverityModel(loaded.net, loaded.card, cpu_precision="int8")
+        SeverityModel(loaded.net, loaded.card, cpu_precision="int4")
 
 
 def test_graph_batch_sizes_and_buckets() -> None:

@@ -1,0 +1,73 @@
+"""`acroscreen calibrate-int8`: measure the activation scales for int8 CPU inference.
+
+The scales come from crops made with the model's own preprocessing (training crops, never
+holdout or patient data kept for the purpose), and are written beside the weights, where the
+server finds them. Crops not used for calibration then check the int8 model against float32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHECK_CROPS = 512
+BATCH = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationReport:
+    """What calibration used and how far int8 moved the predictions on the crops it did not use."""
+
+    scales_file: str
+    calibration_crops: int
+    check_crops: int
+    argmax_agreement: float
+    mean_abs_probability_change: float
+    max_abs_probability_change: float
+
+
+def run_calibrate(*, model: Path, data: Path, out: Path | None = None, cache: Path | None = None,
+                  crops: int = 512, seed: int = 0) -> CalibrationReport:
+    import torch
+
+    from ..runtime.int8 import calibrate, quantize, scales_path, write_scales
+    from ..runtime.model import SeverityModel
+    from ..runtime.weights import load_weights
+    from .crops import load_or_build_crops
+
+    if crops < 1:
+        raise ValueError("--crops must be at least 1")
+    loaded = load_weights(model, with_int8_scales=False)  # a stale scales file is what this replaces
+    card = loaded.card
+    crop_set = load_or_build_crops(data, cache, preprocessing=asdict(card.preprocessing))
+    if not len(crop_set):
+        raise ValueError(f"{data}: no usable face crops to calibrate on")
+    order = np.random.default_rng(seed).permutation(len(crop_set))
+    used, check = order[:crops], order[crops:crops + CHECK_CROPS]
+    reference = SeverityModel(loaded.net, card, "cpu", "fp32")
+    batches = (reference.input_tensor(crop_set.pixels[used[i:i + BATCH]]) for i in range(0, len(used), BATCH))
+    description = f"{len(used)} crops of {data.name} (seed {seed})"
+    scales = calibrate(loaded.net, batches, description, loaded.sha256)
+    target = out or scales_path(model)
+    write_scales(target, scales)
+    quantized = quantize(loaded.net, scales, card.preprocessing.input_size)
+    changes, agree = [], []
+    with torch.inference_mode():
+        for i in range(0, len(check), BATCH):
+            pixels = crop_set.pixels[check[i:i + BATCH]]
+            p_float = reference.predict(pixels).probabilities
+            p_int8 = torch.softmax(quantized(reference.input_tensor(pixels)).logits / card.temperature, 1).numpy()
+            changes.append(np.abs(p_int8 - p_float).max(1))
+            agree.append(p_int8.argmax(1) == p_float.argmax(1))
+    change = np.concatenate(changes) if changes else np.zeros(0)
+    report = CalibrationReport(
+        scales_file=str(target), calibration_crops=len(used), check_crops=len(check),
+        argmax_agreement=float(np.concatenate(agree).mean()) if agree else float("nan"),
+        mean_abs_probability_change=float(change.mean()) if len(change) else float("nan"),
+        max_abs_probability_change=float(change.max()) if len(change) else float("nan"),
+    )
+    print(json.dumps(asdict(report)), flush=True)
+    return report
