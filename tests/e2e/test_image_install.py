@@ -75,6 +75,7 @@ def test_the_package_step_builds_a_wheel_with_the_weights_and_nothing_stray(tmp_
     (wheel,) = (tmp_path / "dist").glob("acroscreen-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert WEIGHTS in names, "the demo weights are not in the wheel"
+    assert WEIGHTS.replace(".safetensors", ".int8.json") in names, "the demo weights' int8 scales are not in the wheel"
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"acroscreen", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, top_level
     assert "acroscreen/server/main.py" in names and "acroscreen/client/cli.py" in names
