@@ -109,7 +109,8 @@ def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.
 
 
 def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
-    """The weights, and a started batcher in front of the warmed model (this process's)."""
+    """The model's card and sha256, and a started batcher in front of the warmed model (this
+    process's). Only the model keeps the network: an int8 model lets the float one go."""
     import torch
 
     from .runtime.cuda_graphs import powers_of_two_up_to
@@ -140,7 +141,7 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
         metrics,
     )
     batcher.start()
-    return weights, batcher
+    return card, weights.sha256, batcher
 
 
 def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteModel | None):  # noqa: ANN202
@@ -164,8 +165,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
     if remote_model is None:
-        weights, batcher = _load_model(settings, metrics)
-        card, sha256 = weights.card, weights.sha256
+        card, sha256, batcher = _load_model(settings, metrics)
         model_queue, stop_model = batcher, batcher.stop
     else:  # the model runs in the model process: no torch here
         card, sha256 = remote_model.card, remote_model.sha256
@@ -303,16 +303,16 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
         httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = httpd.server_port
     try:
-        weights, batcher = _load_model(settings, metrics)
+        card, sha256, batcher = _load_model(settings, metrics)
     except AcroscreenError as error:
         log.error("cannot start the model process: %s", error)
         return 1
-    size = weights.card.preprocessing.input_size
+    size = card.preprocessing.input_size
     server = ModelProcessServer(links, batcher, (size, size, 3))
     server.start()
     metrics.model_ready.set(1)
     print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
-    ready.send_bytes(json.dumps({"card": card_to_metadata(weights.card), "sha256": weights.sha256,
+    ready.send_bytes(json.dumps({"card": card_to_metadata(card), "sha256": sha256,
                                  "metrics_port": metrics_port}).encode())
     ready.close()
     while not stop_requested.wait(0.2) and server.serving:

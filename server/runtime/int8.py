@@ -111,6 +111,7 @@ def calibrate(net: nn.Module, batches: Iterable[torch.Tensor], calibration: str,
         for observed, observer in _observers(prepared).items():
             scale, zero_point = observer.calculate_qparams()
             activations[observed] = (float(scale), int(zero_point))
+    _forget_prepared_modules(net)
     return Int8Scales(weights_sha256=weights_sha256, activations=activations, calibration=calibration)
 
 
@@ -136,6 +137,7 @@ def quantize(net: nn.Module, scales: Int8Scales, input_size: int) -> fx.GraphMod
         quantized = convert_fx(prepared)
         with torch.inference_mode():  # the first run emits the once-per-process deprecation warnings
             quantized(torch.zeros(1, 3, input_size, input_size))
+    _forget_prepared_modules(net)
     return quantized
 
 
@@ -192,6 +194,17 @@ def _observers(prepared: fx.GraphModule) -> dict[str, nn.Module]:
 
 def _observer_name(prepared: fx.GraphModule, observer: nn.Module) -> str:
     return next(name for name, module in prepared.named_children() if module is observer)
+
+
+def _forget_prepared_modules(net: nn.Module) -> None:
+    """Undo what preparing left behind, so the float network can be freed once the int8 one
+    replaced it: FX quantization memoises a device lookup per module (``functools.cache``) and
+    sets a ``qconfig`` on every layer of the network it traced."""
+    from torch.ao.quantization.fx import utils
+
+    utils.assert_and_get_unique_device.cache_clear()
+    for module in net.modules():
+        module.__dict__.pop("qconfig", None)
 
 
 class _quiet(warnings.catch_warnings):

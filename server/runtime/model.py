@@ -339,20 +339,20 @@ class SeverityModel:
         else:
             self.precision = cpu_precision
         memory_format = torch.channels_last if self._cuda else torch.preserve_format
-        self._net = net.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
+        net = net.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         size = card.preprocessing.input_size
         self._crop_shape = (size, size, 3)
-        self._forward: Callable[[torch.Tensor], SeverityOutput] = self._net
+        self._forward: Callable[[torch.Tensor], SeverityOutput] = net
         if self.precision == "int8":
             from .int8 import quantize
 
-            self._forward = quantize(self._net, int8_scales, size)  # type: ignore[arg-type]
+            self._forward = quantize(net, int8_scales, size)  # type: ignore[arg-type]
         self.graph_batch_sizes: tuple[int, ...] = ()
         if self._cuda and graph_batch_sizes:
             from .cuda_graphs import CapturedForward
 
             try:
-                self._forward = CapturedForward(self._net.half(), graph_batch_sizes, size)
+                self._forward = CapturedForward(net.half(), graph_batch_sizes, size)
                 self.graph_batch_sizes = self._forward.sizes
             except RuntimeError as exc:  # a driver or library that cannot capture: eager still works
                 log.warning("CUDA graph capture failed, running eagerly: %s", exc)

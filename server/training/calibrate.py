@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .crops import CropSet
+
 CHECK_CROPS = 512
 BATCH = 32
 
@@ -31,26 +33,37 @@ class CalibrationReport:
 
 def run_calibrate(*, model: Path, data: Path, out: Path | None = None, cache: Path | None = None,
                   crops: int = 512, seed: int = 0) -> CalibrationReport:
+    """Body of `acroscreen calibrate-int8`: crops of DATA made with the model's preprocessing."""
+    from ..runtime.weights import read_card
+    from .crops import load_or_build_crops
+
+    crop_set = load_or_build_crops(data, cache, preprocessing=asdict(read_card(model).preprocessing))
+    report = calibrate_weights(model, crop_set, f"{Path(data).name}", out=out, crops=crops, seed=seed)
+    print(json.dumps(asdict(report)), flush=True)
+    return report
+
+
+def calibrate_weights(model: Path, crop_set: CropSet, source: str, *, out: Path | None = None,
+                      crops: int = 512, seed: int = 0) -> CalibrationReport:
+    """Write the int8 scales of a weights file measured on ``crops`` of ``crop_set`` (drawn with
+    ``seed``), and check the int8 model against float32 on up to 512 of the others."""
     import torch
 
     from ..runtime.int8 import calibrate, quantize, scales_path, write_scales
     from ..runtime.model import SeverityModel
     from ..runtime.weights import load_weights
-    from .crops import load_or_build_crops
 
     if crops < 1:
         raise ValueError("--crops must be at least 1")
+    if not len(crop_set):
+        raise ValueError(f"{source}: no usable face crops to calibrate on")
     loaded = load_weights(model, with_int8_scales=False)  # a stale scales file is what this replaces
     card = loaded.card
-    crop_set = load_or_build_crops(data, cache, preprocessing=asdict(card.preprocessing))
-    if not len(crop_set):
-        raise ValueError(f"{data}: no usable face crops to calibrate on")
     order = np.random.default_rng(seed).permutation(len(crop_set))
     used, check = order[:crops], order[crops:crops + CHECK_CROPS]
     reference = SeverityModel(loaded.net, card, "cpu", "fp32")
     batches = (reference.input_tensor(crop_set.pixels[used[i:i + BATCH]]) for i in range(0, len(used), BATCH))
-    description = f"{len(used)} crops of {data.name} (seed {seed})"
-    scales = calibrate(loaded.net, batches, description, loaded.sha256)
+    scales = calibrate(loaded.net, batches, f"{len(used)} crops of {source} (seed {seed})", loaded.sha256)
     target = out or scales_path(model)
     write_scales(target, scales)
     quantized = quantize(loaded.net, scales, card.preprocessing.input_size)
@@ -63,11 +76,9 @@ def run_calibrate(*, model: Path, data: Path, out: Path | None = None, cache: Pa
             changes.append(np.abs(p_int8 - p_float).max(1))
             agree.append(p_int8.argmax(1) == p_float.argmax(1))
     change = np.concatenate(changes) if changes else np.zeros(0)
-    report = CalibrationReport(
+    return CalibrationReport(
         scales_file=str(target), calibration_crops=len(used), check_crops=len(check),
         argmax_agreement=float(np.concatenate(agree).mean()) if agree else float("nan"),
         mean_abs_probability_change=float(change.mean()) if len(change) else float("nan"),
         max_abs_probability_change=float(change.max()) if len(change) else float("nan"),
     )
-    print(json.dumps(asdict(report)), flush=True)
-    return report

@@ -84,6 +84,7 @@ class TrainConfig:
     landmark_points: int = 5  # 68: crops also undo yaw ("frontal-3d-v1"); dlib's 68-point model is research-only
     checkpoint: Path | None = None  # resumable training state, written every checkpoint_every steps
     checkpoint_every: int = 200
+    int8_calibration_crops: int = 512  # training crops the int8 CPU scales are measured on (beside the weights); 0 = none
     log_every: int = 20
     notices: tuple[str, ...] = field(default=(
         "Demonstration and pipeline validation only: trained on synthetic morphs, not on patients; not for diagnosis.",
@@ -389,8 +390,26 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     save_weights(out, net.cpu().float(), card)
     print(f"wrote {out}: validation accuracy {state['best_acc']:.4f}, temperature {temperature:.3f}, "
           f"{samples} samples in {seconds:.0f} s", file=sys.stderr, flush=True)
+    _write_int8_scales(config, out, train_set)
     return TrainResult(out, int(state["step"]), samples, seconds, float(state["best_acc"]), temperature,
                        tuple(losses))
+
+
+def _write_int8_scales(config: TrainConfig, out: Path, train_set: CropSet) -> None:
+    """Int8 scales for the new weights, from training crops; a file left by earlier weights goes."""
+    from ..runtime.int8 import int8_available, scales_path
+    from .calibrate import calibrate_weights
+
+    scales_path(out).unlink(missing_ok=True)
+    if not config.int8_calibration_crops:
+        return
+    if not int8_available():
+        print("no int8 scales: this PyTorch build has no x86 int8 quantization", file=sys.stderr, flush=True)
+        return
+    report = calibrate_weights(out, train_set, f"the training split of {Path(config.data).name}",
+                               crops=config.int8_calibration_crops, seed=config.seed)
+    print(f"wrote {report.scales_file}: on {report.check_crops} other training crops int8 picks float32's score for "
+          f"{report.argmax_agreement:.1%}", file=sys.stderr, flush=True)
 
 
 def _fit_schedule(config: TrainConfig, limit: int, step: int, started: float, per_step: float,

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import cv2
+from acroscreen.server.runtime.int8 import int8_available
 
 from .serving import ACROSCREEN
 
@@ -33,6 +34,7 @@ def test_phantom_train_evaluate(tmp_path: Path) -> None:
     _run("train", str(phantoms), "--out", str(weights), "--max-samples", "24", "--batch-size", "8",
          "--device", "cpu", "--val-fraction", "0.34", "--workers", "1", "--kind", "untrained")
     assert weights.is_file() and (tmp_path / "m.config.json").is_file()
+    assert (tmp_path / "m.int8.json").is_file() == int8_available()  # int8 scales from the training crops
     report = json.loads(_run("evaluate", str(phantoms), "--model", str(weights), "--json").stdout)
     assert report["frames"]["count"] == 9
     assert len(report["frames"]["confusion"]) == 3

@@ -56,8 +56,9 @@ def test_shipped_scales_keep_the_float_predictions_on_real_faces(face_crops: np.
     int8 = SeverityModel(loaded.net, loaded.card, cpu_precision="int8", int8_scales=loaded.int8_scales)
     assert int8.precision == "int8"
     quantized = int8.predict(face_crops).probabilities
-    # Quantizing the shared network must not have touched the float one.
+    # Quantizing the shared network must not have touched the float one, nor left attributes on it.
     np.testing.assert_array_equal(float32.predict(face_crops).probabilities, before)
+    assert not [name for name, module in loaded.net.named_modules() if hasattr(module, "qconfig")]
     change = np.abs(quantized - before)
     assert change.mean() < 0.02 and change.max() < 0.15, (change.mean(), change.max())
     assert (quantized.argmax(1) == before.argmax(1)).sum() >= 22

@@ -61,6 +61,7 @@ def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @needs_data
 def test_a_few_steps_reduce_the_loss_and_write_loadable_weights(phantom_data: Path) -> None:
+    from acroscreen.server.runtime.int8 import int8_available
     from acroscreen.server.runtime.weights import load_weights
     from acroscreen.server.training.crops import load_or_build_crops
     from acroscreen.server.training.train import TrainConfig, train
@@ -88,6 +89,10 @@ def test_a_few_steps_reduce_the_loss_and_write_loadable_weights(phantom_data: Pa
     assert summary["steps"] == 6 and summary["training_crops"] + summary["validation_crops"] == len(crops)
     # The cache is reused, not rebuilt, for the same images and preprocessing.
     assert load_or_build_crops(config.data, cache).paths.tolist() == crops.paths.tolist()
+    # Int8 scales from the training crops, bound to the new file.
+    if int8_available():
+        assert loaded.int8_scales is not None and loaded.int8_scales.weights_sha256 == loaded.sha256
+        assert "training split" in loaded.int8_scales.calibration
 
 
 @needs_data
@@ -102,7 +107,7 @@ def test_with_ema_the_saved_weights_are_the_average_and_resume_keeps_it(phantom_
     checkpoint = phantom_data / "ema.ckpt"
     config = TrainConfig(data=phantom_data / "data", out=phantom_data / "ema.safetensors", batch_size=4,
                          max_samples=4 * 4, eval_every=4, ema_decay=0.5, val_fraction=0.34, workers=1,
-                         device="cpu", checkpoint=checkpoint, checkpoint_every=2)
+                         device="cpu", checkpoint=checkpoint, checkpoint_every=2, int8_calibration_crops=0)
     train(config, crops)
     saved = torch.load(checkpoint, weights_only=True)
     averaged = {k.removeprefix("module."): v for k, v in saved["averaged"].items()}
@@ -138,7 +143,8 @@ def test_fine_tuning_starts_from_the_given_weights(phantom_data: Path) -> None:
     start = phantom_data / "start.safetensors"
     save_weights(start, source.net, card)
     config = TrainConfig(data=phantom_data / "data", out=phantom_data / "tuned.safetensors", init_weights=start,
-                         batch_size=4, max_samples=4, lr=0.0, val_fraction=0.34, workers=1, device="cpu")
+                         batch_size=4, max_samples=4, lr=0.0, val_fraction=0.34, workers=1, device="cpu",
+                         int8_calibration_crops=0)
     train(config, crops)
     tuned = load_weights(config.out).net.state_dict()
     started = load_weights(start).net.state_dict()
