@@ -1,5 +1,6 @@
 """The client's exceptions. Every gRPC failure is re-raised as one of these,
-chosen by status code (never by message text), with the RpcError as __cause__.
+chosen by status code (never by message text), with the RpcError as __cause__, and
+`request_id` set to the server's id for the call (quote it: the server's log lines name it).
 
     AcroscreenClientError
     ├── InvalidRequestError      INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
@@ -16,19 +17,22 @@ from __future__ import annotations
 import grpc
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+REQUEST_ID_KEY = "x-request-id"
 
 
 class AcroscreenClientError(Exception):
     """Base of every error the client raises for a failed call.
 
     `final_result` holds the subject result the server sent before the call
-    failed (e.g. when a stream limit was reached), so no result is lost.
+    failed (e.g. when a stream limit was reached), so no result is lost. `request_id` is the
+    server's id for the call, or None when no server answered.
     """
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.final_result: object | None = None
+        self.request_id: str | None = None
 
 
 class InvalidRequestError(AcroscreenClientError):
@@ -81,19 +85,25 @@ def from_rpc_error(error: grpc.RpcError) -> AcroscreenClientError:
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
     kind = _BY_CODE.get(code, ServerError)
-    message = f"{code.name}: {details}"
+    trailing = _trailing(error)
+    request_id = trailing.get(REQUEST_ID_KEY)
+    message = f"{code.name}: {details}" + (f" (request id {request_id})" if request_id else "")
     if kind is ServerBusyError:
-        return ServerBusyError(message, code, retry_after_s=_pushback_s(error))
-    return kind(message, code)
+        failure: AcroscreenClientError = ServerBusyError(message, code, retry_after_s=_pushback_s(trailing))
+    else:
+        failure = kind(message, code)
+    failure.request_id = request_id
+    return failure
 
 
-def _pushback_s(error: grpc.RpcError) -> float | None:
+def _trailing(error: grpc.RpcError) -> dict[str, str]:
     if not isinstance(error, grpc.Call):
+        return {}
+    return {key: value for key, value in error.trailing_metadata() or () if isinstance(value, str)}
+
+
+def _pushback_s(trailing: dict[str, str]) -> float | None:
+    try:
+        return int(trailing[RETRY_PUSHBACK_KEY]) / 1000.0
+    except (KeyError, ValueError):
         return None
-    for key, value in error.trailing_metadata() or ():
-        if key == RETRY_PUSHBACK_KEY:
-            try:
-                return int(value) / 1000.0
-            except ValueError:
-                return None
-    return None

@@ -1,7 +1,9 @@
 """The one mapping from domain errors to gRPC status codes, applied by one interceptor.
 
 Unexpected exceptions are logged with their traceback and reach the client as
-INTERNAL with a fixed message: raw exception text never leaves the server. Being the outermost
+INTERNAL with a fixed message: raw exception text never leaves the server. Every failed call's
+trailing metadata names its request id, refusals before the call was accepted included, so a
+client can quote it and an operator find the call's log lines. Being the outermost
 interceptor, it also opens each call's request-id scope (`logs.request_scope`; for a stream
 `logs.request_scoped`), so that log line, and every other one logged for the call, names the call.
 """
@@ -23,7 +25,7 @@ from ..errors import (
     Overloaded,
     Unauthenticated,
 )
-from ..logs import new_request_id, request_scope, request_scoped
+from ..logs import current_request_id, new_request_id, request_scope, request_scoped
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ STATUS_CODES: dict[type[AcroscreenError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,  # the caller is gone: nobody reads it
 }
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+REQUEST_ID_KEY = "x-request-id"
 
 
 def status_code(error: AcroscreenError) -> grpc.StatusCode:
@@ -46,9 +49,11 @@ def status_code(error: AcroscreenError) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    trailing = [(REQUEST_ID_KEY, request_id)] if (request_id := current_request_id()) else []
+    if isinstance(error, Overloaded):
+        trailing.append((RETRY_PUSHBACK_KEY, str(int(error.retry_after_s * 1000))))
+    context.set_trailing_metadata(tuple(trailing))
     if isinstance(error, AcroscreenError):
-        if isinstance(error, Overloaded):
-            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(int(error.retry_after_s * 1000))),))
         context.abort(status_code(error), str(error))
     log.exception("unexpected error in %s", type(error).__name__, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error")

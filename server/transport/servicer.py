@@ -17,10 +17,10 @@ from ..service.session import StreamSession
 from ..service.types import FrameAck, FramePrediction
 from . import convert
 from .auth import principal_of
+from .errors import REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
 # Initial metadata naming the call in the server's logs, for an integrator to quote.
-REQUEST_ID_KEY = "x-request-id"
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):

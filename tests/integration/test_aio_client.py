@@ -231,6 +231,7 @@ def test_streams_beyond_the_limit_get_server_busy_with_a_retry_hint(aio_server: 
     error = asyncio.run(main())
     assert isinstance(error, ServerBusyError)
     assert error.retry_after_s is not None and error.retry_after_s > 0
+    assert error.request_id is not None and error.request_id in str(error)
 
 
 def test_the_async_fhir_example_runs_against_the_server(

@@ -140,6 +140,7 @@ def test_an_unexpected_error_is_logged_with_the_request_id_the_client_got(
         request_id = dict(call.initial_metadata())["x-request-id"]
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "injected" not in raised.value.details(), "raw exception text left the server"
+    assert dict(raised.value.trailing_metadata())["x-request-id"] == request_id  # what to quote to support
 
     raw = log_lines.getvalue()
     lines = _parse(log_lines)

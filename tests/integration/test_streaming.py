@@ -124,6 +124,9 @@ def test_client_maps_status_codes_to_its_exceptions(client: ScreeningClient) -> 
     with pytest.raises(InvalidRequestError) as caught:
         client.screen_images([], ScreenOptions())
     assert caught.value.__cause__ is not None
+    # The server names every failed call, and the exception carries the name.
+    request_id = caught.value.request_id
+    assert request_id is not None and len(request_id) == 12 and f"(request id {request_id})" in str(caught.value)
     with pytest.raises(InvalidRequestError):
         client.screen_images([FrameData(b"x", ImageKind.JPEG)], ScreenOptions(subject_id="x" * 200))
 
@@ -163,6 +166,7 @@ def test_streams_beyond_the_limit_are_refused_and_others_go_on(portrait_bgr: np.
             with pytest.raises(ServerBusyError) as caught:
                 second.screen([FrameData(good, ImageKind.JPEG)], ScreenOptions())
             assert caught.value.retry_after_s is not None
+            assert caught.value.request_id is not None  # a refused stream is named too
             gate.set()
             worker.join(60)
         assert results and results[0].frames_received == 2 and results[0].frames_analyzed == 2

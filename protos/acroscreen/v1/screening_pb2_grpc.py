@@ -67,7 +67,8 @@ class ScreeningServicer:
         The server sends its initial metadata (`x-request-id`) once it has
         accepted the stream; a refusal (UNAVAILABLE while starting or draining,
         RESOURCE_EXHAUSTED, UNAUTHENTICATED, INVALID_ARGUMENT options) comes
-        before it. Clients send frames only after it, so a refused stream can be
+        before it (a failed call, refused or not, names its `x-request-id` in its
+        trailing metadata). Clients send frames only after it, so a refused stream can be
         retried from its first frame without losing or repeating one. Older
         servers send no metadata until their first answer, which needs a frame:
         a client that gets none within a few seconds of sending the options (the
