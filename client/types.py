@@ -119,6 +119,7 @@ class ModelInfo:
     alignment: str
     landmark_points: int
     temperature: float
+    arithmetic: str  # fp16 (CUDA), bf16, fp32 or int8 (CPU); "" from servers before it was reported
     architecture: str
     intended_use: str
     notices: tuple[str, ...]
@@ -242,6 +243,7 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         alignment=p.alignment,
         landmark_points=p.landmark_points,
         temperature=message.temperature,
+        arithmetic=message.arithmetic,
         architecture=message.architecture,
         intended_use=message.intended_use,
         notices=tuple(message.notices),

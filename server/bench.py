@@ -337,7 +337,8 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
     try:
         with ScreeningClient(target, timeout_s=30) as client:
             client.wait_until_serving(120)
-            model = client.model_info().model
+            info = client.model_info()
+            model = info.model
         before_each = [_scrape(url) for url in metrics_urls + model_urls]
         before = _sum_scrapes(before_each)
         cpu_before = probe.cpu_seconds() if probe else 0.0
@@ -351,7 +352,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         after = _sum_scrapes(after_each)
         report = {
             "target": target,
-            "model": {"name": model.name, "kind": model.kind},
+            "model": {"name": model.name, "kind": model.kind, "arithmetic": info.arithmetic},
             "streams": config.streams,
             "pace": config.pace,
             "every_frame": config.every_frame,

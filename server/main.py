@@ -109,8 +109,9 @@ def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.
 
 
 def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
-    """The model's card and sha256, and a started batcher in front of the warmed model (this
-    process's). Only the model keeps the network: an int8 model lets the float one go."""
+    """The model's card, sha256 and arithmetic (fp16, bf16, fp32 or int8), and a started batcher in
+    front of the warmed model (this process's). Only the model keeps the network: an int8 model
+    lets the float one go."""
     import torch
 
     from .runtime.cuda_graphs import powers_of_two_up_to
@@ -141,7 +142,7 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
         metrics,
     )
     batcher.start()
-    return card, weights.sha256, batcher
+    return card, weights.sha256, model.precision, batcher
 
 
 def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteModel | None):  # noqa: ANN202
@@ -165,10 +166,10 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
     if remote_model is None:
-        card, sha256, batcher = _load_model(settings, metrics)
+        card, sha256, arithmetic, batcher = _load_model(settings, metrics)
         model_queue, stop_model = batcher, batcher.stop
     else:  # the model runs in the model process: no torch here
-        card, sha256 = remote_model.card, remote_model.sha256
+        card, sha256, arithmetic = remote_model.card, remote_model.sha256, remote_model.arithmetic
         size = card.preprocessing.input_size
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
@@ -196,6 +197,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
             landmark_points=preprocess_settings.landmark_points,
         ),
         temperature=card.temperature,
+        arithmetic=arithmetic,
         architecture=card.architecture,
         intended_use=card.intended_use,
         notices=(*card.notices, LICENCE_NOTICES[preprocess_settings.landmark_points]),
@@ -303,7 +305,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
         httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = httpd.server_port
     try:
-        card, sha256, batcher = _load_model(settings, metrics)
+        card, sha256, arithmetic, batcher = _load_model(settings, metrics)
     except AcroscreenError as error:
         log.error("cannot start the model process: %s", error)
         return 1
@@ -312,7 +314,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     server.start()
     metrics.model_ready.set(1)
     print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
-    ready.send_bytes(json.dumps({"card": card_to_metadata(card), "sha256": sha256,
+    ready.send_bytes(json.dumps({"card": card_to_metadata(card), "sha256": sha256, "arithmetic": arithmetic,
                                  "metrics_port": metrics_port}).encode())
     ready.close()
     while not stop_requested.wait(0.2) and server.serving:
@@ -341,7 +343,7 @@ def _supervise(settings: Settings) -> int:
     ready_in.close()
     if report is None:
         return 1
-    card, sha256, model_metrics = report
+    card, sha256, arithmetic, model_metrics = report
     # The workers' landmark model, loaded once here (no thread or gRPC runs yet): forked, they
     # share its pages, which dlib only reads, instead of holding a copy each (~10 MB private a
     # worker with the 5-point model), and on a many-core node one copy competes for the L3 cache.
@@ -352,7 +354,7 @@ def _supervise(settings: Settings) -> int:
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
-        remote = RemoteModel(links[index], card, sha256)
+        remote = RemoteModel(links[index], card, sha256, arithmetic)
         workers.append(_fork(lambda: _serve_one(worker, remote, reports_out),
                              close=[reports_in, *links[index].model_ends, *others]))
     for link in links:
@@ -443,8 +445,8 @@ def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connecti
     print(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)", flush=True)
 
 
-def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, int] | None:
-    """Until the model process reports its model card, file hash and metrics port; None if it ended first."""
+def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, str, int] | None:
+    """Until the model process reports its model card, file hash, arithmetic and metrics port; None if it ended first."""
     while not ready.poll(0.2):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -454,7 +456,8 @@ def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, int] | Non
         report = json.loads(ready.recv_bytes())
     except EOFError:
         return None
-    return card_from_metadata(report["card"]), str(report["sha256"]), int(report["metrics_port"])
+    return (card_from_metadata(report["card"]), str(report["sha256"]), str(report["arithmetic"]),
+            int(report["metrics_port"]))
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -73,11 +73,13 @@ class ModelLink:
 
 @dataclass(frozen=True, slots=True)
 class RemoteModel:
-    """What a worker holds of the model process's model: the link, and the card and file hash it reported."""
+    """What a worker holds of the model process's model: the link, and the card, file hash and
+    arithmetic it reported."""
 
     link: ModelLink
     card: ModelCard
     sha256: str
+    arithmetic: str
 
 
 class ModelProcessClient:

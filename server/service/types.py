@@ -125,6 +125,7 @@ class ModelInfo:
     class_labels: tuple[str, ...]
     preprocessing: PreprocessingInfo
     temperature: float
+    arithmetic: str  # how the model computes on this server: fp16 (CUDA), or bf16, fp32 or int8 (CPU)
     architecture: str
     intended_use: str
     notices: tuple[str, ...]

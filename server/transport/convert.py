@@ -151,6 +151,7 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
             landmark_points=p.landmark_points,
         ),
         temperature=info.temperature,
+        arithmetic=info.arithmetic,
         architecture=info.architecture,
         intended_use=info.intended_use,
         notices=list(info.notices),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from acroscreen.client import ScreeningClient
+from acroscreen.server.runtime.int8 import int8_available
+from acroscreen.server.runtime.model import cpu_has_native_bf16
 
 from .serving import ACROSCREEN, serving
 
@@ -109,9 +111,12 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
                 results.append(client.screen(frames, ScreenOptions(subject_id=subject, analyze_every_frame=True)))
         assert [r.frames_analyzed for r in results] == [3, 3, 3]
         with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60) as client:  # the card the model process reported
-            model = client.model_info().model
+            info = client.model_info()
+        model = info.model
         shipped = Path(__file__).resolve().parents[2] / "server" / "weights" / "phantom-demo.safetensors"
         assert model.kind == "phantom-demo" and model.sha256 == hashlib.sha256(shipped.read_bytes()).hexdigest()
+        # The model process reported its arithmetic, and the workers pass it on.
+        assert info.arithmetic == ("int8" if int8_available() else "bf16" if cpu_has_native_bf16() else "fp32")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
 

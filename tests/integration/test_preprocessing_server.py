@@ -11,6 +11,8 @@ import pytest
 from acroscreen.client import FrameData, FrameResult, ImageKind, ScreeningClient, ScreenOptions, SubjectResult
 from acroscreen.server.errors import ConfigurationError
 from acroscreen.server.main import RunningServer
+from acroscreen.server.runtime.int8 import int8_available
+from acroscreen.server.runtime.model import cpu_has_native_bf16
 
 from tests.helpers import png_bytes
 
@@ -114,6 +116,8 @@ def test_68_point_model_reports_its_licence_in_model_info() -> None:
 def test_5_point_model_info_carries_no_research_only_notice(client: ScreeningClient) -> None:
     info = client.model_info()
     assert info.landmark_points == 5
+    # The shipped weights come with int8 scales: a CPU server with PyTorch's x86 kernels uses them.
+    assert info.arithmetic == ("int8" if int8_available() else "bf16" if cpu_has_native_bf16() else "fp32")
     assert not any("non-commercial" in notice for notice in info.notices), info.notices
 
 
@@ -135,5 +139,6 @@ def test_a_frontal_3d_model_is_served_with_68_points_by_default(tmp_path, portra
     finally:
         running.stop(grace_s=1.0)
     assert info.alignment == "frontal-3d-v1" and info.landmark_points == 68
+    assert info.arithmetic == ("bf16" if cpu_has_native_bf16() else "fp32")  # no int8 scales beside this file
     assert any("300-W" in notice for notice in info.notices)
     assert final.frames_analyzed == 3

@@ -304,7 +304,7 @@ class Preprocessing(_message.Message):
     def __init__(self, input_size: _Optional[int] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., channel_order: _Optional[str] = ..., box_height_expand: _Optional[float] = ..., alignment: _Optional[str] = ..., landmark_points: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "class_labels", "preprocessing", "temperature", "architecture", "intended_use", "notices")
+    __slots__ = ("model", "class_labels", "preprocessing", "temperature", "architecture", "intended_use", "notices", "arithmetic")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +312,7 @@ class ModelInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     NOTICES_FIELD_NUMBER: _ClassVar[int]
+    ARITHMETIC_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     class_labels: _containers.RepeatedScalarFieldContainer[str]
     preprocessing: Preprocessing
@@ -319,4 +320,5 @@ class ModelInfo(_message.Message):
     architecture: str
     intended_use: str
     notices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., temperature: _Optional[float] = ..., architecture: _Optional[str] = ..., intended_use: _Optional[str] = ..., notices: _Optional[_Iterable[str]] = ...) -> None: ...
+    arithmetic: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., temperature: _Optional[float] = ..., architecture: _Optional[str] = ..., intended_use: _Optional[str] = ..., notices: _Optional[_Iterable[str]] = ..., arithmetic: _Optional[str] = ...) -> None: ...
