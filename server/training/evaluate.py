@@ -62,12 +62,14 @@ class EvaluationReport:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Predictions:
-    """Parallel arrays: actual and predicted scores (1..3), optional subjects and N×3 probabilities."""
+    """Parallel arrays: actual and predicted scores (1..3), optional subjects and N×3 probabilities,
+    and the arithmetic the model computed them in (None when read from a CSV)."""
 
     actual: np.ndarray
     predicted: np.ndarray
     subjects: np.ndarray | None = None
     probabilities: np.ndarray | None = None
+    arithmetic: str | None = None
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -226,7 +228,7 @@ def predict_crops(loaded: LoadedWeights, crops: CropSet, device: str | None = No
     ]) if len(crops) else np.zeros((0, 3), np.float32)
     return Predictions(
         actual=crops.scores.astype(np.int64), predicted=probs.argmax(1) + 1, subjects=crops.subjects,
-        probabilities=probs,
+        probabilities=probs, arithmetic=model.precision,
     )
 
 
@@ -364,7 +366,8 @@ def run_evaluate(
     else:
         if data is None:
             raise ValueError("--model needs a DATA folder, CSV manifest or crop cache")
-        preds, source = predict_with_model(model, data, cache, device), f"{model} on {data}"
+        preds = predict_with_model(model, data, cache, device)
+        source = f"{model} on {data} ({preds.arithmetic})"
     report = evaluate_predictions(preds, source)
     if save_predictions is not None:
         write_predictions_csv(preds, save_predictions)

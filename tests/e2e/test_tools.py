@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 from acroscreen.server.runtime.int8 import int8_available
+from acroscreen.server.runtime.model import cpu_has_native_bf16
 
 from .serving import ACROSCREEN
 
@@ -37,6 +38,8 @@ def test_phantom_train_evaluate(tmp_path: Path) -> None:
     assert (tmp_path / "m.int8.json").is_file() == int8_available()  # int8 scales from the training crops
     report = json.loads(_run("evaluate", str(phantoms), "--model", str(weights), "--json").stdout)
     assert report["frames"]["count"] == 9
+    arithmetic = "int8" if int8_available() else "bf16" if cpu_has_native_bf16() else "fp32"
+    assert report["source"].endswith(f"({arithmetic})")  # the arithmetic the model ran in, with its scales
     assert len(report["frames"]["confusion"]) == 3
 
 
