@@ -108,8 +108,8 @@ def calibrate(net: nn.Module, batches: Iterable[torch.Tensor], calibration: str,
             for batch in batches:
                 prepared(batch)
         activations = {}
-        for observed, observer in _observers(prepared).items():
-            scale, zero_point = observer.calculate_qparams()
+        for observed, name in _observers(prepared).items():
+            scale, zero_point = prepared.get_submodule(name).calculate_qparams()
             activations[observed] = (float(scale), int(zero_point))
     _forget_prepared_modules(net)
     return Int8Scales(weights_sha256=weights_sha256, activations=activations, calibration=calibration)
@@ -130,10 +130,9 @@ def quantize(net: nn.Module, scales: Int8Scales, input_size: int) -> fx.GraphMod
                 f"int8 scales do not fit this network's graph ({len(missing)} activations without a scale, "
                 f"e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}): calibrate again"
             )
-        for observed, observer in observers.items():
+        for observed, name in observers.items():
             scale, zero_point = scales.activations[observed]
-            fixed = FixedQParamsObserver(scale, zero_point, dtype=torch.quint8, quant_min=0, quant_max=255)
-            setattr(prepared, _observer_name(prepared, observer), fixed)
+            setattr(prepared, name, FixedQParamsObserver(scale, zero_point, dtype=torch.quint8, quant_min=0, quant_max=255))
         quantized = convert_fx(prepared)
         with torch.inference_mode():  # the first run emits the once-per-process deprecation warnings
             quantized(torch.zeros(1, 3, input_size, input_size))
@@ -183,17 +182,13 @@ def _prepared(net: nn.Module, activation_observer: type) -> fx.GraphModule:
     return prepare_fx(_with_float_cats(net), mapping, example, prepare_custom_config=custom)
 
 
-def _observers(prepared: fx.GraphModule) -> dict[str, nn.Module]:
-    """Activation observers by the name of the node whose output they observe."""
-    found = {}
-    for node in prepared.graph.nodes:
-        if node.op == "call_module" and node.target.startswith("activation_post_process"):
-            found[node.args[0].name] = prepared.get_submodule(node.target)
-    return found
-
-
-def _observer_name(prepared: fx.GraphModule, observer: nn.Module) -> str:
-    return next(name for name, module in prepared.named_children() if module is observer)
+def _observers(prepared: fx.GraphModule) -> dict[str, str]:
+    """The attribute names of the activation observers, by the name of the node whose output they observe."""
+    return {
+        node.args[0].name: node.target
+        for node in prepared.graph.nodes
+        if node.op == "call_module" and node.target.startswith("activation_post_process")
+    }
 
 
 def _forget_prepared_modules(net: nn.Module) -> None:

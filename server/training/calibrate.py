@@ -47,9 +47,7 @@ def calibrate_weights(model: Path, crop_set: CropSet, source: str, *, out: Path 
                       crops: int = 512, seed: int = 0) -> CalibrationReport:
     """Write the int8 scales of a weights file measured on ``crops`` of ``crop_set`` (drawn with
     ``seed``), and check the int8 model against float32 on up to 512 of the others."""
-    import torch
-
-    from ..runtime.int8 import calibrate, quantize, scales_path, write_scales
+    from ..runtime.int8 import calibrate, scales_path, write_scales
     from ..runtime.model import SeverityModel
     from ..runtime.weights import load_weights
 
@@ -66,15 +64,13 @@ def calibrate_weights(model: Path, crop_set: CropSet, source: str, *, out: Path 
     scales = calibrate(loaded.net, batches, f"{len(used)} crops of {source} (seed {seed})", loaded.sha256)
     target = out or scales_path(model)
     write_scales(target, scales)
-    quantized = quantize(loaded.net, scales, card.preprocessing.input_size)
+    int8 = SeverityModel(loaded.net, card, "cpu", "int8", int8_scales=scales)  # as the server will run it
     changes, agree = [], []
-    with torch.inference_mode():
-        for i in range(0, len(check), BATCH):
-            pixels = crop_set.pixels[check[i:i + BATCH]]
-            p_float = reference.predict(pixels).probabilities
-            p_int8 = torch.softmax(quantized(reference.input_tensor(pixels)).logits / card.temperature, 1).numpy()
-            changes.append(np.abs(p_int8 - p_float).max(1))
-            agree.append(p_int8.argmax(1) == p_float.argmax(1))
+    for i in range(0, len(check), BATCH):
+        pixels = crop_set.pixels[check[i:i + BATCH]]
+        p_float, p_int8 = reference.predict(pixels).probabilities, int8.predict(pixels).probabilities
+        changes.append(np.abs(p_int8 - p_float).max(1))
+        agree.append(p_int8.argmax(1) == p_float.argmax(1))
     change = np.concatenate(changes) if changes else np.zeros(0)
     return CalibrationReport(
         scales_file=str(target), calibration_crops=len(used), check_crops=len(check),

@@ -38,6 +38,8 @@ STATUS_CODES: dict[type[AcroscreenError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,  # the caller is gone: nobody reads it
 }
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Metadata naming the call in the server's logs, for an integrator to quote: initial metadata once
+# a call is accepted (servicer), trailing metadata when it fails (here).
 REQUEST_ID_KEY = "x-request-id"
 
 

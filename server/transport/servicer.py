@@ -20,7 +20,6 @@ from .auth import principal_of
 from .errors import REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
-# Initial metadata naming the call in the server's logs, for an integrator to quote.
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
