@@ -51,6 +51,7 @@ from .client import (
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
+from .workers import OWN_CONNECTION, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
 __all__ = ["AsyncScreeningClient"]
 
@@ -64,7 +65,8 @@ class AsyncScreeningClient:
     `retry` (UNAVAILABLE retried with backoff only while nothing was sent, so a retry never drops
     or repeats a frame), the message limit and the keepalive settings. `options` are extra channel
     arguments, e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for
-    client-side load balancing across the pods of a headless Kubernetes Service.
+    client-side load balancing across the pods of a headless Kubernetes Service, and
+    `spread_over_workers=True` spreads the calls over the worker processes of one server.
     """
 
     def __init__(
@@ -78,18 +80,29 @@ class AsyncScreeningClient:
         keepalive_time_s: float = KEEPALIVE_TIME_S,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        spread_over_workers: bool = False,
     ) -> None:
+        if spread_over_workers:
+            check_spread_options(options)
         self._timeout_s = timeout_s
         self._retry = retry
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
-        if secure is not None:
-            self._channel = grpc.aio.secure_channel(target, secure, options=all_options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=all_options)
+
+        def open_channel(*more: tuple[str, Any]) -> grpc.aio.Channel:
+            if secure is not None:
+                return grpc.aio.secure_channel(target, secure, options=[*all_options, *more])
+            return grpc.aio.insecure_channel(target, options=[*all_options, *more])
+
+        self._open_channel = open_channel
+        self._channel = open_channel(OWN_CONNECTION) if spread_over_workers else open_channel()
         self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._spread = spread_over_workers
+        self._pool: WorkerPool[grpc.aio.Channel] | None = None
+        self._pool_lock = asyncio.Lock()
+        self._retired: list[grpc.aio.Channel] = []  # the connections of a pool found stale, closed with the client
 
     async def __aenter__(self) -> AsyncScreeningClient:
         return self
@@ -98,7 +111,56 @@ class AsyncScreeningClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        channels = {id(c): c for c in (self._channel, *self._retired, *(self._pool.connections if self._pool else ()))}
+        for channel in channels.values():
+            await channel.close()
+
+    @contextlib.asynccontextmanager
+    async def _placed(self) -> AsyncIterator[pb_grpc.ScreeningStub]:
+        """The stub for one call: on the least busy worker's connection when spreading."""
+        pool = await self._workers() if self._spread else None
+        if pool is None:
+            yield self._stub
+            return
+        index, channel = pool.acquire()
+        try:
+            yield pb_grpc.ScreeningStub(channel)
+        finally:
+            pool.release(index)
+
+    async def _workers(self) -> WorkerPool[grpc.aio.Channel] | None:
+        """As the sync client's: the worker connections, searched for at the first call."""
+        async with self._pool_lock:
+            if self._pool is not None:
+                return self._pool
+            try:
+                search = WorkerSearch(self._channel, await self._worker_behind(self._channel))
+            except grpc.aio.AioRpcError:
+                return None
+            while not search.done:
+                channel = self._open_channel(OWN_CONNECTION)
+                try:
+                    kept = search.offer(channel, await self._worker_behind(channel))
+                except grpc.aio.AioRpcError:
+                    kept = search.offer(channel, None)
+                if not kept:
+                    await channel.close()
+            self._pool = search.pool()
+            return self._pool
+
+    async def _worker_behind(self, channel: grpc.aio.Channel) -> WorkerId | None:
+        call = pb_grpc.ScreeningStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self._timeout_s or 5.0, metadata=self._metadata
+        )
+        await call
+        return worker_of(await call.initial_metadata())
+
+    def _check_run(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+        """A call accepted by a worker of another server run: search the workers again next time."""
+        worker = worker_of(metadata)
+        if self._pool is not None and worker is not None and worker.run != self._pool.run:
+            self._retired.extend(c for c in self._pool.connections if c is not self._channel)
+            self._pool = None
 
     async def screen_stream(
         self, frames: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
@@ -114,28 +176,30 @@ class AsyncScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            call = self._stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
-            try:
-                if await call.initial_metadata():  # empty when the call ended without being accepted
-                    gate.accept()
-                async for response in call:
-                    event = types.stream_event(response)
-                    if isinstance(event, SubjectResult):
-                        last_subject = event
-                    yield event
-                return
-            except grpc.aio.AioRpcError as error:
-                frames_may_have_gone = gate.close()
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
-                if retryable and attempt + 1 < self._retry.attempts:
-                    await self._backoff(attempt)
-                    continue
-                failure = _client_error(error)
-                failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
-                raise failure from error
-            finally:
-                call.cancel()  # a no-op once the call has ended
-                gate.close()
+            async with self._placed() as stub:
+                call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
+                try:
+                    accepted = await call.initial_metadata()  # empty when the call ended without being accepted
+                    if accepted:
+                        gate.accept()
+                        self._check_run(accepted)
+                    async for response in call:
+                        event = types.stream_event(response)
+                        if isinstance(event, SubjectResult):
+                            last_subject = event
+                        yield event
+                    return
+                except grpc.aio.AioRpcError as error:
+                    frames_may_have_gone = gate.close()
+                    retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
+                    if not (retryable and attempt + 1 < self._retry.attempts):
+                        failure = _client_error(error)
+                        failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                        raise failure from error
+                finally:
+                    call.cancel()  # a no-op once the call has ended
+                    gate.close()
+            await self._backoff(attempt)
 
     async def screen(
         self,
@@ -161,16 +225,17 @@ class AsyncScreeningClient:
         request = pb.ScreenImagesRequest(
             options=options.message(), images=[types.frame_message(image) async for image in _aiter(images)]
         )
-        return types.subject_result(await self._unary(self._stub.ScreenImages, request))
+        return types.subject_result(await self._unary(lambda stub: stub.ScreenImages, request))
 
     async def model_info(self) -> ModelInfo:
-        return types.model_info(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        return types.model_info(await self._unary(lambda stub: stub.GetModelInfo, pb.GetModelInfoRequest()))
 
-    async def _unary(self, method: Callable[..., Any], request: object) -> Any:
+    async def _unary(self, method: Callable[[pb_grpc.ScreeningStub], Callable[..., Any]], request: object) -> Any:
         """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
         for attempt in range(self._retry.attempts):
             try:
-                return await method(request, timeout=self._timeout_s, metadata=self._metadata)
+                async with self._placed() as stub:
+                    return await method(stub)(request, timeout=self._timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:
                     await self._backoff(attempt)

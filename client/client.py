@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import types
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
+from .workers import OWN_CONNECTION, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -181,7 +183,13 @@ class _AcceptanceGate(_AcceptanceDecision):
 
 
 class ScreeningClient:
-    """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions."""
+    """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions.
+
+    `spread_over_workers=True` (for a server run with `--workers N`): the client opens a
+    connection to each worker process and places every call on the one with the fewest of its
+    calls open (`acroscreen.client.workers`); otherwise all its calls share one connection,
+    which the server's kernel hands to a single worker.
+    """
 
     def __init__(
         self,
@@ -194,18 +202,29 @@ class ScreeningClient:
         keepalive_time_s: float = KEEPALIVE_TIME_S,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        spread_over_workers: bool = False,
     ) -> None:
+        if spread_over_workers:
+            check_spread_options(options)
         self._timeout_s = timeout_s
         self._retry = retry
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
-        if secure is not None:
-            self._channel = grpc.secure_channel(target, secure, options=all_options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=all_options)
+
+        def open_channel(*more: tuple[str, Any]) -> grpc.Channel:
+            if secure is not None:
+                return grpc.secure_channel(target, secure, options=[*all_options, *more])
+            return grpc.insecure_channel(target, options=[*all_options, *more])
+
+        self._open_channel = open_channel
+        self._channel = open_channel(OWN_CONNECTION) if spread_over_workers else open_channel()
         self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._spread = spread_over_workers
+        self._pool: WorkerPool[grpc.Channel] | None = None
+        self._pool_lock = threading.Lock()
+        self._retired: list[grpc.Channel] = []  # the connections of a pool found stale, closed with the client
 
     def __enter__(self) -> ScreeningClient:
         return self
@@ -214,7 +233,58 @@ class ScreeningClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        with self._pool_lock:
+            channels = {id(c): c for c in (self._channel, *self._retired, *(self._pool.connections if self._pool else ()))}
+        for channel in channels.values():
+            channel.close()
+
+    @contextlib.contextmanager
+    def _placed(self) -> Iterator[pb_grpc.ScreeningStub]:
+        """The stub for one call: on the least busy worker's connection when spreading."""
+        pool = self._workers() if self._spread else None
+        if pool is None:
+            yield self._stub
+            return
+        index, channel = pool.acquire()
+        try:
+            yield pb_grpc.ScreeningStub(channel)
+        finally:
+            pool.release(index)
+
+    def _workers(self) -> WorkerPool[grpc.Channel] | None:
+        """The connections to the workers, searched for at the first call (again after a restart);
+        None while no server answers (the call then goes on the first connection)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                return self._pool
+            try:
+                search = WorkerSearch(self._channel, self._worker_behind(self._channel))
+            except grpc.RpcError:
+                return None
+            while not search.done:
+                channel = self._open_channel(OWN_CONNECTION)
+                try:
+                    kept = search.offer(channel, self._worker_behind(channel))
+                except grpc.RpcError:
+                    kept = search.offer(channel, None)
+                if not kept:
+                    channel.close()
+            self._pool = search.pool()
+            return self._pool
+
+    def _worker_behind(self, channel: grpc.Channel) -> WorkerId | None:
+        _, call = pb_grpc.ScreeningStub(channel).GetModelInfo.with_call(
+            pb.GetModelInfoRequest(), timeout=self._timeout_s or 5.0, metadata=self._metadata
+        )
+        return worker_of(call.initial_metadata())
+
+    def _check_run(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+        """A call accepted by a worker of another server run: search the workers again next time."""
+        worker = worker_of(metadata)
+        with self._pool_lock:
+            if self._pool is not None and worker is not None and worker.run != self._pool.run:
+                self._retired.extend(c for c in self._pool.connections if c is not self._channel)
+                self._pool = None
 
     def screen_stream(self, frames: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> Iterator[StreamEvent]:
         """Stream frames; yields each frame's result and subject updates, the FINAL result last.
@@ -229,30 +299,30 @@ class ScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            call = self._stub.ScreenStream(
-                gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata
-            )
-            try:
-                if call.initial_metadata():  # empty when the call ended without being accepted
-                    gate.accept()
-                for response in call:
-                    event = types.stream_event(response)
-                    if isinstance(event, SubjectResult):
-                        last_subject = event
-                    yield event
-                return
-            except grpc.RpcError as error:
-                frames_may_have_gone = gate.close()
-                retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
-                if retryable and attempt + 1 < self._retry.attempts:
-                    self._backoff(attempt)
-                    continue
-                failure = from_rpc_error(error)
-                failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
-                raise failure from error
-            finally:
-                call.cancel()  # a no-op once the call has ended
-                gate.close()
+            with self._placed() as stub:
+                call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
+                try:
+                    accepted = call.initial_metadata()  # empty when the call ended without being accepted
+                    if accepted:
+                        gate.accept()
+                        self._check_run(accepted)
+                    for response in call:
+                        event = types.stream_event(response)
+                        if isinstance(event, SubjectResult):
+                            last_subject = event
+                        yield event
+                    return
+                except grpc.RpcError as error:
+                    frames_may_have_gone = gate.close()
+                    retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
+                    if not (retryable and attempt + 1 < self._retry.attempts):
+                        failure = from_rpc_error(error)
+                        failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                        raise failure from error
+                finally:
+                    call.cancel()  # a no-op once the call has ended
+                    gate.close()
+            self._backoff(attempt)
 
     def screen(
         self,
@@ -275,10 +345,10 @@ class ScreeningClient:
         request = pb.ScreenImagesRequest(
             options=options.message(), images=[types.frame_message(image) for image in images]
         )
-        return types.subject_result(self._unary(self._stub.ScreenImages, request))
+        return types.subject_result(self._unary(lambda stub: stub.ScreenImages, request))
 
     def model_info(self) -> ModelInfo:
-        return types.model_info(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        return types.model_info(self._unary(lambda stub: stub.GetModelInfo, pb.GetModelInfoRequest()))
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, … as the server's health service reports it."""
@@ -290,11 +360,12 @@ class ScreeningClient:
             raise from_rpc_error(error) from error
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def _unary(self, method: Callable[..., object], request: object) -> object:
+    def _unary(self, method: Callable[[pb_grpc.ScreeningStub], Callable[..., object]], request: object) -> object:
         """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
         for attempt in range(self._retry.attempts):
             try:
-                return method(request, timeout=self._timeout_s, metadata=self._metadata)
+                with self._placed() as stub:
+                    return method(stub)(request, timeout=self._timeout_s, metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:
                     self._backoff(attempt)

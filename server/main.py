@@ -25,6 +25,7 @@ from .runtime.card import ModelCard, card_from_metadata, card_to_metadata
 from .service.model_process import ModelLink, RemoteModel
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
+from .transport.servicer import WorkerIdentity
 
 log = logging.getLogger("acroscreen.server")
 
@@ -52,19 +53,23 @@ class RunningServer:
             close()
 
 
-def start(settings: Settings, remote_model: RemoteModel | None = None) -> RunningServer:
+def start(
+    settings: Settings, remote_model: RemoteModel | None = None, worker: WorkerIdentity | None = None
+) -> RunningServer:
     """Listen at once (health NOT_SERVING), load and warm the model, then serve.
 
     A worker of several (`workers` > 1) sends its crops to the model process
     (`remote_model`), loads first and listens after: with SO_REUSEPORT the kernel hands
     connections to every listening process, so a worker must not listen before it can serve.
+    `worker` is what its calls' initial metadata names (the one process of a new run by default).
     """
     from prometheus_client import start_http_server
 
     metrics = Metrics()
+    worker = worker or WorkerIdentity.new_instance()
     listen_first = settings.workers == 1
     # gRPC listens as soon as the port is added, so a worker of several adds it only when ready.
-    grpc_server = GrpcServer(settings) if listen_first else None
+    grpc_server = GrpcServer(settings, worker) if listen_first else None
     if grpc_server is not None:
         grpc_server.start()
     metrics_port = -1
@@ -84,7 +89,7 @@ def start(settings: Settings, remote_model: RemoteModel | None = None) -> Runnin
         raise
     closers.insert(0, stop_batcher)
     if grpc_server is None:
-        grpc_server = GrpcServer(settings)
+        grpc_server = GrpcServer(settings, worker)
         grpc_server.start()
     grpc_server.attach(service)
     metrics.model_ready.set(1)
@@ -267,13 +272,18 @@ def serve(settings: Settings) -> int:
     return _serve_one(settings)
 
 
-def _serve_one(settings: Settings, remote_model: RemoteModel | None = None, report: Connection | None = None) -> int:
+def _serve_one(
+    settings: Settings,
+    remote_model: RemoteModel | None = None,
+    report: Connection | None = None,
+    worker: WorkerIdentity | None = None,
+) -> int:
     """One server process; a worker of several tells the supervisor its metrics port through `report`."""
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        running = start(settings, remote_model)
+        running = start(settings, remote_model, worker)
     except AcroscreenError as error:
         log.error("cannot start: %s", error)
         return 1
@@ -351,11 +361,13 @@ def _supervise(settings: Settings) -> int:
 
     shared_fitter(_landmark_points(settings, card))
     workers = []
+    run = WorkerIdentity.new_instance(settings.workers)
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
         remote = RemoteModel(links[index], card, sha256, arithmetic)
-        workers.append(_fork(lambda: _serve_one(worker, remote, reports_out),
+        identity = dataclasses.replace(run, index=index)
+        workers.append(_fork(lambda: _serve_one(worker, remote, reports_out, identity),
                              close=[reports_in, *links[index].model_ends, *others]))
     for link in links:
         for end in (*link.worker_ends, *link.model_ends):

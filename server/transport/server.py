@@ -20,7 +20,7 @@ from .auth import (
     warn_about_exposure,
 )
 from .errors import ErrorMappingInterceptor
-from .servicer import ScreeningServicer
+from .servicer import ScreeningServicer, WorkerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def min_client_ping_interval_ms(settings: Settings) -> int:
 class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._servicer = ScreeningServicer()
+    def __init__(self, settings: Settings, worker: WorkerIdentity) -> None:
+        self._servicer = ScreeningServicer(worker)
         self._health = health.HealthServicer()
         credentials = server_credentials(settings)
         # The error mapping is outermost, so it also maps what the authentication refuses.

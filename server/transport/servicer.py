@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 from acroscreen.v1 import screening_pb2 as pb
@@ -21,11 +23,34 @@ from .errors import REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
 
+# Initial metadata of every screening call: which process of the server answers it. The kernel
+# hands each connection to one worker (SO_REUSEPORT), so a client that wants its streams spread
+# over the workers opens connections until it has one to each (acroscreen.client.workers).
+WORKER_KEY = "acroscreen-worker"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerIdentity:
+    """Worker `index` of `count` in one server run (`instance`, random per start: a restart is a new one)."""
+
+    instance: str
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def new_instance(cls, count: int = 1) -> WorkerIdentity:
+        """Worker 0 of a new run; the supervisor gives each worker its index with `dataclasses.replace`."""
+        return cls(instance=secrets.token_hex(6), index=0, count=count)
+
+    def metadata(self) -> tuple[str, str]:
+        return WORKER_KEY, f"{self.instance}:{self.index}/{self.count}"
+
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
     """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: WorkerIdentity) -> None:
+        self._worker = worker
         self._attached: ScreeningService | None = None
 
     def attach(self, service: ScreeningService) -> None:
@@ -50,7 +75,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         # Initial metadata marks the stream accepted, sent at once and whatever else holds: clients
         # send no frame before it (they wait ACCEPTANCE_WAIT_S at most), so a refusal (model
         # loading, draining, too many streams) never races a frame being written.
-        _send_request_id(context)
+        self._send_initial_metadata(context)
         log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
         context.add_callback(session.cancel)
         reader = _StreamReader(request_iterator, session)
@@ -72,7 +97,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             raise reader.error
 
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
-        _send_request_id(context)
+        self._send_initial_metadata(context)
         frames = [convert.frame_input(image) for image in request.images]
         principal = principal_of(context.invocation_metadata())
         # The call ends early when the caller cancels, disconnects or runs out of deadline.
@@ -82,14 +107,16 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         return convert.subject_result(result)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return convert.model_info(self._service.model_info)
+        info = convert.model_info(self._service.model_info)
+        self._send_initial_metadata(context)
+        return info
 
-
-def _send_request_id(context: grpc.ServicerContext) -> None:
-    """Sends the initial metadata now, naming the call when it has an id (it always has one
-    behind the error-mapping interceptor, which opens the scope)."""
-    request_id = current_request_id()
-    context.send_initial_metadata(() if request_id is None else ((REQUEST_ID_KEY, request_id),))
+    def _send_initial_metadata(self, context: grpc.ServicerContext) -> None:
+        """Sends the initial metadata now: the worker, and the call's request id (it always has
+        one behind the error-mapping interceptor, which opens the scope)."""
+        request_id = current_request_id()
+        ids = () if request_id is None else ((REQUEST_ID_KEY, request_id),)
+        context.send_initial_metadata((self._worker.metadata(), *ids))
 
 
 class _StreamReader(threading.Thread):

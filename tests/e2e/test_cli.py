@@ -9,9 +9,11 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,43 @@ def test_workers_share_the_port_and_drain_together(portrait_jpeg: bytes) -> None
         assert info.arithmetic == ("int8" if int8_available() else "bf16" if cpu_has_native_bf16() else "fp32")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_one_client_spreads_its_streams_over_the_workers_when_asked(portrait_jpeg: bytes, spread: bool) -> None:
+    """The kernel gives each connection to one worker: one client's four streams all land on one
+    worker, unless it opens a connection to each (`spread_over_workers`), then two on each."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
+        worker_metrics = [first_metrics]
+        for line in process.stdout:
+            if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
+                worker_metrics.append(int(match.group(1)))
+                break
+        all_open = threading.Barrier(4, timeout=60)
+
+        def frames() -> Iterator[FrameData]:
+            yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)
+            all_open.wait()  # every stream is open (and placed) before any ends
+            yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
+
+        with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60, spread_over_workers=spread) as client:
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda i: client.screen(frames(), ScreenOptions(subject_id=f"s-{i}")), range(4)))
+        assert [r.frames_received for r in results] == [2, 2, 2, 2]
+        received = sorted(_counter(m, "acroscreen_frames_received_total") for m in worker_metrics)
+        assert received == ([4.0, 4.0] if spread else [0.0, 8.0])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def _counter(metrics_port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match is not None, name
+    return float(match.group(1))
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ from acroscreen.client import (
     ScreenOptions,
     SubjectResult,
 )
+from acroscreen.client import ScreeningClient
 from acroscreen.client.aio import AsyncScreeningClient
 from acroscreen.client.errors import (
     AuthenticationError,
@@ -31,6 +32,7 @@ from acroscreen.client.errors import (
     UnavailableError,
 )
 from acroscreen.client.sources import video_frames
+from acroscreen.client.workers import WORKER_KEY
 from acroscreen.server.main import RunningServer
 
 from tests.helpers import jpeg_bytes, png_bytes
@@ -289,3 +291,29 @@ def test_cli_screen_writes_a_fhir_observation(
     # a malformed subject is refused before anything is sent
     assert main(["screen", str(photo), "--fhir", str(out), "--fhir-subject", "123", *common]) == 2
     assert "not a FHIR reference" in capsys.readouterr().err
+
+
+def test_spreading_over_workers_with_a_one_process_server(aio_server: RunningServer, portrait_bgr: np.ndarray) -> None:
+    """A one-process server names itself worker 0 of 1 (behind the token check, like every call):
+    a spreading client, sync or async, then needs no more connections and screens as usual."""
+    images = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(2)]
+
+    async def main() -> tuple[object, SubjectResult, int]:
+        async with _client(aio_server, spread_over_workers=True) as client:
+            info = await client.model_info()
+            result = await client.screen_images(images, ScreenOptions(subject_id="spread-a"))
+            return info, result, len((await client._workers()).connections)
+
+    info, result, connections = asyncio.run(main())
+    assert info.input_size == 160 and result.frames_received == 2 and connections == 1
+    with ScreeningClient(_target(aio_server), timeout_s=60, credentials=AUTH, spread_over_workers=True) as client:
+        frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(2)]
+        assert client.screen(frames, ScreenOptions(subject_id="spread-s")).frames_received == 2
+        pool = client._workers()
+        assert pool is not None and len(pool.connections) == 1 and pool.run is not None
+        # A stream accepted by another run (a restart) makes the client search again.
+        client._check_run([(WORKER_KEY, "another-run:0/1")])
+        assert client._workers() is not pool
+    with pytest.raises(AuthenticationError):  # the search itself is refused without the token
+        with ScreeningClient(_target(aio_server), timeout_s=10, spread_over_workers=True) as client:
+            client.model_info()

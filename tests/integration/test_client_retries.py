@@ -140,7 +140,7 @@ def test_a_server_that_sends_no_early_metadata_still_gets_the_frames(
     """A server older than the acceptance signal answers a stream's first frame before it sends
     any metadata: the client waits ACCEPTANCE_WAIT_S for the signal, then sends its frames anyway
     (before, the two sides waited on each other until the deadline, or forever without one)."""
-    monkeypatch.setattr(servicer, "_send_request_id", lambda context: None)
+    monkeypatch.setattr(servicer.ScreeningServicer, "_send_initial_metadata", lambda self, context: None)
     events: list[StreamEvent] = []
     started = time.monotonic()
     result = _screen(mode, server.port, iter(_frames(portrait_bgr, 3)), events)

@@ -26,6 +26,7 @@ from acroscreen.server.config import Settings
 from acroscreen.server.errors import ConfigurationError
 from acroscreen.server.main import DEFAULT_WEIGHTS, RunningServer, start
 from acroscreen.server.transport.server import GrpcServer
+from acroscreen.server.transport.servicer import WorkerIdentity
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -163,7 +164,7 @@ def _fields(credentials: Credentials) -> dict:
 def _exposure_warnings(caplog: pytest.LogCaptureFixture, settings: Settings) -> tuple[int, list[str]]:
     """Build the gRPC server (it listens at once), and the warnings it logged."""
     with caplog.at_level(logging.WARNING, logger="acroscreen"):
-        grpc_server = GrpcServer(settings)
+        grpc_server = GrpcServer(settings, WorkerIdentity.new_instance())
     grpc_server.stop(0)
     return grpc_server.port, [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 

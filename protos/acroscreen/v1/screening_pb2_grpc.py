@@ -74,6 +74,12 @@ class ScreeningServicer:
         a client that gets none within a few seconds of sending the options (the
         Python clients: 3 s) sends its frames anyway, and does not retry that
         stream once a frame has gone.
+        The initial metadata of every Screening call also names the server
+        process that answers it: `acroscreen-worker: <run>:<index>/<count>` (run:
+        random per server start; count: the `--workers` processes sharing the
+        port). The kernel gives each connection to one of them, so a client that
+        wants its calls spread over them opens connections until it holds one to
+        each (the Python clients: `spread_over_workers=True`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
