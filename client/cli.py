@@ -91,6 +91,9 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     bench.add_argument("--load-processes", type=int, default=0,
                        help="load-generator processes (0 = one per 8 streams, at most half the cores)")
+    bench.add_argument("--connections", choices=("per-worker", "per-stream"), default="per-worker",
+                       help="per-worker: each load process is one client spreading its streams over the server's "
+                       "workers; per-stream: a connection per stream, placed on a worker by the kernel")
     bench.add_argument("--baseline", choices=("naive",), default=None, help="also run the naive pipeline")
     bench.add_argument("--baseline-duration", type=float, default=15.0)
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -327,6 +330,7 @@ def _bench(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         baseline_duration_s=args.baseline_duration,
         load_processes=args.load_processes,
+        connections=args.connections,
     )
     report = json.dumps(run_bench(config, args.device), indent=2)
     if args.out:

@@ -9,6 +9,7 @@ landmarks → crop → model at batch 1, no tracking, no batching, one thread.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -20,7 +21,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from acroscreen.client import (
 )
 from acroscreen.client.sources import video_frames
 from acroscreen.client.types import FrameAck
+from acroscreen.client.workers import OWN_CONNECTION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,9 @@ class BenchConfig:
     baseline_duration_s: float = 15.0
     max_frames_per_video: int = 300
     load_processes: int = 0  # load-generator processes; 0 = one per 8 streams, at most half the cores
+    # "per-worker": each load process is one client spreading its streams over the server's
+    # workers (`spread_over_workers`); "per-stream": a connection per stream, placed by the kernel.
+    connections: str = "per-worker"
     jpeg_quality: int = 85
 
 
@@ -112,10 +118,13 @@ def _unpack(packed) -> list[bytes]:  # noqa: ANN001 — a uint8 numpy array from
     return frames
 
 
-_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
-
-
-def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _StreamStats, deadline: float) -> None:
+def _stream(
+    connect: Callable[[], AbstractContextManager[ScreeningClient]],
+    clip: list[FrameData],
+    config: BenchConfig,
+    stats: _StreamStats,
+    deadline: float,
+) -> None:
     sent_at: dict[int, float] = {}
     acknowledged: set[int] = set()
 
@@ -143,9 +152,7 @@ def _stream(target: str, clip: list[FrameData], config: BenchConfig, stats: _Str
         subject_id="bench", analyze_every_frame=config.every_frame, acknowledge_frames=config.acknowledge_frames
     )
     try:
-        # A connection of its own, as separate callers would have: channels of one process share
-        # one by default, and the kernel spreads connections, not streams, over `--workers`.
-        with ScreeningClient(target, timeout_s=config.duration_s + 120, options=_OWN_CONNECTION) as client:
+        with connect() as client:
             for event in client.screen_stream(frames(), options):
                 if isinstance(event, FrameAck):
                     acknowledge(event.index)
@@ -166,15 +173,25 @@ def _stream_threads(
     target: str, clips: list[list[FrameData]], config: BenchConfig, indices: list[int], deadline: float
 ) -> list[_StreamStats]:
     """Streams `indices`, one thread each, in this process."""
+    timeout_s = config.duration_s + 120
+    shared = ScreeningClient(target, timeout_s=timeout_s, spread_over_workers=True) if config.connections == "per-worker" else None
+
+    def connect() -> AbstractContextManager[ScreeningClient]:
+        if shared is not None:
+            return contextlib.nullcontext(shared)
+        # A connection of its own, as separate callers would have: channels of one process share one by default.
+        return ScreeningClient(target, timeout_s=timeout_s, options=[OWN_CONNECTION])
+
     stats = [_StreamStats() for _ in indices]
     threads = [
-        threading.Thread(target=_stream, args=(target, clips[i % len(clips)], config, stats[k], deadline))
+        threading.Thread(target=_stream, args=(connect, clips[i % len(clips)], config, stats[k], deadline))
         for k, i in enumerate(indices)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with shared or contextlib.nullcontext():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     return stats
 
 
