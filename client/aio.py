@@ -48,6 +48,7 @@ from .client import (
     ScreenOptions,
     _AcceptanceDecision,
     channel_options,
+    stream_failure,
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
@@ -122,11 +123,8 @@ class AsyncScreeningClient:
         if pool is None:
             yield self._stub
             return
-        index, channel = pool.acquire()
-        try:
+        with pool.placed() as channel:
             yield pb_grpc.ScreeningStub(channel)
-        finally:
-            pool.release(index)
 
     async def _workers(self) -> WorkerPool[grpc.aio.Channel] | None:
         """As the sync client's: the worker connections, searched for at the first call."""
@@ -190,11 +188,8 @@ class AsyncScreeningClient:
                         yield event
                     return
                 except grpc.aio.AioRpcError as error:
-                    frames_may_have_gone = gate.close()
-                    retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
-                    if not (retryable and attempt + 1 < self._retry.attempts):
-                        failure = _client_error(error)
-                        failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                    failure = stream_failure(_client_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject)
+                    if failure is not None:
                         raise failure from error
                 finally:
                     call.cancel()  # a no-op once the call has ended

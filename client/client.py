@@ -182,6 +182,17 @@ class _AcceptanceGate(_AcceptanceDecision):
             yield pb.ScreenRequest(frame=types.frame_message(frame))
 
 
+def stream_failure(
+    error: AcroscreenClientError, frames_may_have_gone: bool, attempts_left: bool, last_subject: SubjectResult | None
+) -> AcroscreenClientError | None:
+    """What a failed stream attempt raises; None when it is retried (UNAVAILABLE before any frame went).
+    The error carries the last non-provisional subject result the server sent, so none is lost."""
+    if error.code == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone and attempts_left:
+        return None
+    error.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+    return error
+
+
 class ScreeningClient:
     """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions.
 
@@ -245,11 +256,8 @@ class ScreeningClient:
         if pool is None:
             yield self._stub
             return
-        index, channel = pool.acquire()
-        try:
+        with pool.placed() as channel:
             yield pb_grpc.ScreeningStub(channel)
-        finally:
-            pool.release(index)
 
     def _workers(self) -> WorkerPool[grpc.Channel] | None:
         """The connections to the workers, searched for at the first call (again after a restart);
@@ -313,11 +321,8 @@ class ScreeningClient:
                         yield event
                     return
                 except grpc.RpcError as error:
-                    frames_may_have_gone = gate.close()
-                    retryable = error.code() == grpc.StatusCode.UNAVAILABLE and not frames_may_have_gone
-                    if not (retryable and attempt + 1 < self._retry.attempts):
-                        failure = from_rpc_error(error)
-                        failure.final_result = last_subject if last_subject and last_subject.status != "provisional" else None
+                    failure = stream_failure(from_rpc_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject)
+                    if failure is not None:
                         raise failure from error
                 finally:
                     call.cancel()  # a no-op once the call has ended

@@ -14,9 +14,10 @@ The sync and async clients make the calls; the bookkeeping is here, once.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -91,6 +92,15 @@ class WorkerPool(Generic[Connection]):
     def release(self, index: int) -> None:
         with self._lock:
             self._open[index] -= 1
+
+    @contextlib.contextmanager
+    def placed(self) -> Iterator[Connection]:
+        """The connection for one call, counted as open until the block ends."""
+        index, connection = self.acquire()
+        try:
+            yield connection
+        finally:
+            self.release(index)
 
 
 class WorkerSearch(Generic[Connection]):
