@@ -28,6 +28,10 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 Connection = TypeVar("Connection")
 
+# More workers than any one machine's cores: a server naming more is not searched (the search
+# opens up to 6 connections per worker).
+MAX_WORKERS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerId:
@@ -56,7 +60,7 @@ def worker_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkerId | 
             worker = WorkerId(run, int(index), int(count))
         except ValueError:
             return None
-        return worker if 0 <= worker.index < worker.count else None
+        return worker if 0 <= worker.index < worker.count <= MAX_WORKERS else None
     return None
 
 

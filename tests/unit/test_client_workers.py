@@ -15,7 +15,7 @@ def test_the_client_reads_the_worker_the_server_names() -> None:
     assert worker_of([(WORKER_KEY, b"a1b2:0/1")]) == WorkerId("a1b2", 0, 1)
     assert worker_of([("x-request-id", "r")]) is None  # an older server names none
     assert worker_of(None) is None
-    for garbled in ("a1b2", "a1b2:x/4", "a1b2:4/4", "a1b2:-1/4"):
+    for garbled in ("a1b2", "a1b2:x/4", "a1b2:4/4", "a1b2:-1/4", "a1b2:0/100000"):
         assert worker_of([(WORKER_KEY, garbled)]) is None
 
 
