@@ -74,6 +74,36 @@ def test_video_stream_gives_one_result_per_frame_and_a_final_subject(
     assert _metric(server, "acroscreen_frames_received_total") - received_before == 135
 
 
+def test_the_same_frames_give_the_same_results_alone_or_beside_another_stream(
+    client: ScreeningClient, shared_data: Path
+) -> None:
+    """A recording screened again gives the same result for every frame and the same subject result,
+    whether its faces were batched alone or with another stream's (a hospital re-running a video
+    must not see the score move)."""
+    frames = list(video_frames(shared_data / "videos" / "retalking_face3.mp4"))[:60]
+    other = list(video_frames(shared_data / "videos" / "liveportrait_d3.mp4"))[:60]
+
+    def screen(subject: str, source: list[FrameData]) -> tuple[dict, SubjectResult]:
+        per_frame, final = {}, None
+        for event in client.screen_stream(iter(source), ScreenOptions(subject_id=subject, analyze_every_frame=True)):
+            if isinstance(event, FrameResult):
+                per_frame[event.index] = (event.status, event.probabilities, event.quality)
+            elif event.status == "final":
+                final = event
+        assert final is not None
+        return per_frame, final
+
+    alone_frames, alone = screen("again-1", frames)
+    beside = threading.Thread(target=screen, args=("beside", other))
+    beside.start()
+    together_frames, together = screen("again-2", frames)
+    beside.join()
+    assert alone.frames_analyzed >= 50
+    assert together_frames == alone_frames
+    assert (together.probabilities, together.expected_score, together.frames_analyzed) == (
+        alone.probabilities, alone.expected_score, alone.frames_analyzed)
+
+
 def test_bad_frames_are_rejected_and_the_stream_goes_on(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
     good = jpeg_bytes(portrait_bgr)
     frames = [
