@@ -272,6 +272,19 @@ def serve(settings: Settings) -> int:
     return _serve_one(settings)
 
 
+def _announce(line: str) -> None:
+    """One line on stdout in one write: the workers print their ports at the same moment into one
+    pipe, and `print` writes the text and its newline separately, so two lines could interleave
+    into one and a reader waiting for both would wait forever. A pipe write under 4 KiB is atomic."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stdout (a test's capture) has no sharer
+        print(line, flush=True)
+        return
+    sys.stdout.flush()
+    os.write(descriptor, (line + "\n").encode())
+
+
 def _serve_one(
     settings: Settings,
     remote_model: RemoteModel | None = None,
@@ -287,7 +300,7 @@ def _serve_one(
     except AcroscreenError as error:
         log.error("cannot start: %s", error)
         return 1
-    print(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})", flush=True)
+    _announce(f"acroscreen serving on {settings.host}:{running.port} (metrics :{running.metrics_port})")
     if report is not None:
         report.send_bytes(str(running.metrics_port).encode())
         report.close()
@@ -323,7 +336,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     server = ModelProcessServer(links, batcher, (size, size, 3))
     server.start()
     metrics.model_ready.set(1)
-    print(f"acroscreen model process ready (metrics :{metrics_port})", flush=True)
+    _announce(f"acroscreen model process ready (metrics :{metrics_port})")
     ready.send_bytes(json.dumps({"card": card_to_metadata(card), "sha256": sha256, "arithmetic": arithmetic,
                                  "metrics_port": metrics_port}).encode())
     ready.close()
@@ -454,7 +467,7 @@ def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connecti
     registry = CollectorRegistry()
     registry.register(ProcessesSum(lambda: tuple(urls), expected=settings.workers + 1))
     httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
-    print(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)", flush=True)
+    _announce(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)")
 
 
 def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, str, int] | None:
