@@ -28,6 +28,30 @@ def decode_image(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
     return _imdecode(image, limits, cv2.IMREAD_COLOR)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ScaledImage:
+    """Decoded pixels and how many frame pixels each stands for (1 unless decoded reduced)."""
+
+    pixels: np.ndarray
+    scale: float
+
+
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_scaled(image: EncodedImage, limits: DecodeLimits, reduction: int) -> ScaledImage:
+    """``decode_image`` at 1/``reduction`` (2, 4 or 8) of the size where that is cheap: JPEG, scaled
+    inside libjpeg's DCT. Other encodings decode in full (scale 1)."""
+    if reduction == 1 or image.encoding is not ImageEncoding.JPEG:
+        return ScaledImage(decode_image(image, limits), 1.0)
+    if reduction not in _REDUCED_COLOR:
+        raise ValueError(f"reduction must be 1, 2, 4 or 8, not {reduction}")
+    _check_size(image, limits)
+    pixels = _imdecode(image, limits, _REDUCED_COLOR[reduction])
+    width, _ = _declared_size(image.data, image.encoding)
+    return ScaledImage(pixels, width / pixels.shape[1])
+
+
 def decode_preview_grey(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:
     """A grey copy at 1/PREVIEW_SCALE of the size, for choosing frames before analysing them.
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
 from ..metrics import Metrics
-from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_image, decode_preview_grey
+from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_preview_grey, decode_scaled
 from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
 from ..runtime.quality import preview_sharpness
 from ..runtime.tracking import FaceTracker
@@ -87,10 +87,13 @@ class FrameAnalyzer:
         analysis: FaceAnalysis | None = None
         try:
             started = time.monotonic()
-            image = decode_image(frame.image, self._decode_limits)
+            # A large followed face lets the frame decode smaller (keyframes decode in full).
+            reduction = self._preprocessor.settings.decode_reduction(tracker)
+            decoded = decode_scaled(frame.image, self._decode_limits, reduction)
+            image = decoded.pixels
             stage.labels(stage="decode").observe(time.monotonic() - started)
             started = time.monotonic()
-            analysis = self._preprocessor.analyze(image, tracker)
+            analysis = self._preprocessor.analyze(image, tracker, decoded.scale)
             stage.labels(stage="face_analysis").observe(time.monotonic() - started)
             for name, seconds in analysis.stage_seconds:
                 stage.labels(stage=name).observe(seconds)

@@ -89,11 +89,11 @@ def test_every_line_about_a_stream_names_its_request_id(
     analyze = FacePreprocessor.analyze
     failed = threading.Event()
 
-    def analyze_failing_once(self, image, tracker):  # noqa: ANN001, ANN202
+    def analyze_failing_once(self, image, tracker, scale=1.0):  # noqa: ANN001, ANN202
         if not failed.is_set():
             failed.set()
             raise RuntimeError("injected analysis failure")
-        return analyze(self, image, tracker)
+        return analyze(self, image, tracker, scale)
 
     monkeypatch.setattr(FacePreprocessor, "analyze", analyze_failing_once)
     frame = jpeg_bytes(portrait_bgr)
@@ -170,7 +170,7 @@ def test_calls_get_different_request_ids_and_a_unary_call_after_streams_logs_its
             stream_ids.append(dict(call.initial_metadata())["x-request-id"])
         streams_logged = _wait_for_closed(log_lines, stream_ids)
 
-        def analyze_failing(self, image, tracker):  # noqa: ANN001, ANN202
+        def analyze_failing(self, image, tracker, scale=1.0):  # noqa: ANN001, ANN202
             raise RuntimeError("injected analysis failure")
 
         monkeypatch.setattr(FacePreprocessor, "analyze", analyze_failing)

@@ -1,7 +1,7 @@
 import cv2
 import numpy as np
 import pytest
-from acroscreen.server.runtime.decode import DecodeLimits, decode_image
+from acroscreen.server.runtime.decode import DecodeLimits, decode_image, decode_scaled
 from acroscreen.server.runtime.types import (
     EncodedImage,
     FrameRejected,
@@ -31,6 +31,26 @@ def test_png_is_lossless_and_jpeg_is_close() -> None:
     assert np.array_equal(decode_image(EncodedImage(ImageEncoding.PNG, png_bytes(image)), LIMITS), image)
     decoded = decode_image(EncodedImage(ImageEncoding.JPEG, jpeg_bytes(image, 95)), LIMITS)
     assert decoded.shape == image.shape
+
+
+def test_jpeg_decodes_reduced_in_the_dct_and_says_by_how_much() -> None:
+    image = cv2.resize(_image(), (1282, 722))  # not a multiple of the reduction: libjpeg rounds up
+    encoded = EncodedImage(ImageEncoding.JPEG, jpeg_bytes(image, 90))
+    full = decode_scaled(encoded, LIMITS, 1)
+    half = decode_scaled(encoded, LIMITS, 2)
+    quarter = decode_scaled(encoded, LIMITS, 4)
+    assert full.scale == 1.0 and full.pixels.shape == image.shape
+    assert half.pixels.shape == (361, 641, 3) and half.scale == pytest.approx(2.0)
+    assert quarter.pixels.shape == (181, 321, 3) and quarter.scale == pytest.approx(1282 / 321)
+    # The same picture, smaller: the half-size decode is close to a box-filtered full one.
+    box_filtered = cv2.resize(full.pixels, (641, 361), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.pixels.astype(int) - box_filtered.astype(int)).mean() < 4
+    png = decode_scaled(EncodedImage(ImageEncoding.PNG, png_bytes(image)), LIMITS, 2)  # no cheap way: in full
+    assert png.scale == 1.0 and np.array_equal(png.pixels, image)
+    with pytest.raises(ValueError, match="reduction"):
+        decode_scaled(encoded, LIMITS, 3)
+    with pytest.raises(FrameRejected):  # the same checks as a full decode
+        decode_scaled(EncodedImage(ImageEncoding.JPEG, b"\xff\xd8 truncated"), LIMITS, 2)
 
 
 @pytest.mark.parametrize("fmt", list(PixelFormat))

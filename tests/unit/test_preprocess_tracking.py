@@ -135,6 +135,41 @@ def test_keyframes_and_tracking(preprocessor: FacePreprocessor) -> None:
     assert np.hypot(*np.subtract(first.box.center, last.box.center)) < 0.3 * first.box.width
 
 
+def test_a_large_followed_face_is_analysed_on_a_smaller_decode_in_frame_coordinates(
+    preprocessor: FacePreprocessor,
+) -> None:
+    """An HD frame whose followed face stays large at half size is analysed there: the stream's
+    tracker, the box and landmarks stay in frame coordinates, quality judges frame pixels, and
+    the crop is the one a full-size analysis makes, give or take resampling."""
+    frames = [cv2.resize(f, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for f in clip(DATA / "videos" / "retalking_face3.mp4")]
+    settings = preprocessor.settings
+    full_tracker, reduced_tracker = settings.new_tracker(), settings.new_tracker()
+    assert settings.decode_reduction(reduced_tracker) == 1  # nothing followed yet: a search, in full
+    reductions = []
+    for frame in frames:
+        full = preprocessor.analyze(frame, full_tracker)
+        reduction = settings.decode_reduction(reduced_tracker)
+        reductions.append(reduction)
+        small = cv2.resize(frame, None, fx=1 / reduction, fy=1 / reduction, interpolation=cv2.INTER_AREA)
+        reduced = preprocessor.analyze(small, reduced_tracker, scale=float(reduction))
+        assert full.accepted and reduced.accepted, reduced.detail
+        assert full.detection is not None and reduced.detection is not None
+        assert abs(reduced.detection.box.width - full.detection.box.width) < 0.04 * full.detection.box.width
+        assert centre_jump(full.detection.box, reduced.detection.box) < 0.04
+        assert np.abs(reduced.landmarks - full.landmarks).max() < 0.05 * full.detection.box.width
+        assert reduced.quality is not None and full.quality is not None
+        assert reduced.quality.face_size == full.quality.face_size == 1.0
+        crop_full = preprocessor.crop(frame, full).pixels.astype(int)
+        crop_reduced = preprocessor.crop(small, reduced).pixels.astype(int)
+        assert np.abs(crop_full - crop_reduced).mean() < 6
+        subject_full, subject_reduced = full_tracker.subject, reduced_tracker.subject
+        assert subject_full is not None and subject_reduced is not None
+        assert abs(subject_reduced.box.width - subject_full.box.width) < 0.04 * subject_full.box.width
+    # Keyframes decode in full; in between, this ~300-pixel face is followed at half size.
+    assert reductions == [1 if i % settings.keyframe_interval == 0 else 2 for i in range(len(frames))]
+    assert PreprocessSettings(reduced_decode_face_px=0).decode_reduction(full_tracker) == 1
+
+
 def paste(canvas: np.ndarray, face: np.ndarray, x: int, y: int) -> np.ndarray:
     out = canvas.copy()
     out[y : y + face.shape[0], x : x + face.shape[1]] = face
