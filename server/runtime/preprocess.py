@@ -492,6 +492,8 @@ class _ScaledTracker:
 
     def tracked(self, box: Box, roll_deg: float) -> None:
         self._tracker.tracked(box.scaled(self._scale), roll_deg)
+
+
 _APPEARANCE_SIDE = 32
 
 
