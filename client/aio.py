@@ -52,7 +52,7 @@ from .client import (
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
-from .workers import OWN_CONNECTION, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
+from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
 __all__ = ["AsyncScreeningClient"]
 
@@ -101,9 +101,8 @@ class AsyncScreeningClient:
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._spread = spread_over_workers
-        self._pool: WorkerPool[grpc.aio.Channel] | None = None
-        self._pool_lock = asyncio.Lock()
-        self._retired: list[grpc.aio.Channel] = []  # the connections of a pool found stale, closed with the client
+        self._connections = WorkerConnections(self._channel)
+        self._search_lock = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncScreeningClient:
         return self
@@ -112,8 +111,7 @@ class AsyncScreeningClient:
         await self.close()
 
     async def close(self) -> None:
-        channels = {id(c): c for c in (self._channel, *self._retired, *(self._pool.connections if self._pool else ()))}
-        for channel in channels.values():
+        for channel in self._connections.all():
             await channel.close()
 
     @contextlib.asynccontextmanager
@@ -128,9 +126,9 @@ class AsyncScreeningClient:
 
     async def _workers(self) -> WorkerPool[grpc.aio.Channel] | None:
         """As the sync client's: the worker connections, searched for at the first call."""
-        async with self._pool_lock:
-            if self._pool is not None:
-                return self._pool
+        async with self._search_lock:
+            if (pool := self._connections.pool) is not None:
+                return pool
             try:
                 search = WorkerSearch(self._channel, await self._worker_behind(self._channel))
             except grpc.aio.AioRpcError:
@@ -143,8 +141,7 @@ class AsyncScreeningClient:
                     kept = search.offer(channel, None)
                 if not kept:
                     await channel.close()
-            self._pool = search.pool()
-            return self._pool
+            return self._connections.found(search.pool())
 
     async def _worker_behind(self, channel: grpc.aio.Channel) -> WorkerId | None:
         call = pb_grpc.ScreeningStub(channel).GetModelInfo(
@@ -152,13 +149,6 @@ class AsyncScreeningClient:
         )
         await call
         return worker_of(await call.initial_metadata())
-
-    def _check_run(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
-        """A call accepted by a worker of another server run: search the workers again next time."""
-        worker = worker_of(metadata)
-        if self._pool is not None and worker is not None and worker.run != self._pool.run:
-            self._retired.extend(c for c in self._pool.connections if c is not self._channel)
-            self._pool = None
 
     async def screen_stream(
         self, frames: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
@@ -180,7 +170,7 @@ class AsyncScreeningClient:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._check_run(accepted)
+                        self._connections.check_run(accepted)
                     async for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import types
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
-from .workers import OWN_CONNECTION, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
+from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -233,9 +233,8 @@ class ScreeningClient:
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._spread = spread_over_workers
-        self._pool: WorkerPool[grpc.Channel] | None = None
-        self._pool_lock = threading.Lock()
-        self._retired: list[grpc.Channel] = []  # the connections of a pool found stale, closed with the client
+        self._connections = WorkerConnections(self._channel)
+        self._search_lock = threading.Lock()
 
     def __enter__(self) -> ScreeningClient:
         return self
@@ -244,9 +243,7 @@ class ScreeningClient:
         self.close()
 
     def close(self) -> None:
-        with self._pool_lock:
-            channels = {id(c): c for c in (self._channel, *self._retired, *(self._pool.connections if self._pool else ()))}
-        for channel in channels.values():
+        for channel in self._connections.all():
             channel.close()
 
     @contextlib.contextmanager
@@ -262,9 +259,9 @@ class ScreeningClient:
     def _workers(self) -> WorkerPool[grpc.Channel] | None:
         """The connections to the workers, searched for at the first call (again after a restart);
         None while no server answers (the call then goes on the first connection)."""
-        with self._pool_lock:
-            if self._pool is not None:
-                return self._pool
+        with self._search_lock:
+            if (pool := self._connections.pool) is not None:
+                return pool
             try:
                 search = WorkerSearch(self._channel, self._worker_behind(self._channel))
             except grpc.RpcError:
@@ -277,22 +274,13 @@ class ScreeningClient:
                     kept = search.offer(channel, None)
                 if not kept:
                     channel.close()
-            self._pool = search.pool()
-            return self._pool
+            return self._connections.found(search.pool())
 
     def _worker_behind(self, channel: grpc.Channel) -> WorkerId | None:
         _, call = pb_grpc.ScreeningStub(channel).GetModelInfo.with_call(
             pb.GetModelInfoRequest(), timeout=self._timeout_s or 5.0, metadata=self._metadata
         )
         return worker_of(call.initial_metadata())
-
-    def _check_run(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
-        """A call accepted by a worker of another server run: search the workers again next time."""
-        worker = worker_of(metadata)
-        with self._pool_lock:
-            if self._pool is not None and worker is not None and worker.run != self._pool.run:
-                self._retired.extend(c for c in self._pool.connections if c is not self._channel)
-                self._pool = None
 
     def screen_stream(self, frames: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> Iterator[StreamEvent]:
         """Stream frames; yields each frame's result and subject updates, the FINAL result last.
@@ -313,7 +301,7 @@ class ScreeningClient:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._check_run(accepted)
+                        self._connections.check_run(accepted)
                     for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

@@ -107,6 +107,40 @@ class WorkerPool(Generic[Connection]):
             self.release(index)
 
 
+class WorkerConnections(Generic[Connection]):
+    """A client's connections: its first one, the worker pool searched from it (None until found,
+    or once stale), and the connections of stale pools, all closed with the client. Thread-safe."""
+
+    def __init__(self, first: Connection) -> None:
+        self.first = first
+        self._pool: WorkerPool[Connection] | None = None
+        self._stale: list[Connection] = []
+        self._lock = threading.Lock()
+
+    @property
+    def pool(self) -> WorkerPool[Connection] | None:
+        return self._pool
+
+    def found(self, pool: WorkerPool[Connection]) -> WorkerPool[Connection]:
+        with self._lock:
+            self._pool = pool
+        return pool
+
+    def check_run(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """A call accepted by a worker of another server run (a restart): search again before the next call."""
+        worker = worker_of(metadata)
+        with self._lock:
+            if self._pool is not None and worker is not None and worker.run != self._pool.run:
+                self._stale.extend(c for c in self._pool.connections if c is not self.first)
+                self._pool = None
+
+    def all(self) -> list[Connection]:
+        """Every connection the client opened and kept, each once."""
+        with self._lock:
+            pooled = self._pool.connections if self._pool else []
+            return list({id(c): c for c in (self.first, *self._stale, *pooled)}.values())
+
+
 class WorkerSearch(Generic[Connection]):
     """One search: offer it connections with the worker each reached until `done`, then take the `pool`."""
 
