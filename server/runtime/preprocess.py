@@ -210,14 +210,13 @@ class FacePreprocessor:
         ``aligned`` crop is what ``crop`` returns: re-warping would need the full frame.
         """
         clock = _thread_state.clock = _StageClock()
-        _thread_state.scale = scale
         view = tracker if tracker is None or scale == 1.0 else _ScaledTracker(tracker, scale)
-        analysis = self._analyze(image_bgr, view).in_frame(scale)  # type: ignore[arg-type]
+        analysis = self._analyze(image_bgr, view, scale).in_frame(scale)  # type: ignore[arg-type]
         return dataclasses.replace(analysis, stage_seconds=tuple(clock.seconds.items()))
 
-    def _analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
+    def _analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None, scale: float) -> FaceAnalysis:
         if tracker is not None and tracker.subject is not None and not tracker.keyframe_due:
-            tracked = self._track(image_bgr, tracker.subject)
+            tracked = self._track(image_bgr, tracker.subject, scale)
             if tracked is not None and tracked.landmarks is not None:
                 tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
                 return tracked
@@ -234,7 +233,7 @@ class FacePreprocessor:
                                            f"every {tracker.search_gap} frames until a face is found)"),
                     keyframe=False,
                 )
-        return self._detect(image_bgr, tracker)
+        return self._detect(image_bgr, tracker, scale)
 
     def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
         """The model-ready uint8 RGB crop of an accepted analysis; FrameRejected for a rejected one."""
@@ -261,7 +260,7 @@ class FacePreprocessor:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _detect(self, image: np.ndarray, tracker: FaceTracker | None) -> FaceAnalysis:
+    def _detect(self, image: np.ndarray, tracker: FaceTracker | None, scale: float) -> FaceAnalysis:
         """Keyframe: detect, verify candidates on their aligned crops, keep (or change) the subject."""
         subject = tracker.subject if tracker is not None else None
         min_face_px = 0.0
@@ -281,7 +280,7 @@ class FacePreprocessor:
         )
         checked = (near + others)[: self.settings.max_candidates]
         results = [
-            self._analyse_face(image, Detection(box, confidence, len(faces)), angle, keyframe=True)
+            self._analyse_face(image, Detection(box, confidence, len(faces)), angle, scale, keyframe=True)
             for box, confidence in checked
         ]
         verified = [
@@ -332,12 +331,12 @@ class FacePreprocessor:
             )
         return analysis
 
-    def _track(self, image: np.ndarray, subject: TrackedSubject) -> FaceAnalysis | None:
+    def _track(self, image: np.ndarray, subject: TrackedSubject, scale: float) -> FaceAnalysis | None:
         """Re-fit on the previous box; None when the fit no longer looks like the same face."""
         detection = Detection(box=subject.box, confidence=subject.confidence, face_count=subject.face_count)
         # The face was verified at the keyframe; between keyframes the costly, GIL-holding
         # HOG check is replaced by comparing the aligned face with the keyframe's.
-        analysis, _ = self._analyse_face(image, detection, subject.roll_deg, keyframe=False, evidence=subject.evidence)
+        analysis, _ = self._analyse_face(image, detection, subject.roll_deg, scale, keyframe=False, evidence=subject.evidence)
         if analysis.affine is None or analysis.landmarks is None:
             return None
         if subject.appearance is not None:
@@ -393,11 +392,12 @@ class FacePreprocessor:
         return warp_face(image, affine, self.settings.input_size)
 
     def _analyse_face(
-        self, image: np.ndarray, detection: Detection, angle_deg: float, *, keyframe: bool,
+        self, image: np.ndarray, detection: Detection, angle_deg: float, scale: float, *, keyframe: bool,
         evidence: float | None = None,
     ) -> tuple[FaceAnalysis, float]:
         """Landmarks, pose, alignment and quality of one candidate, and its face evidence
-        (HOG score on the aligned crop; computed unless `evidence` is given)."""
+        (HOG score on the aligned crop; computed unless `evidence` is given). ``scale``: frame
+        pixels per image pixel, so the quality gate judges the face's size in frame pixels."""
         with _stage("landmarks"):
             landmarks = self._fit(image, detection.box, angle_deg)
         height, width = image.shape[:2]
@@ -418,7 +418,7 @@ class FacePreprocessor:
                     evidence = self._verifier.evidence(grey)
             quality, reason, detail = assess(
                 QualityInputs(
-                    face_px=detection.box.width * getattr(_thread_state, "scale", 1.0),  # in frame pixels
+                    face_px=detection.box.width * scale,  # in frame pixels
                     crop_grey=grey,
                     pose=pose,
                     confidence=detection.confidence * plausibility * _evidence_confidence(evidence),
