@@ -14,6 +14,11 @@ from typing import Any
 ENV_PREFIX = "ACROSCREEN_"
 
 
+# How the model may compute on a CPU (runtime.model picks among them); here, in a module of the
+# standard library only, so the settings can check the flag without importing torch.
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
 def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -111,8 +116,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
-        if self.cpu_precision not in ("auto", "fp32", "bf16", "int8"):
-            raise ValueError(f"cpu_precision must be auto, fp32, bf16 or int8, not {self.cpu_precision!r}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            choices = ", ".join(CPU_PRECISIONS[:-1]) + " or " + CPU_PRECISIONS[-1]
+            raise ValueError(f"cpu_precision must be {choices}, not {self.cpu_precision!r}")
         if self.landmark_points not in (5, 68):
             raise ValueError("landmark_points must be 5 or 68")
         if (self.tls_cert is None) != (self.tls_key is None):

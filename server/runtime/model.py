@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import CPU_PRECISIONS
+
 if TYPE_CHECKING:
     from acroscreen.server.runtime.card import ModelCard
     from acroscreen.server.runtime.int8 import Int8Scales
@@ -401,9 +403,6 @@ class SeverityModel:
         x = x.permute(0, 3, 1, 2).float()
         x = (x - self.card.preprocessing.mean) / self.card.preprocessing.std
         return x.contiguous(memory_format=torch.channels_last if self._cuda else torch.contiguous_format)
-
-
-CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def _auto_cpu_precision(int8_scales: Int8Scales | None) -> str:
