@@ -19,6 +19,7 @@ import csv
 import math
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -306,7 +307,10 @@ def make_phantom_video(
 
     Motion is in-plane rotation, scale, translation and a small perspective tilt;
     the light drifts in gain, gamma and colour balance; x264 at the given CRF
-    adds the compression.
+    adds the compression. The same ``rng`` state gives the same bytes (with one PyAV build):
+    x264 runs one thread (its frame threads depend on the core count) and without
+    macroblock-tree rate control, whose vector code made different choices from run
+    to run at 480 × 480 (it seems to read memory it never wrote).
     """
     import av
 
@@ -329,7 +333,7 @@ def make_phantom_video(
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         for i in range(frames):
             centre = (src_w / 2.0, src_h / 2.0)
             similarity = cv2.getRotationMatrix2D(centre, float(rotation[i]), float(base_scale * zoom[i]))
@@ -359,6 +363,20 @@ def holdout_identities(split_file: Path) -> set[str]:
     if not names:
         raise ValueError(f"no holdout identities found in {split_file}")
     return names
+
+
+def holdout_clips(
+    faces_dir: Path, folder: Path, *, people: int | None = None, frames: int = 16, seed: int = 7,
+) -> Iterator[tuple[str, PhantomVideo]]:
+    """(identity, clip) for the holdout identities in name order, levels 1–3 each, from the first
+    photograph of each, one generator for all: the fixed clip set of the server-path clip checks
+    (the slow e2e test takes the first 14 people, `scripts/holdout_clips.py` all of them)."""
+    names = sorted(holdout_identities(Path(faces_dir) / "SPLIT.md"))[:people]
+    rng = np.random.default_rng(seed)
+    for name in names:
+        image = cv2.imread(str(sorted((Path(faces_dir) / "identities" / name).glob("*.jpg"))[0]))
+        for level in LEVELS:
+            yield name, make_phantom_video(image, level, Path(folder) / f"{name}-{level}.mp4", rng, frames=frames)
 
 
 def subject_id(identity: str, level: int) -> str:
