@@ -10,14 +10,12 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.sources import video_frames
 from acroscreen.server.config import Settings
 from acroscreen.server.main import DEFAULT_WEIGHTS, start
-from acroscreen.server.training.phantom import holdout_identities, make_phantom_video
+from acroscreen.server.training.phantom import holdout_clips
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +30,10 @@ def demo_client():
 
 
 def test_holdout_phantom_clips_per_subject(demo_client: ScreeningClient, shared_data: Path, tmp_path: Path) -> None:
-    faces = shared_data / "faces"
-    people = sorted(holdout_identities(faces / "SPLIT.md"))[:14]
-    rng = np.random.default_rng(7)
     outcomes: collections.Counter[tuple[int, int | None]] = collections.Counter()
-    for name in people:
-        image = cv2.imread(str(sorted((faces / "identities" / name).glob("*.jpg"))[0]))
-        for level in (1, 2, 3):
-            clip = make_phantom_video(image, level, tmp_path / f"{name}-{level}.mp4", rng, frames=16)
-            result = demo_client.screen(video_frames(clip.path), ScreenOptions(subject_id=name, analyze_every_frame=True))
-            outcomes[(level, result.predicted_score)] += 1
+    for name, clip in holdout_clips(shared_data / "faces", tmp_path, people=14):
+        result = demo_client.screen(video_frames(clip.path), ScreenOptions(subject_id=name, analyze_every_frame=True))
+        outcomes[(clip.level, result.predicted_score)] += 1
     scored = {k: n for k, n in outcomes.items() if k[1] is not None}
     accuracy = sum(n for (level, score), n in scored.items() if level == score) / sum(scored.values())
     print(f"per-subject accuracy {accuracy:.3f} over {sum(scored.values())} scored clips; {dict(outcomes)}")
