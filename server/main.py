@@ -21,8 +21,8 @@ from . import logs
 from .config import Settings
 from .errors import AcroscreenError, ConfigurationError, ModelError
 from .metrics import Metrics, ProcessesSum
-from .runtime.card import ModelCard, card_from_metadata, card_to_metadata
-from .service.model_process import ModelLink, RemoteModel
+from .runtime.card import ModelCard
+from .service.model_process import ModelLink, RemoteModel, ServedModel
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
 from .transport.servicer import WorkerIdentity
@@ -114,8 +114,8 @@ def load_model_weights(settings: Settings):  # noqa: ANN201 — runtime.weights.
 
 
 def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
-    """The model's card, sha256 and arithmetic (fp16, bf16, fp32 or int8), and a started batcher in
-    front of the warmed model (this process's). Only the model keeps the network: an int8 model
+    """The served model (card, sha256, arithmetic) and a started batcher in front of the warmed
+    model (this process's). Only the model keeps the network: an int8 model
     lets the float one go."""
     import torch
 
@@ -147,7 +147,7 @@ def _load_model(settings: Settings, metrics: Metrics):  # noqa: ANN202
         metrics,
     )
     batcher.start()
-    return card, weights.sha256, model.precision, batcher
+    return ServedModel(card, weights.sha256, model.precision), batcher
 
 
 def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteModel | None):  # noqa: ANN202
@@ -171,14 +171,15 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     # on top of that only oversubscribes the cores the model needs.
     cv2.setNumThreads(settings.opencv_threads)
     if remote_model is None:
-        card, sha256, arithmetic, batcher = _load_model(settings, metrics)
+        served, batcher = _load_model(settings, metrics)
         model_queue, stop_model = batcher, batcher.stop
     else:  # the model runs in the model process: no torch here
-        card, sha256, arithmetic = remote_model.card, remote_model.sha256, remote_model.arithmetic
-        size = card.preprocessing.input_size
+        served = remote_model.model
+        size = served.card.preprocessing.input_size
         client = ModelProcessClient(remote_model.link, (size, size, 3), max_in_flight=settings.batch_queue_capacity)
         client.start()
         model_queue, stop_model = client, client.stop
+    card = served.card
     landmark_points = _landmark_points(settings, card)
     if landmark_points != settings.landmark_points:
         log.info("the model's alignment %s uses 68 landmark points", FRONTAL_3D_V1)
@@ -190,7 +191,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
     preprocessor = FacePreprocessor(preprocess_settings)
     p = card.preprocessing
     info = ModelInfo(
-        model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=sha256),
+        model=ModelRef(name=card.name, version=card.version, kind=card.kind, sha256=served.sha256),
         class_labels=tuple(card.labels),
         preprocessing=PreprocessingInfo(
             input_size=p.input_size,
@@ -202,7 +203,7 @@ def _build_service(settings: Settings, metrics: Metrics, remote_model: RemoteMod
             landmark_points=preprocess_settings.landmark_points,
         ),
         temperature=card.temperature,
-        arithmetic=arithmetic,
+        arithmetic=served.arithmetic,
         architecture=card.architecture,
         intended_use=card.intended_use,
         notices=(*card.notices, LICENCE_NOTICES[preprocess_settings.landmark_points]),
@@ -328,17 +329,16 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
         httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = httpd.server_port
     try:
-        card, sha256, arithmetic, batcher = _load_model(settings, metrics)
+        served, batcher = _load_model(settings, metrics)
     except AcroscreenError as error:
         log.error("cannot start the model process: %s", error)
         return 1
-    size = card.preprocessing.input_size
+    size = served.card.preprocessing.input_size
     server = ModelProcessServer(links, batcher, (size, size, 3))
     server.start()
     metrics.model_ready.set(1)
     _announce(f"acroscreen model process ready (metrics :{metrics_port})")
-    ready.send_bytes(json.dumps({"card": card_to_metadata(card), "sha256": sha256, "arithmetic": arithmetic,
-                                 "metrics_port": metrics_port}).encode())
+    ready.send_bytes(json.dumps({**served.to_json(), "metrics_port": metrics_port}).encode())
     ready.close()
     while not stop_requested.wait(0.2) and server.serving:
         pass
@@ -366,19 +366,19 @@ def _supervise(settings: Settings) -> int:
     ready_in.close()
     if report is None:
         return 1
-    card, sha256, arithmetic, model_metrics = report
+    served, model_metrics = report
     # The workers' landmark model, loaded once here (no thread or gRPC runs yet): forked, they
     # share its pages, which dlib only reads, instead of holding a copy each (~10 MB private a
     # worker with the 5-point model), and on a many-core node one copy competes for the L3 cache.
     from .runtime.preprocess import shared_fitter
 
-    shared_fitter(_landmark_points(settings, card))
+    shared_fitter(_landmark_points(settings, served.card))
     workers = []
     run = WorkerIdentity.new_instance(settings.workers)
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
-        remote = RemoteModel(links[index], card, sha256, arithmetic)
+        remote = RemoteModel(links[index], served)
         identity = dataclasses.replace(run, index=index)
         workers.append(_fork(lambda: _serve_one(worker, remote, reports_out, identity),
                              close=[reports_in, *links[index].model_ends, *others]))
@@ -470,8 +470,8 @@ def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connecti
     _announce(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)")
 
 
-def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, str, int] | None:
-    """Until the model process reports its model card, file hash, arithmetic and metrics port; None if it ended first."""
+def _wait_ready(ready: Connection, pid: int) -> tuple[ServedModel, int] | None:
+    """Until the model process reports its model and metrics port; None if it ended first."""
     while not ready.poll(0.2):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -481,8 +481,7 @@ def _wait_ready(ready: Connection, pid: int) -> tuple[ModelCard, str, str, int] 
         report = json.loads(ready.recv_bytes())
     except EOFError:
         return None
-    return (card_from_metadata(report["card"]), str(report["sha256"]), str(report["arithmetic"]),
-            int(report["metrics_port"]))
+    return ServedModel.from_json(report), int(report["metrics_port"])
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
-from ..runtime.card import ModelCard
+from ..runtime.card import ModelCard, card_from_metadata, card_to_metadata
 from .batcher import DynamicBatcher
 from .pipeline import Probabilities
 
@@ -72,14 +72,29 @@ class ModelLink:
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteModel:
-    """What a worker holds of the model process's model: the link, and the card, file hash and
-    arithmetic it reported."""
+class ServedModel:
+    """What a server says about its model wherever the model runs: the card, the weights
+    file's sha256 ("" for untrained weights) and the arithmetic (fp16, bf16, fp32 or int8)."""
 
-    link: ModelLink
     card: ModelCard
     sha256: str
     arithmetic: str
+
+    def to_json(self) -> dict[str, object]:
+        """For the model process's ready message; `from_json` reads it back in the supervisor."""
+        return {"card": card_to_metadata(self.card), "sha256": self.sha256, "arithmetic": self.arithmetic}
+
+    @classmethod
+    def from_json(cls, message: dict[str, object]) -> ServedModel:
+        return cls(card_from_metadata(message["card"]), str(message["sha256"]), str(message["arithmetic"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteModel:
+    """What a worker holds of the model process's model: the link, and what that process reported."""
+
+    link: ModelLink
+    model: ServedModel
 
 
 class ModelProcessClient:
