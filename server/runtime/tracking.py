@@ -14,8 +14,11 @@ min(n, ``max_search_gap``) frames) unless the frame is a different picture from 
 before it (a cut, or the next photograph of a set): a camera on an empty room or a
 moving camera without a usable face is searched at most once every ``max_search_gap``
 frames once the back-off has grown (a pan drifts far from the searched scene over those
-frames, but never cuts), someone stepping in is found at the next scheduled search
-(within a third of a second at 30 fps), and a new photograph is searched at once. When the subject is gone
+frames, but never cuts), and a new photograph is searched at once. A picture that has not
+changed at all since the last search (a fixed camera on an empty room: only sensor and codec
+noise) waits up to ``still_search_gap`` frames instead, since the detector would see the same
+pixels; the first frame that moves away from it (someone stepping in) is searched on the
+back-off schedule, at once while it is short. When the subject is gone
 and a face appears elsewhere (more than ``max_subject_jump`` face widths away), that
 frame is rejected FACE_CHANGED once and the new face is followed from then on. A
 different person in the same place cannot be told apart: there is no identity
@@ -57,11 +60,13 @@ class SearchMiss:
 class FaceTracker:
     """State of one stream: the subject, and when the next detection is due. Not thread-safe."""
 
-    def __init__(self, keyframe_interval: int = 5, max_search_gap: int = 1) -> None:
-        if keyframe_interval < 1 or max_search_gap < 1:
-            raise ValueError(f"keyframe_interval and max_search_gap must be >= 1, got {keyframe_interval}, {max_search_gap}")
+    def __init__(self, keyframe_interval: int = 5, max_search_gap: int = 1, still_search_gap: int = 1) -> None:
+        if min(keyframe_interval, max_search_gap, still_search_gap) < 1:
+            raise ValueError(f"keyframe_interval, max_search_gap and still_search_gap must be >= 1, got "
+                             f"{keyframe_interval}, {max_search_gap}, {still_search_gap}")
         self.keyframe_interval = keyframe_interval
         self.max_search_gap = max_search_gap
+        self.still_search_gap = still_search_gap
         self.subject: TrackedSubject | None = None
         self._since_keyframe = 0
         self._lost = True
@@ -71,6 +76,7 @@ class FaceTracker:
         # The last frame seen while no face is found, as a small grey thumbnail (see
         # preprocess.scene_thumbnail): a frame that differs much from it is a new picture.
         self.last_scene: np.ndarray | None = None
+        self.searched_scene: np.ndarray | None = None  # the thumbnail of the frame the last search missed on
 
     @property
     def rotation_search_due(self) -> bool:
@@ -82,18 +88,18 @@ class FaceTracker:
         self.misses += 1
         self._lost = True
         self.last_miss = miss
-        self.last_scene = scene
+        self.last_scene = self.searched_scene = scene
         self.frames_since_search = 0
 
-    @property
-    def search_gap(self) -> int:
-        """Frames from one search to the next while no face is found: grows by one a miss."""
-        return min(self.misses, self.max_search_gap)
+    def search_gap(self, still: bool = False) -> int:
+        """Frames from one search to the next while no face is found: grows by one a miss, and is
+        ``still_search_gap`` (if longer) while the picture is the one that search looked at."""
+        gap = min(self.misses, self.max_search_gap)
+        return max(gap, self.still_search_gap) if still else gap
 
-    @property
-    def search_can_wait(self) -> bool:
+    def search_can_wait(self, still: bool) -> bool:
         """A search found no face lately and the next one is not due yet (unless the scene changed)."""
-        return self.last_miss is not None and self.frames_since_search + 1 < self.search_gap
+        return self.last_miss is not None and self.frames_since_search + 1 < self.search_gap(still)
 
     def defer_search(self, scene: np.ndarray) -> None:
         """This frame (``scene``) waits for the next search."""
@@ -115,7 +121,7 @@ class FaceTracker:
         self.subject = subject
         self.misses = 0
         self.last_miss = None
-        self.last_scene = None
+        self.last_scene = self.searched_scene = None
         self._since_keyframe = 1
         self._lost = False
 
