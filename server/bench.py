@@ -399,6 +399,10 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         if probe:
             cpu = probe.cpu_seconds() - cpu_before
             report["server_cpu_utilization_pct"] = round(100.0 * cpu / elapsed / (os.cpu_count() or 1), 1)
+            # All server processes' CPU over the frames they answered: a node's ceiling is about
+            # cores × 1000 / this many frames a second, whatever the load generator managed.
+            acknowledged = report["frames_acknowledged"]
+            report["server_cpu_ms_per_frame"] = round(1000.0 * cpu / acknowledged, 2) if acknowledged else None
             report["server_peak_rss_mb"] = probe.peak_rss_mb()
             report["gpu"] = probe.gpu_summary()
         return report

@@ -68,6 +68,6 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 s = r["server"]
 print(json.dumps({k: s.get(k) for k in ("analyzed_per_s", "acknowledged_per_s", "end_to_end_latency_ms", "ack_latency_ms",
-                                         "mean_batch_size", "server_cpu_utilization_pct", "server_frames_received_per_worker", "gpu", "errors")}))
+                                         "mean_batch_size", "server_cpu_utilization_pct", "server_cpu_ms_per_frame", "server_frames_received_per_worker", "gpu", "errors")}))
 print("naive", json.dumps(r.get("naive")), "speedup", r.get("speedup_analyzed_per_s"))
 PY

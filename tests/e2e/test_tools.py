@@ -69,6 +69,7 @@ def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Pa
     assert report["naive"]["frames_processed"] > 0
     assert report["machine"]["cpu_count"] >= 1
     assert server["server_frames_received"] == server["frames_sent"]
+    assert 0 < server["server_cpu_ms_per_frame"] < 1000
 
 
 def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
