@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-STAGES = ("preview", "decode", "detect", "landmarks", "quality", "face_analysis", "warp", "queue_wait", "infer", "end_to_end")
+STAGES = ("preview", "scene_check", "decode", "detect", "landmarks", "quality", "face_analysis", "warp", "queue_wait", "infer", "end_to_end")
 
 
 class Metrics:

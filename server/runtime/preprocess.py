@@ -15,7 +15,7 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -211,40 +211,57 @@ class FacePreprocessor:
         self._verifier = AlignedFaceVerifier()
         self._verifier_lock = threading.Lock()
 
-    def analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None = None, scale: float = 1.0) -> FaceAnalysis:
+    def analyze(
+        self, image_bgr: np.ndarray, tracker: FaceTracker | None = None, scale: float = 1.0,
+        scene: Callable[[], np.ndarray] | None = None,
+    ) -> FaceAnalysis:
         """Find (or follow) the primary face and judge it; never raises for a bad frame.
 
         ``scale``: frame pixels per pixel of ``image_bgr`` (a frame decoded at reduced size); the
         analysis, and what the tracker keeps, are in the frame's coordinates all the same. Its
         ``aligned`` crop is what ``crop`` returns: re-warping would need the full frame.
+        ``scene``: the frame's scene thumbnail, made when first asked for (see ``deferred_search``);
+        by default from ``image_bgr``. A stream must make every thumbnail the same way.
         """
         clock = _thread_state.clock = _StageClock()
         view = tracker if tracker is None or scale == 1.0 else _ScaledTracker(tracker, scale)
-        analysis = self._analyze(image_bgr, view, scale).in_frame(scale)  # type: ignore[arg-type]
+        scene = scene or functools.cache(lambda: scene_thumbnail(image_bgr))
+        analysis = self._analyze(image_bgr, view, scale, scene).in_frame(scale)  # type: ignore[arg-type]
         return dataclasses.replace(analysis, stage_seconds=tuple(clock.seconds.items()))
 
-    def _analyze(self, image_bgr: np.ndarray, tracker: FaceTracker | None, scale: float) -> FaceAnalysis:
+    def deferred_search(self, tracker: FaceTracker, scene: Callable[[], np.ndarray]) -> FaceAnalysis | None:
+        """While a stream finds no face: this frame's rejection if its search can wait (the tracker
+        counts it), else None. Needs only the frame's thumbnail, so a caller can ask before decoding
+        the frame in full; ``analyze`` asks again with the same thumbnail and gets the same answer."""
+        miss, last_scene, searched = tracker.last_miss, tracker.last_scene, tracker.searched_scene
+        if miss is None:
+            return None
+        assert last_scene is not None and searched is not None
+        thumbnail = scene()
+        still = scene_difference(thumbnail, searched) < self.settings.still_scene
+        if not tracker.search_can_wait(still) or scene_difference(thumbnail, last_scene) >= self.settings.scene_change:
+            return None
+        tracker.defer_search(thumbnail)
+        unchanged = "the picture is the one searched" if still else "the scene is unchanged, with no cut"
+        return dataclasses.replace(
+            _rejected(miss.reason, f"{miss.detail} ({unchanged} since that search, "
+                                   f"{tracker.frames_since_search} frame(s) ago; searching every "
+                                   f"{tracker.search_gap(still)} frames until a face is found)"),
+            keyframe=False,
+        )
+
+    def _analyze(
+        self, image_bgr: np.ndarray, tracker: FaceTracker | None, scale: float, scene: Callable[[], np.ndarray],
+    ) -> FaceAnalysis:
         if tracker is not None and tracker.subject is not None and not tracker.keyframe_due:
             tracked = self._track(image_bgr, tracker.subject, scale)
             if tracked is not None and tracked.landmarks is not None:
                 tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
                 return tracked
             tracker.lost()
-        if tracker is not None and tracker.last_miss is not None:
-            miss, last_scene, searched = tracker.last_miss, tracker.last_scene, tracker.searched_scene
-            assert last_scene is not None and searched is not None
-            scene = scene_thumbnail(image_bgr)
-            still = scene_difference(scene, searched) < self.settings.still_scene
-            if tracker.search_can_wait(still) and scene_difference(scene, last_scene) < self.settings.scene_change:
-                tracker.defer_search(scene)
-                unchanged = "the picture is the one searched" if still else "the scene is unchanged, with no cut"
-                return dataclasses.replace(
-                    _rejected(miss.reason, f"{miss.detail} ({unchanged} since that search, "
-                                           f"{tracker.frames_since_search} frame(s) ago; searching every "
-                                           f"{tracker.search_gap(still)} frames until a face is found)"),
-                    keyframe=False,
-                )
-        return self._detect(image_bgr, tracker, scale)
+        if tracker is not None and (deferred := self.deferred_search(tracker, scene)) is not None:
+            return deferred
+        return self._detect(image_bgr, tracker, scale, scene)
 
     def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
         """The model-ready uint8 RGB crop of an accepted analysis; FrameRejected for a rejected one."""
@@ -271,7 +288,9 @@ class FacePreprocessor:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _detect(self, image: np.ndarray, tracker: FaceTracker | None, scale: float) -> FaceAnalysis:
+    def _detect(
+        self, image: np.ndarray, tracker: FaceTracker | None, scale: float, scene: Callable[[], np.ndarray],
+    ) -> FaceAnalysis:
         """Keyframe: detect, verify candidates on their aligned crops, keep (or change) the subject."""
         subject = tracker.subject if tracker is not None else None
         min_face_px = 0.0
@@ -318,7 +337,7 @@ class FacePreprocessor:
             missed = small[0] if small else _rejected(RejectReason.NO_FACE, detail)
             if tracker is not None:
                 assert missed.rejection is not None
-                tracker.missed(SearchMiss(missed.rejection, missed.detail), scene_thumbnail(image))
+                tracker.missed(SearchMiss(missed.rejection, missed.detail), scene())
             return missed
         (box, confidence), analysis, evidence = verified[0]
         analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))

@@ -7,6 +7,7 @@ worker never waits on the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
 from ..metrics import Metrics
 from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_preview_grey, decode_scaled
-from ..runtime.preprocess import FaceAnalysis, FacePreprocessor
+from ..runtime.preprocess import FaceAnalysis, FacePreprocessor, scene_thumbnail
 from ..runtime.quality import preview_sharpness
 from ..runtime.tracking import FaceTracker
 from ..runtime.types import FrameRejected, RejectReason
@@ -86,6 +87,16 @@ class FrameAnalyzer:
         stage = self._metrics.stage_seconds
         analysis: FaceAnalysis | None = None
         try:
+            # Every thumbnail of a stream comes from the cheap reduced grey decode, so a stream
+            # waiting for its next face search settles most frames without a full decode.
+            scene = functools.cache(lambda: scene_thumbnail(decode_preview_grey(frame.image, self._decode_limits)))
+            if tracker is not None and tracker.last_miss is not None:
+                started = time.monotonic()
+                analysis = self._preprocessor.deferred_search(tracker, scene)
+                stage.labels(stage="scene_check").observe(time.monotonic() - started)
+                if analysis is not None:
+                    assert analysis.rejection is not None
+                    raise FrameRejected(analysis.rejection, analysis.detail)
             started = time.monotonic()
             # A large followed face lets the frame decode smaller (keyframes decode in full).
             reduction = self._preprocessor.settings.decode_reduction(tracker)
@@ -93,7 +104,7 @@ class FrameAnalyzer:
             image = decoded.pixels
             stage.labels(stage="decode").observe(time.monotonic() - started)
             started = time.monotonic()
-            analysis = self._preprocessor.analyze(image, tracker, decoded.scale)
+            analysis = self._preprocessor.analyze(image, tracker, decoded.scale, scene)
             stage.labels(stage="face_analysis").observe(time.monotonic() - started)
             for name, seconds in analysis.stage_seconds:
                 stage.labels(stage=name).observe(seconds)

@@ -131,6 +131,27 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on(client: ScreeningClient,
     assert final.rejected == {"decode_failed": 3, "bad_format": 1, "no_face": 1}
 
 
+def test_frames_waiting_for_a_face_search_are_settled_without_a_full_decode(
+    client: ScreeningClient, server: RunningServer, portrait_bgr: np.ndarray
+) -> None:
+    """A fixed camera on an empty scene, then a face: the empty frames after the first search wait
+    for the next one on a quarter-size grey decode; the face is searched for at once."""
+    rng = np.random.default_rng(0)
+    scene = cv2.resize(_grey_gradient(), (640, 480))
+    empty = [jpeg_bytes(np.clip(scene + rng.normal(0, 2, scene.shape), 0, 255).astype(np.uint8)) for _ in range(20)]
+    frames = [FrameData(empty[i], ImageKind.JPEG, index=i) for i in range(20)]
+    frames += [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=20 + i) for i in range(3)]
+    decodes = _metric(server, 'acroscreen_stage_seconds_count{stage="decode"}')
+    checks = _metric(server, 'acroscreen_stage_seconds_count{stage="scene_check"}')
+    events = list(client.screen_stream(frames, ScreenOptions(subject_id="empty-room", analyze_every_frame=True)))
+    results = {e.index: e for e in events if isinstance(e, FrameResult)}
+    assert [results[i].reject_reason for i in range(20)] == ["no_face"] * 20
+    assert all("the picture is the one searched" in results[i].detail for i in range(1, 20))
+    assert [results[i].status for i in range(20, 23)] == ["analyzed"] * 3
+    assert _metric(server, 'acroscreen_stage_seconds_count{stage="decode"}') - decodes == 1 + 3
+    assert _metric(server, 'acroscreen_stage_seconds_count{stage="scene_check"}') - checks == 19 + 1
+
+
 def test_stream_must_start_with_options(server: RunningServer) -> None:
     import grpc
     from acroscreen.v1 import screening_pb2 as pb
