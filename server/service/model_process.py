@@ -12,7 +12,8 @@ crop forgets it at once (its place counts no more, a later answer is ignored)
 and tells the model process, which cancels the crop in its batcher if it is
 still queued (a crop already in a batch runs; no answer is sent for a cancelled
 one). A pipe rather than shared memory: at 3,000 crops/s the two copies cost
-about a tenth of a core, and there are no slots to manage, leak or corrupt. The model process's
+about a fifth of a core (~30-35 µs a crop on each side here, with the pipe widened to
+1 MiB), and there are no slots to manage, leak or corrupt. The model process's
 `DynamicBatcher` keeps its queue policy: when full it sheds the oldest crop of the
 stream (across all workers) with the most queued.
 """
@@ -20,6 +21,7 @@ stream (across all workers) with the most queued.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -46,6 +48,18 @@ _CANCEL = struct.Struct("<I")  # request id (a message of this size on the reque
 MODEL_PROCESS_GONE = "the model process is gone"  # what waiting crops fail with; the cause is logged
 
 
+PIPE_BYTES = 1 << 20  # Linux's limit for an unprivileged process (/proc/sys/fs/pipe-max-size)
+
+
+def _widen(connection: Connection) -> None:
+    """Room for a dozen crops in the pipe: with Linux's default 64 KiB a 75 KiB crop cannot be
+    written until the model process's reader has run, so every send waited for it (measured here:
+    median of 7 runs of 20,000 crops, a crop's send 52 → 36 µs of the worker's CPU, 118 → 68 µs wall). Elsewhere, or
+    refused, the pipe keeps its default size."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLink:
     """One worker's two pipes to the model process; each side uses its own two ends."""
@@ -59,6 +73,7 @@ class ModelLink:
     def create(cls) -> ModelLink:
         requests_in, requests_out = multiprocessing.Pipe(duplex=False)
         results_in, results_out = multiprocessing.Pipe(duplex=False)
+        _widen(requests_out)
         return cls(requests_out, requests_in, results_out, results_in)
 
     @property

@@ -157,3 +157,20 @@ def test_a_cancelled_crop_frees_its_place_at_once_and_does_not_reach_a_busy_mode
     client.submit(crop(5)).result(timeout=30)  # crop 1's answer was ignored and the link still works
     client.stop()
     batcher.stop()
+
+
+def test_a_worker_writes_several_crops_before_the_model_process_reads() -> None:
+    """The requests pipe holds a dozen crops, so a send does not wait for the model process's reader."""
+    link = ModelLink.create()
+    crop = np.zeros(SHAPE, np.uint8).reshape(-1)
+    sent = threading.Event()
+
+    def send() -> None:
+        for _ in range(10):
+            link.requests_out.send_bytes(crop.data)
+        sent.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    assert sent.wait(10.0), "sends blocked with nobody reading"
+    received = [link.requests_in.recv_bytes() for _ in range(10)]
+    assert all(len(r) == crop.nbytes for r in received)
