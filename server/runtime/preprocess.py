@@ -94,8 +94,9 @@ class PreprocessSettings:
     # changes are ≤ 0.4 in our clips, a talking head moves 4–27 in a third of a second (medians).
     # The detector would see the same pixels, so such a picture waits up to ``still_search_gap``
     # frames (5 s at 30 fps) for its next search: an empty room costs a decode and a thumbnail a
-    # frame instead of a search every 10 frames. Anyone stepping in moves a block far more (a
-    # 64-px face, the smallest the quality gate takes, covers about half of a 640×480 frame's block).
+    # frame instead of a search every 10 frames. Anyone stepping in moves a block more: a head
+    # whose face box is 64 px (the smallest the quality gate takes) appearing alone in a still
+    # 1080p scene moved its block by 4.5 (the scene's noise: 0.3).
     still_scene: float = 2.0
     still_search_gap: int = 150
     fit_min_box_px: float = 200.0  # smaller faces are fitted on an upscaled patch (dlib returns whole pixels)
