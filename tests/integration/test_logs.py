@@ -89,11 +89,11 @@ def test_every_line_about_a_stream_names_its_request_id(
     analyze = FacePreprocessor.analyze
     failed = threading.Event()
 
-    def analyze_failing_once(self, image, tracker, scale=1.0):  # noqa: ANN001, ANN202
+    def analyze_failing_once(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not failed.is_set():
             failed.set()
             raise RuntimeError("injected analysis failure")
-        return analyze(self, image, tracker, scale)
+        return analyze(self, *args, **kwargs)
 
     monkeypatch.setattr(FacePreprocessor, "analyze", analyze_failing_once)
     frame = jpeg_bytes(portrait_bgr)
