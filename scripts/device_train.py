@@ -49,7 +49,8 @@ def train_one(args: argparse.Namespace, name: str, fields: dict[str, str]) -> No
 
     files = [Path(p) for p in fields.pop("train", "+".join(map(str, args.train))).split("+")]
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: (float(v) if "float" in str(types[k]) else int(v)) for k, v in fields.items()}
+    overrides = {k: (Path(v) if "Path" in str(types[k]) else float(v) if "float" in str(types[k]) else int(v))
+                 for k, v in fields.items()}
     config = TrainConfig(data=files[0], out=args.work / name / "phantom-demo.safetensors", max_minutes=args.minutes,
                          max_samples=args.max_samples, batch_size=args.batch, patience=args.patience,
                          log_every=args.log_every, int8_calibration_crops=0, **overrides)  # calibrate the one kept, on a CPU

@@ -6,7 +6,10 @@
 #   CLIPS_NPZ    (optional) every 2nd frame of the HOLDOUT phantom clips the slow test
 #                screens (seed 7): per-subject accuracy there is per clip
 #   VARIANTS     (optional) space-separated NAME:field=value,... trained side by side
-#                (scripts/device_train.py); the best on validation is kept
+#                (scripts/device_train.py); the best on validation is kept. Distillation onto dlib's
+#                face descriptors (TrainConfig.distill): make them on a dlib machine for the same caches
+#                in the same order (training.descriptors.write_descriptors on device_train.load_all of
+#                them; ~90 ms a crop a core), carry the .npz, and add e.g. d:distill=.carry/desc.npz
 # Writes to $OUT: the variants' training logs (variant-logs.tgz), variants.json (validation, holdout and clip metrics
 # of each), the kept variant's resolved config, and its fp16 weights split in 15 MiB parts
 # (join with `cat weights.part-* > M`; sha256 in train.log). The device returns at most 8 files.

@@ -10,6 +10,12 @@ Augmentation follows the paper: brightness, saturation, Gaussian noise and
 horizontal flip, applied in torch on whole batches on the training device; a
 small random shift stands in for landmark jitter between video frames.
 
+With `distill` (a descriptor file from `training.descriptors`), a linear head on the
+512-d embedding is also trained to point where dlib's face-recognition descriptor of the
+same crop points (loss weight `distill_weight` on 1 − cosine similarity): features learnt
+from millions of faces, which the few hundred training people cannot teach. The head is
+used only in training; the saved network is the serving architecture.
+
 With `ema_decay` > 0, validation, early stopping and the saved weights use an
 exponential moving average of the weights (and BatchNorm statistics): on a few
 hundred identities the raw weights' validation accuracy swings by several points
@@ -40,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..runtime.model import SeverityNet, center_loss
+from ..runtime.model import EMBEDDING_SIZE, SeverityNet, center_loss
 from ..runtime.card import KINDS, ModelCard, Preprocessing
 from ..runtime.weights import load_weights, read_facenet_checkpoint, save_weights
 from .crops import CropSet, load_or_build_crops, training_preprocessing
@@ -71,6 +77,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off; else validated and saved weights are this EMA of the trained ones
     center_weight: float = 0.003  # λ
     center_lr: float = 0.5  # α
+    distill: Path | None = None  # dlib face descriptors of the training crops (training.descriptors); None = off
+    distill_weight: float = 1.0  # weight of 1 − cosine(head(embedding), descriptor) in the loss
     val_fraction: float = 0.15  # share of identities held out for early stopping and temperature
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     patience: int = 10  # validations without improvement before stopping
@@ -254,7 +262,13 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         load_facenet_backbone(net.backbone, read_facenet_checkpoint(config.backbone_weights))
     net.centers.requires_grad_(False)
     net = net.to(device, memory_format=_memory_format(device))
-    params = [p for p in net.parameters() if p.requires_grad]
+    targets, head = None, None
+    if config.distill is not None:
+        from .descriptors import load_descriptors
+
+        targets = torch.from_numpy(load_descriptors(config.distill, crops)[~val_mask]).to(device)
+        head = torch.nn.Linear(EMBEDDING_SIZE, targets.shape[1]).to(device)  # training only, never saved
+    params = [p for p in net.parameters() if p.requires_grad] + (list(head.parameters()) if head is not None else [])
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -273,6 +287,8 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     if config.checkpoint is not None and Path(config.checkpoint).is_file():
         saved = torch.load(config.checkpoint, map_location=device, weights_only=True)
         net.load_state_dict(saved["net"])
+        if head is not None:
+            head.load_state_dict(saved["distill_head"])
         if averaged is not None:
             averaged.load_state_dict(saved["averaged"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -312,6 +328,9 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         embedding = output.embedding.float()
         c_loss = center_loss(embedding, y, net.centers.detach())
         loss = ce + config.center_weight * c_loss
+        if head is not None and targets is not None:
+            d_loss = 1.0 - F.cosine_similarity(head(embedding), targets[index], dim=1).mean()
+            loss = loss + config.distill_weight * d_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -324,8 +343,10 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             elapsed = time.monotonic() - loop_start
             losses.append(loss.item())
             rate = (step - start_step) * config.batch_size / max(elapsed, 1e-6)
+            distilled = f"  distill {d_loss.item():.3f}" if head is not None else ""
             print(f"step {step}/{state['planned']}  loss {losses[-1]:.4f}  ce {ce.item():.4f}  "
-                  f"center {c_loss.item():.2f}  lr {lr_at(step):.2e}  {rate:.0f} img/s  {elapsed:.0f} s", file=sys.stderr, flush=True)
+                  f"center {c_loss.item():.2f}{distilled}  lr {lr_at(step):.2e}  {rate:.0f} img/s  {elapsed:.0f} s",
+                  file=sys.stderr, flush=True)
             if config.max_minutes and step - start_step == config.log_every:
                 steady_from = time.monotonic()  # after cuDNN autotuning and warm-up
             if config.max_minutes and (step - start_step) in (config.log_every * 3, config.log_every * 10):
@@ -356,10 +377,10 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             stop_reason = "wall-clock cap"
             break
         if config.checkpoint is not None and step % config.checkpoint_every == 0:
-            _save_checkpoint(config.checkpoint, net, averaged, optimizer, best_state, state)
+            _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state)
     print(f"stopped at step {state['step']}: {stop_reason}", file=sys.stderr, flush=True)
     if config.checkpoint is not None:
-        _save_checkpoint(config.checkpoint, net, averaged, optimizer, best_state, state)
+        _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state)
 
     net.load_state_dict(best_state)
     val_logits = evaluate_logits(net, val_pixels, prep, device, config.amp)
@@ -379,6 +400,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         "validation_accuracy": round(state["best_acc"], 4), "validation_nll_calibrated": round(val_nll, 4),
         "temperature": round(temperature, 4), "center_loss_weight": config.center_weight,
         "center_lr": config.center_lr, "ema_decay": config.ema_decay, "seed": config.seed,
+        "distill": str(config.distill) if config.distill else None, "distill_weight": config.distill_weight,
         "backbone_weights": str(config.backbone_weights) if config.backbone_weights else None,
         "init_weights": str(config.init_weights) if config.init_weights else None,
     }
@@ -426,7 +448,7 @@ def _eval_share(val_count: int, batch_size: int, eval_every: int) -> float:
     return (val_count / batch_size) / 3.0 / max(1, eval_every)
 
 
-def _save_checkpoint(path: Path, net: SeverityNet, averaged: AveragedModel | None,
+def _save_checkpoint(path: Path, net: SeverityNet, averaged: AveragedModel | None, head: torch.nn.Module | None,
                      optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor],
                      state: dict[str, float]) -> None:
     """Everything needed to resume (weights_only-loadable); written atomically."""
@@ -436,5 +458,7 @@ def _save_checkpoint(path: Path, net: SeverityNet, averaged: AveragedModel | Non
              "state": {k: torch.tensor(v) for k, v in state.items()}}
     if averaged is not None:
         saved["averaged"] = averaged.state_dict()
+    if head is not None:
+        saved["distill_head"] = head.state_dict()
     torch.save(saved, tmp)
     tmp.replace(path)

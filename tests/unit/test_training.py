@@ -184,3 +184,47 @@ def test_68_point_training_crops_and_evaluation_follow_the_models_preprocessing(
     assert len(predictions.actual) == len(sixty_eight)
     with pytest.raises(ValueError, match="made with"):
         predict_with_model(model, phantom_data / "crops.npz", device="cpu")
+
+
+@needs_data
+def test_face_descriptors_of_crops_tell_people_apart_and_are_found_by_pixels(phantom_data: Path) -> None:
+    """The distillation targets: dlib's descriptors of one person's phantoms (three levels) lie closer
+    together than two people's; they are read back only for the crops they were made for."""
+    from acroscreen.server.training.crops import load_or_build_crops
+    from acroscreen.server.training.descriptors import load_descriptors, write_descriptors
+
+    crops = load_or_build_crops(phantom_data / "data", phantom_data / "crops.npz", workers=1)
+    stored = write_descriptors(crops, phantom_data / "descriptors.npz", processes=1)
+    descriptors = load_descriptors(stored, crops)
+    assert descriptors.shape == (len(crops), 128)
+    people = np.array([s.rsplit("-L", 1)[0] for s in crops.subjects])
+    distance = np.linalg.norm(descriptors[:, None] - descriptors[None], axis=2)
+    same = (people[:, None] == people[None]) & ~np.eye(len(people), dtype=bool)
+    assert distance[same].max() < distance[people[:, None] != people[None]].min()
+    with pytest.raises(ValueError, match="other crops"):
+        load_descriptors(stored, crops.subset(np.arange(len(crops))[::-1]))
+
+
+@needs_data
+def test_distillation_trains_a_head_that_is_not_saved(phantom_data: Path) -> None:
+    """`distill`: the loss gets the descriptor term, the checkpoint keeps the head, the weights file does not."""
+    import torch
+    from acroscreen.server.runtime.weights import load_weights
+    from acroscreen.server.training.crops import load_or_build_crops
+    from acroscreen.server.training.descriptors import write_descriptors
+    from acroscreen.server.training.train import TrainConfig, train
+
+    crops = load_or_build_crops(phantom_data / "data", phantom_data / "crops.npz", workers=1)
+    stored = phantom_data / "descriptors.npz"
+    if not stored.is_file():
+        write_descriptors(crops, stored, processes=1)
+    checkpoint = phantom_data / "distill.ckpt"
+    config = TrainConfig(data=phantom_data / "data", out=phantom_data / "distilled.safetensors", batch_size=4,
+                         max_samples=4 * 6, lr=3e-4, dropout=0.0, brightness=0.0, saturation=0.0, noise_std=0.0,
+                         shift_px=0, val_fraction=0.34, log_every=1, eval_every=3, workers=1, device="cpu",
+                         distill=stored, distill_weight=5.0, checkpoint=checkpoint, int8_calibration_crops=0)
+    result = train(config, crops)
+    assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
+    assert torch.load(checkpoint, weights_only=True)["distill_head"]["weight"].shape == (128, 512)
+    written = load_weights(config.out)  # strict: the serving architecture, no head
+    assert json.loads(written.card.training_summary)["distill_weight"] == 5.0
