@@ -26,7 +26,12 @@ import numpy as np
 
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.sources import video_frames
-from acroscreen.server.training.evaluate import Predictions, run_evaluate, write_predictions_csv
+from acroscreen.server.training.evaluate import (
+    Predictions,
+    evaluate_predictions,
+    format_report,
+    write_predictions_csv,
+)
 from acroscreen.server.training.phantom import holdout_clips, subject_id
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
@@ -54,7 +59,7 @@ def main() -> int:
     parser.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
     parser.add_argument("--people", type=int, help="only the first N holdout identities (default: all)")
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--out", type=Path, help="predictions CSV (default: a temporary file)")
+    parser.add_argument("--out", type=Path, help="also write the clips as a predictions CSV")
     args = parser.parse_args()
 
     rows: list[tuple[int, int, str, tuple[float, float, float]]] = []
@@ -76,10 +81,9 @@ def main() -> int:
         actual=np.array([r[0] for r in rows]), predicted=np.array([r[1] for r in rows]),
         subjects=np.array([r[2] for r in rows]), probabilities=np.array([r[3] for r in rows]).reshape(-1, 3),
     )
-    with contextlib.ExitStack() as stack:
-        out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory())) / "clips.csv"
-        write_predictions_csv(predictions, out)
-        run_evaluate(predictions=out)
+    if args.out is not None:
+        write_predictions_csv(predictions, args.out)
+    print(format_report(evaluate_predictions(predictions, f"{len(rows)} scored holdout phantom clips")))
     return 0
 
 

@@ -91,7 +91,7 @@ class FaceTracker:
         self.last_scene = self.searched_scene = scene
         self.frames_since_search = 0
 
-    def search_gap(self, still: bool = False) -> int:
+    def search_gap(self, still: bool) -> int:
         """Frames from one search to the next while no face is found: grows by one a miss, and is
         ``still_search_gap`` (if longer) while the picture is the one that search looked at."""
         gap = min(self.misses, self.max_search_gap)

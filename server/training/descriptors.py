@@ -6,7 +6,7 @@ the phantom network, trained on a few hundred people, does not learn: mixed with
 probabilities it moved holdout frames from 0.891 to 0.916 (MODEL_CARD.md). At ~75 ms a face on
 the CPU it is too slow to serve, so training can instead pull the network's 512-d embedding
 towards it (`TrainConfig.distill`): computed here once per crop cache, on the CPU, in parallel
-processes (dlib holds the GIL), and stored by crop path beside the cache. Reading them back
+processes (dlib holds the GIL), and stored in the crop set's order with its paths and subjects. Reading them back
 needs only numpy, so a GPU machine without dlib can train with them.
 """
 
@@ -30,7 +30,7 @@ def crop_face_box(input_size: int, box_height_expand: float) -> tuple[int, int, 
 
     geometry = CropGeometry(input_size=input_size, box_height_expand=box_height_expand)
     height = geometry.input_size / (1.0 + geometry.box_height_expand)
-    (left_eye, eye_y), _ = geometry.eye_positions
+    (_, eye_y), _ = geometry.eye_positions
     top = eye_y - CANONICAL_EYE_LINE * height
     left = (geometry.input_size - height) / 2.0
     return round(left), round(top), round(left + height), round(top + height)
