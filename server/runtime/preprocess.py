@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import cv2
-import dlib
 import numpy as np
 
-from .detect import DetectorSettings, HaarFaceDetector, subject_preference
+from .detect import DetectorSettings, HaarFaceDetector, HogFaceDetector, subject_preference
 from .frontal3d import frontal_warp
 from .frontalize import (
     BOX_ALIGNMENT,
@@ -197,7 +196,7 @@ def shared_fitter(points: int) -> LandmarkFitter:
 
 
 class FacePreprocessor:
-    """Thread-safe and cheap to create: Haar and HOG detectors are per thread, the landmark model is shared.
+    """Thread-safe and cheap to create: Haar classifiers are per thread; the HOG detector and the landmark model are shared.
 
     Per-stream state lives in the ``FaceTracker`` the caller passes, never here.
     """
@@ -207,10 +206,7 @@ class FacePreprocessor:
         self.geometry = settings.geometry
         self._detector = detector or HaarFaceDetector(settings.detector)
         self._fitter = shared_fitter(settings.landmark_points)
-        # Built here, once: building dlib's HOG detector holds the GIL for ~0.25 s,
-        # which would stall every other stream if each new thread built its own.
-        self._verifier = AlignedFaceVerifier()
-        self._verifier_lock = threading.Lock()
+        self._hog = HogFaceDetector(settings.detector.fallback_max_side)
 
     def analyze(
         self, image_bgr: np.ndarray, tracker: FaceTracker | None = None, scale: float = 1.0,
@@ -384,6 +380,8 @@ class FacePreprocessor:
     ) -> tuple[list[tuple[Box, float]], float]:
         """Faces in frame coordinates and the image rotation (degrees) at which they were found."""
         faces = self._detector.detect_all(image, min_face_px)
+        if not faces and self.settings.detector.fallback_max_side > 0:
+            faces = self._hog.detect_all(image, min_face_px)
         if faces or not search_rotations:
             return faces, 0.0
         height, width = image.shape[:2]
@@ -445,8 +443,7 @@ class FacePreprocessor:
         with _stage("quality"):
             grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
             if evidence is None:
-                with self._verifier_lock:  # dlib holds the GIL while it runs: the lock costs no parallelism
-                    evidence = self._verifier.evidence(grey)
+                evidence = self._hog.evidence(grey)
             quality, reason, detail = assess(
                 QualityInputs(
                     face_px=detection.box.width * scale,  # in frame pixels
@@ -460,29 +457,6 @@ class FacePreprocessor:
         return FaceAnalysis(
             detection, landmarks, pose, quality, reason, detail, affine, keyframe, aligned=crop
         ), evidence
-
-
-class AlignedFaceVerifier:
-    """dlib's HOG face detector run on the aligned crop: is a frontal face where the eyes say?
-
-    Haar fires on cats, suits and shadows, and the landmark model always returns a
-    face shape; a second, differently trained detector on the aligned crop rejects
-    most of those. Not thread-safe (dlib's scanner keeps state): share it behind a lock.
-    """
-
-    def __init__(self) -> None:
-        self._detector = dlib.get_frontal_face_detector()
-
-    def evidence(self, crop_grey: np.ndarray) -> float:
-        """Best HOG score of a face centred in the crop (≈ −1 … 3); −2 when none is found."""
-        size = crop_grey.shape[0]
-        boxes, scores, _ = self._detector.run(crop_grey, 0, -1.0)
-        best = -2.0
-        for box, score in zip(boxes, scores):
-            cx, cy = (box.left() + box.right()) / 2.0, (box.top() + box.bottom()) / 2.0
-            if abs(cx - size / 2.0) < 0.1 * size and abs(cy - size / 2.0) < 0.125 * size:
-                best = max(best, float(score))
-        return best
 
 
 # Fit patches span this many face-box sides, by landmark model: dlib's 5-point model reads
