@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -83,7 +84,9 @@ def main() -> int:
     )
     if args.out is not None:
         write_predictions_csv(predictions, args.out)
-    print(format_report(evaluate_predictions(predictions, f"{len(rows)} scored holdout phantom clips")))
+    # A clip is its own subject: one block "per clip" says it all.
+    per_clip = dataclasses.replace(predictions, subjects=None)
+    print(format_report(evaluate_predictions(per_clip, f"{len(rows)} scored holdout phantom clips"), row="clip"))
     return 0
 
 

@@ -236,10 +236,11 @@ def report_dict(report: EvaluationReport) -> dict[str, object]:
     return asdict(report)
 
 
-def format_report(report: EvaluationReport) -> str:
-    """A human-readable report; confusion matrix rows are the actual scores."""
+def format_report(report: EvaluationReport, *, row: str = "frame") -> str:
+    """A human-readable report; confusion matrix rows are the actual scores. ``row`` names what one
+    prediction is (a clip screened as a whole is one row, not a frame)."""
     lines = [f"evaluation of {report.source}"]
-    for title, metrics in (("per frame", report.frames), ("per subject", report.subjects)):
+    for title, metrics in ((f"per {row}", report.frames), ("per subject", report.subjects)):
         if metrics is None:
             continue
         lines.append(f"\n{title} (n = {metrics.count})")
