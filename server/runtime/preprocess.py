@@ -68,6 +68,10 @@ class PreprocessSettings:
     box_height_expand: float = 0.4
     alignment: str = SIMILARITY_EYES_V1
     keyframe_interval: int = 10  # streams: detect every N analysed frames, track in between
+    # … and up to every this many while scheduled keyframes keep finding the same face among as
+    # many faces (the gap doubles each time): a keyframe cost a worker as much as its ~10 tracked
+    # frames together (Haar over the frame, then every candidate's fit and HOG check).
+    max_keyframe_interval: int = 40
     max_subject_jump: float = 1.0  # face widths a keyframe detection may be from the subject to be the same person
     max_candidates: int = 4  # detections verified per keyframe, most likely subject first
     min_face_evidence: float = -0.5  # HOG score on the aligned crop below which a detection is not a face
@@ -112,6 +116,9 @@ class PreprocessSettings:
             raise ValueError(f"landmark_points must be 5 or 68, got {self.landmark_points}")
         if self.alignment == FRONTAL_3D_V1 and self.landmark_points != 68:
             raise ValueError(f"alignment {FRONTAL_3D_V1} needs 68 landmark points, got {self.landmark_points}")
+        if self.max_keyframe_interval < self.keyframe_interval:
+            raise ValueError(f"max_keyframe_interval ({self.max_keyframe_interval}) must be >= "
+                             f"keyframe_interval ({self.keyframe_interval})")
         _ = self.geometry  # validates alignment, size and expansion
 
     @property
@@ -143,7 +150,9 @@ class PreprocessSettings:
         }
 
     def new_tracker(self) -> FaceTracker:
-        return FaceTracker(self.keyframe_interval, self.max_search_gap, self.still_search_gap)
+        return FaceTracker(
+            self.keyframe_interval, self.max_search_gap, self.still_search_gap, self.max_keyframe_interval
+        )
 
     def decode_reduction(self, tracker: FaceTracker | None) -> int:
         """1, 2 or 4: how much smaller the next frame may be decoded, from the face the stream follows."""
@@ -345,7 +354,7 @@ class FacePreprocessor:
                 box_from_landmarks(landmarks), confidence, face_count, roll_deg(landmarks), evidence,
                 appearance=_appearance(image, analysis.affine, self.settings.input_size),
             )
-            tracker.keyframe(subject_now)
+            tracker.keyframe(subject_now, same_subject=bool(near) and verified[0][0] in near)
         if subject is not None and not near:
             cx, cy = subject.box.center
             return dataclasses.replace(
@@ -492,8 +501,8 @@ class _ScaledTracker:
         subject = self._tracker.subject
         return dataclasses.replace(subject, box=subject.box.scaled(1.0 / self._scale)) if subject else None
 
-    def keyframe(self, subject: TrackedSubject) -> None:
-        self._tracker.keyframe(dataclasses.replace(subject, box=subject.box.scaled(self._scale)))
+    def keyframe(self, subject: TrackedSubject, *, same_subject: bool = False) -> None:
+        self._tracker.keyframe(dataclasses.replace(subject, box=subject.box.scaled(self._scale)), same_subject=same_subject)
 
     def tracked(self, box: Box, roll_deg: float) -> None:
         self._tracker.tracked(box.scaled(self._scale), roll_deg)

@@ -1,7 +1,9 @@
 """Per-stream face tracking between detections.
 
 Haar detection is the expensive stage, so a stream detects only on keyframes (every
-N frames, or when tracking is lost). In between, landmarks are re-fitted on the box
+N analysed frames, or when tracking is lost). A scheduled keyframe that finds the followed
+face again among as many faces doubles the gap to the next, up to ``max_keyframe_interval``;
+anything else (another face count, another subject, tracking lost) starts again at N. In between, landmarks are re-fitted on the box
 derived from the previous frame's landmarks (on a patch de-rotated by the last
 roll). At a keyframe the detection nearest the followed subject is kept even when a
 larger face is present, so a second person entering never switches the subject
@@ -60,11 +62,18 @@ class SearchMiss:
 class FaceTracker:
     """State of one stream: the subject, and when the next detection is due. Not thread-safe."""
 
-    def __init__(self, keyframe_interval: int = 5, max_search_gap: int = 1, still_search_gap: int = 1) -> None:
-        if min(keyframe_interval, max_search_gap, still_search_gap) < 1:
-            raise ValueError(f"keyframe_interval, max_search_gap and still_search_gap must be >= 1, got "
-                             f"{keyframe_interval}, {max_search_gap}, {still_search_gap}")
+    def __init__(
+        self, keyframe_interval: int = 5, max_search_gap: int = 1, still_search_gap: int = 1,
+        max_keyframe_interval: int | None = None,
+    ) -> None:
+        max_keyframe_interval = keyframe_interval if max_keyframe_interval is None else max_keyframe_interval
+        if min(keyframe_interval, max_search_gap, still_search_gap) < 1 or max_keyframe_interval < keyframe_interval:
+            raise ValueError(f"keyframe_interval, max_search_gap and still_search_gap must be >= 1 and "
+                             f"max_keyframe_interval >= keyframe_interval, got {keyframe_interval}, "
+                             f"{max_search_gap}, {still_search_gap}, {max_keyframe_interval}")
         self.keyframe_interval = keyframe_interval
+        self.max_keyframe_interval = max_keyframe_interval
+        self.keyframe_gap = keyframe_interval  # analysed frames from this keyframe to the next
         self.max_search_gap = max_search_gap
         self.still_search_gap = still_search_gap
         self.subject: TrackedSubject | None = None
@@ -114,10 +123,15 @@ class FaceTracker:
     @property
     def keyframe_due(self) -> bool:
         """Detect now: no subject is being tracked, or N frames have passed since the last detection."""
-        return self._lost or self.subject is None or self._since_keyframe >= self.keyframe_interval
+        return self._lost or self.subject is None or self._since_keyframe >= self.keyframe_gap
 
-    def keyframe(self, subject: TrackedSubject) -> None:
-        """A detection (re)established the subject."""
+    def keyframe(self, subject: TrackedSubject, *, same_subject: bool = False) -> None:
+        """A detection (re)established the subject. ``same_subject``: it is the followed face, found
+        by a scheduled keyframe; with as many faces in view as before, the next keyframe may wait
+        twice as long."""
+        confirmed = same_subject and self.following and self.subject is not None \
+            and subject.face_count == self.subject.face_count
+        self.keyframe_gap = min(2 * self.keyframe_gap, self.max_keyframe_interval) if confirmed else self.keyframe_interval
         self.subject = subject
         self.misses = 0
         self.last_miss = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from acroscreen.server.runtime.detect import HaarFaceDetector
 from acroscreen.server.runtime.frontalize import CropGeometry, eye_centres, warp_face
 from acroscreen.server.runtime.landmarks import LandmarkFitter
 from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
-from acroscreen.server.runtime.tracking import centre_jump
+from acroscreen.server.runtime.tracking import FaceTracker, TrackedSubject, centre_jump
 from acroscreen.server.runtime.types import Box, RejectReason
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -123,12 +124,17 @@ def test_frontalized_eyes_jitter_over_every_frame(preprocessor: FacePreprocessor
 
 
 def test_keyframes_and_tracking(preprocessor: FacePreprocessor) -> None:
-    frames = clip(DATA / "videos" / "retalking_face3.mp4")
-    tracker = preprocessor.settings.new_tracker()
+    """One face all along: each scheduled keyframe finds it again, so the gap doubles up to the maximum."""
+    frames = clip(DATA / "videos" / "retalking_face3.mp4", count=None)
+    settings = preprocessor.settings
+    tracker = settings.new_tracker()
     analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
-    assert [a.keyframe for a in analyses] == [
-        i % preprocessor.settings.keyframe_interval == 0 for i in range(len(frames))
-    ]
+    expected, gap = [0], settings.keyframe_interval
+    while expected[-1] + gap < len(frames):
+        expected.append(expected[-1] + gap)
+        gap = min(2 * gap, settings.max_keyframe_interval)
+    assert len(frames) > 100 and expected[:4] == [0, 10, 30, 70]
+    assert [i for i, a in enumerate(analyses) if a.keyframe] == expected
     assert all(a.accepted for a in analyses), [a.detail for a in analyses]
     first, last = analyses[0].detection, analyses[-1].detection
     assert first is not None and last is not None
@@ -174,6 +180,27 @@ def paste(canvas: np.ndarray, face: np.ndarray, x: int, y: int) -> np.ndarray:
     out = canvas.copy()
     out[y : y + face.shape[0], x : x + face.shape[1]] = face
     return out
+
+
+def test_the_keyframe_gap_starts_again_when_the_face_count_changes_or_tracking_is_lost() -> None:
+    tracker = FaceTracker(keyframe_interval=10, max_keyframe_interval=40)
+    one = TrackedSubject(Box(100, 100, 80, 80), confidence=0.9, face_count=1, roll_deg=0.0)
+    tracker.keyframe(one)  # a search found the face: not a confirmation
+    assert tracker.keyframe_gap == 10
+    gaps = []
+    for _ in range(4):
+        tracker.keyframe(one, same_subject=True)
+        gaps.append(tracker.keyframe_gap)
+    assert gaps == [20, 40, 40, 40]
+    tracker.keyframe(dataclasses.replace(one, face_count=2), same_subject=True)  # someone else came into view
+    assert tracker.keyframe_gap == 10
+    tracker.keyframe(dataclasses.replace(one, face_count=2), same_subject=True)
+    assert tracker.keyframe_gap == 20
+    tracker.lost()
+    tracker.keyframe(dataclasses.replace(one, face_count=2), same_subject=True)  # found again by a search
+    assert tracker.keyframe_gap == 10
+    with pytest.raises(ValueError, match="max_keyframe_interval"):
+        PreprocessSettings(keyframe_interval=10, max_keyframe_interval=5)
 
 
 def test_second_face_does_not_take_over_and_a_new_face_is_flagged(preprocessor: FacePreprocessor) -> None:
