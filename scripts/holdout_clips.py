@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--faces", type=Path, default=SHARED_FACES, help="the data pack's faces/ folder")
     parser.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
     parser.add_argument("--people", type=int, help="only the first N holdout identities (default: all)")
+    parser.add_argument("--photos", type=int, default=1,
+                        help="clips from the first N photographs of each identity (0: all; default 1, the fixed set)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the clips as a predictions CSV")
     args = parser.parse_args()
@@ -68,7 +70,9 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder, _target(args.server) as target, \
             ScreeningClient(target, timeout_s=600) as client:
-        for name, clip in holdout_clips(args.faces, Path(folder), people=args.people, frames=args.frames):
+        for name, clip in holdout_clips(
+            args.faces, Path(folder), people=args.people, photos=args.photos or None, frames=args.frames,
+        ):
             subject = subject_id(name, clip.level)
             result = client.screen(video_frames(clip.path), ScreenOptions(subject_id=subject, analyze_every_frame=True))
             if result.predicted_score is None:

@@ -366,17 +366,22 @@ def holdout_identities(split_file: Path) -> set[str]:
 
 
 def holdout_clips(
-    faces_dir: Path, folder: Path, *, people: int | None = None, frames: int = 16, seed: int = 7,
+    faces_dir: Path, folder: Path, *, people: int | None = None, photos: int | None = 1, frames: int = 16,
+    seed: int = 7,
 ) -> Iterator[tuple[str, PhantomVideo]]:
-    """(identity, clip) for the holdout identities in name order, levels 1–3 each, from the first
-    photograph of each, one generator for all: the fixed clip set of the server-path clip checks
-    (the slow e2e test takes the first 14 people, `scripts/holdout_clips.py` all of them)."""
+    """(source, clip) for the holdout identities in name order, levels 1–3 each, from the first
+    ``photos`` photographs of each (None: all), one generator for all: the fixed clip set of the
+    server-path clip checks (the slow e2e test takes the first 14 people, `scripts/holdout_clips.py`
+    all of them). ``source`` is the identity, or ``identity.photo`` when several photographs are used."""
     names = sorted(holdout_identities(Path(faces_dir) / "SPLIT.md"))[:people]
     rng = np.random.default_rng(seed)
     for name in names:
-        image = cv2.imread(str(sorted((Path(faces_dir) / "identities" / name).glob("*.jpg"))[0]))
-        for level in LEVELS:
-            yield name, make_phantom_video(image, level, Path(folder) / f"{name}-{level}.mp4", rng, frames=frames)
+        for path in sorted((Path(faces_dir) / "identities" / name).glob("*.jpg"))[:photos]:
+            source = name if photos == 1 else f"{name}.{path.stem}"
+            image = cv2.imread(str(path))
+            for level in LEVELS:
+                clip = make_phantom_video(image, level, Path(folder) / f"{source}-{level}.mp4", rng, frames=frames)
+                yield source, clip
 
 
 def subject_id(identity: str, level: int) -> str:
