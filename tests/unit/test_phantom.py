@@ -150,3 +150,14 @@ def test_run_phantom_writes_tree_and_manifest(tmp_path: Path) -> None:
 def test_split_file_lists_the_holdout() -> None:
     holdout = ph.holdout_identities(DATA / "faces" / "SPLIT.md")
     assert len(holdout) == 41 and "Yasser_Arafat" in holdout and "Eileen_Collins" not in holdout
+
+
+@needs_data
+def test_holdout_clips_come_from_the_first_photograph_or_from_each(tmp_path: Path) -> None:
+    first = [(source, clip.level) for source, clip in ph.holdout_clips(DATA / "faces", tmp_path, people=1, frames=4)]
+    assert first == [("Alastair_Campbell", level) for level in ph.LEVELS]
+    each = [(source, clip.level) for source, clip in ph.holdout_clips(
+        DATA / "faces", tmp_path, people=1, photos=None, frames=4)]
+    photos = sorted(p.stem for p in (DATA / "faces" / "identities" / "Alastair_Campbell").glob("*.jpg"))
+    assert len(photos) > 1
+    assert each == [(f"Alastair_Campbell.{photo}", level) for photo in photos for level in ph.LEVELS]
