@@ -370,17 +370,25 @@ def holdout_clips(
     seed: int = 7,
 ) -> Iterator[tuple[str, PhantomVideo]]:
     """(source, clip) for the holdout identities in name order, levels 1–3 each, from the first
-    ``photos`` photographs of each (None: all), one generator for all: the fixed clip set of the
+    ``photos`` photographs of each (None: all; those without a readable face are skipped), one generator for all: the fixed clip set of the
     server-path clip checks (the slow e2e test takes the first 14 people, `scripts/holdout_clips.py`
     all of them). ``source`` is the identity, or ``identity.photo`` when several photographs are used."""
     names = sorted(holdout_identities(Path(faces_dir) / "SPLIT.md"))[:people]
     rng = np.random.default_rng(seed)
+    fit_landmarks = FaceLandmarks()
     for name in names:
         for path in sorted((Path(faces_dir) / "identities" / name).glob("*.jpg"))[:photos]:
             source = name if photos == 1 else f"{name}.{path.stem}"
             image = cv2.imread(str(path))
+            try:
+                landmarks = fit_landmarks(image)
+            except NoFaceError:  # as run_phantom does; every first photograph has a face
+                print(f"skipped {path}: no readable face", file=sys.stderr, flush=True)
+                continue
             for level in LEVELS:
-                clip = make_phantom_video(image, level, Path(folder) / f"{source}-{level}.mp4", rng, frames=frames)
+                clip = make_phantom_video(
+                    image, level, Path(folder) / f"{source}-{level}.mp4", rng, frames=frames, landmarks=landmarks,
+                )
                 yield source, clip
 
 
