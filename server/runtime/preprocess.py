@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .detect import DetectorSettings, HaarFaceDetector, HogFaceDetector, subject_preference
+from .detect import DetectorSettings, HaarFaceDetector, HogFaceDetector, hog_confidence, subject_preference
 from .frontal3d import frontal_warp
 from .frontalize import (
     BOX_ALIGNMENT,
@@ -458,7 +458,7 @@ class FacePreprocessor:
                     face_px=detection.box.width * scale,  # in frame pixels
                     crop_grey=grey,
                     pose=pose,
-                    confidence=detection.confidence * plausibility * _evidence_confidence(evidence),
+                    confidence=detection.confidence * plausibility * hog_confidence(evidence),
                     pitch_measured=len(landmarks) == 68,
                 ),
                 self.settings.quality,
@@ -563,11 +563,6 @@ def _stage(name: str) -> Iterator[None]:
     finally:
         if clock is not None:
             clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - started
-
-
-def _evidence_confidence(evidence: float) -> float:
-    """HOG score → [0, 1]: 0.5 at −0.2, ≈ 0.2 at −0.75, ≈ 0.99 at 1.6 (LFW median)."""
-    return 1.0 / (1.0 + math.exp(-2.5 * (evidence + 0.2)))
 
 
 def landmark_plausibility(landmarks: np.ndarray, box: Box) -> float:

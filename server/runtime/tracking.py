@@ -3,9 +3,9 @@
 Haar detection is the expensive stage, so a stream detects only on keyframes (every
 N analysed frames, or when tracking is lost). A scheduled keyframe that finds the followed
 face again among as many faces doubles the gap to the next, up to ``max_keyframe_interval``;
-anything else (another face count, another subject, tracking lost) starts again at N. In between, landmarks are re-fitted on the box
-derived from the previous frame's landmarks (on a patch de-rotated by the last
-roll). At a keyframe the detection nearest the followed subject is kept even when a
+anything else (another face count, another subject, tracking lost) starts again at N. In
+between, landmarks are re-fitted from the box derived from the previous frames' landmarks
+(on a patch de-rotated by the last roll). At a keyframe the detection nearest the followed subject is kept even when a
 larger face is present, so a second person entering never switches the subject
 silently; the face count is reported. A scheduled keyframe of a followed face
 looks only for faces of comparable size (``keyframe_min_face_ratio`` of its
@@ -131,7 +131,7 @@ class FaceTracker:
 
     @property
     def keyframe_due(self) -> bool:
-        """Detect now: no subject is being tracked, or N frames have passed since the last detection."""
+        """Detect now: no subject is being tracked, or the keyframe gap has passed since the last detection."""
         return self._lost or self.subject is None or self._since_keyframe >= self.keyframe_gap
 
     def keyframe(self, subject: TrackedSubject, *, same_subject: bool = False) -> None:
