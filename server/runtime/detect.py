@@ -57,12 +57,8 @@ class HaarFaceDetector:
         which cost the most: a stream that already follows a face looks only for faces
         of comparable size.
         """
-        height, width = image_bgr.shape[:2]
-        scale = min(1.0, self._settings.max_side / max(height, width))
+        grey, scale = grey_copy(image_bgr, self._settings.max_side)
         smallest = max(self._settings.min_face_px, int(min_face_px * scale))
-        grey = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY) if image_bgr.ndim == 3 else image_bgr
-        if scale < 1.0:
-            grey = cv2.resize(grey, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
         grey = cv2.equalizeHist(grey)
         boxes, _levels, weights = self._classifier().detectMultiScale3(
             grey,
@@ -119,11 +115,7 @@ class HogFaceDetector:
 
     def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
         """Every face as (box in frame coordinates and the cascade's convention, confidence in [0, 1])."""
-        height, width = image_bgr.shape[:2]
-        scale = min(1.0, self._max_side / max(height, width))
-        grey = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY) if image_bgr.ndim == 3 else image_bgr
-        if scale < 1.0:
-            grey = cv2.resize(grey, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        grey, scale = grey_copy(image_bgr, self._max_side)
         with self._lock:
             boxes, scores, _ = self._detector.run(grey, 0, 0.0)
         faces = []
@@ -132,6 +124,17 @@ class HogFaceDetector:
             if box.width >= min_face_px:
                 faces.append((box, hog_confidence(float(score))))
         return faces
+
+
+def grey_copy(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The image in grey, shrunk (area-averaged) so its longer side is at most ``max_side``, and
+    the factor it was shrunk by (copy pixels per image pixel, ≤ 1)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    if scale < 1.0:
+        grey = cv2.resize(grey, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    return grey, scale
 
 
 def hog_confidence(score: float) -> float:
