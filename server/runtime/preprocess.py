@@ -116,10 +116,8 @@ class PreprocessSettings:
             raise ValueError(f"landmark_points must be 5 or 68, got {self.landmark_points}")
         if self.alignment == FRONTAL_3D_V1 and self.landmark_points != 68:
             raise ValueError(f"alignment {FRONTAL_3D_V1} needs 68 landmark points, got {self.landmark_points}")
-        if self.max_keyframe_interval < self.keyframe_interval:
-            raise ValueError(f"max_keyframe_interval ({self.max_keyframe_interval}) must be >= "
-                             f"keyframe_interval ({self.keyframe_interval})")
         _ = self.geometry  # validates alignment, size and expansion
+        _ = self.new_tracker()  # validates the keyframe and search intervals
 
     @property
     def geometry(self) -> CropGeometry:
