@@ -187,7 +187,7 @@ def test_68_point_training_crops_and_evaluation_follow_the_models_preprocessing(
 
 
 @needs_data
-def test_face_descriptors_of_crops_tell_people_apart_and_are_found_by_pixels(phantom_data: Path) -> None:
+def test_face_descriptors_of_crops_tell_people_apart_and_belong_to_their_crops(phantom_data: Path) -> None:
     """The distillation targets: dlib's descriptors of one person's phantoms (three levels) lie closer
     together than two people's; they are read back only for the crops they were made for."""
     from acroscreen.server.training.crops import load_or_build_crops
