@@ -44,6 +44,9 @@ class CapturedForward:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the network on a CUDA device, not {device}")
         self.sizes = tuple(sorted(set(sizes)))
+        # The graphs read the weights where they lay at capture: without this reference the
+        # caller's net could be freed and its memory reused, and every replay would return garbage.
+        self._net = net
         self._inputs: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, SeverityOutput] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}

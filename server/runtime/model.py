@@ -363,7 +363,8 @@ class SeverityModel:
         """Probabilities (softmax of logits / temperature) and embeddings for N crops.
 
         ``crops``: uint8, N x S x S x 3, RGB, S = the card's input size. ``ValueError`` on
-        anything else; ``RuntimeError`` if the network returns a different number of rows.
+        anything else; ``RuntimeError`` if the network returns a different number of rows or
+        non-finite probabilities.
         """
         if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8:
             raise ValueError(f"crops must be a uint8 numpy array, got {getattr(crops, 'dtype', type(crops))}")
@@ -387,7 +388,10 @@ class SeverityModel:
                     f"{tuple(out.embedding.shape)} for a batch of {n} crops"
                 )
             probs = torch.softmax(out.logits.float() / self.card.temperature, dim=1)
-            return _frozen_batch(_to_numpy(probs), _to_numpy(out.embedding.float()))
+            probabilities, embeddings = _to_numpy(probs), _to_numpy(out.embedding.float())
+        if not np.isfinite(probabilities).all():  # never a NaN score: the frames fail instead
+            raise RuntimeError(f"model returned non-finite probabilities for {n} crops")
+        return _frozen_batch(probabilities, embeddings)
 
     def warmup(self) -> None:
         """Run one dummy batch so cuDNN autotuning and allocations happen before traffic."""

@@ -248,6 +248,16 @@ def test_cpu_bf16_matches_fp32_and_auto_follows_the_cpu(loaded: LoadedWeights, m
         SeverityModel(loaded.net, loaded.card, cpu_precision="int4")
 
 
+def test_non_finite_probabilities_are_an_error_not_a_score() -> None:
+    """A network that computes NaN (as CUDA graphs did once, replaying freed weights) fails its batch."""
+    broken = untrained_weights(0)
+    with torch.no_grad():
+        broken.net.classifier.bias[1] = float("nan")
+    model = SeverityModel(broken.net, broken.card, "cpu", cpu_precision="fp32")
+    with pytest.raises(RuntimeError, match="non-finite probabilities for 2 crops"):
+        model.predict(_crops(2))
+
+
 def test_graph_batch_sizes_and_buckets() -> None:
     from acroscreen.server.runtime.cuda_graphs import bucket_for, powers_of_two_up_to
 
