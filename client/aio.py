@@ -170,7 +170,7 @@ class AsyncScreeningClient:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._connections.check_run(accepted)
+                        self._connections.accepted(accepted)
                     async for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

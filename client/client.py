@@ -301,7 +301,7 @@ class ScreeningClient:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._connections.check_run(accepted)
+                        self._connections.accepted(accepted)
                     for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

@@ -5,9 +5,11 @@ gRPC runs every call of a channel over one connection, so every stream of a clie
 on the same worker while the others idle. With `spread_over_workers=True` a client opens
 connections, each with a subchannel pool of its own, until it holds one to every worker the
 server names in its calls' initial metadata (`acroscreen-worker: <run>:<index>/<count>`), and
-closes the duplicates. Each call then goes to the worker with the fewest of this client's calls
-open, ties broken at random so that many clients spread too. A stream accepted by a worker of
-another run (the server restarted) makes the client search again before its next call.
+closes the duplicates. Each call then goes to the least busy worker: by the streams the server
+last reported open on each (`acroscreen-worker-streams: 3,5,4`, every client's, in every call's
+metadata) plus this client's calls placed since, ties broken at random; from a server that reports
+none, by this client's own calls open. A stream accepted by a worker of another run (the server
+restarted) makes the client search again before its next call.
 
 The sync and async clients make the calls; the bookkeeping is here, once.
 """
@@ -15,13 +17,15 @@ The sync and async clients make the calls; the bookkeeping is here, once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-WORKER_KEY = "acroscreen-worker"  # sent by server/transport/servicer.py
+WORKER_KEY = "acroscreen-worker"  # sent by server/transport/workers.py
+WORKER_STREAMS_KEY = "acroscreen-worker-streams"
 
 # Its own TCP connection for a channel: gRPC otherwise shares one among channels to one target.
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
@@ -33,11 +37,16 @@ Connection = TypeVar("Connection")
 MAX_WORKERS = 256
 
 
+# More streams than one worker could hold: a larger count is garbled, not a load.
+MAX_REPORTED_STREAMS = 1 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerId:
     run: str  # random per server start
     index: int
     count: int
+    streams: tuple[int, ...] | None = field(default=None, compare=False)  # open on each worker, when reported
 
 
 def check_spread_options(options: Iterable[tuple[str, object]]) -> None:
@@ -49,19 +58,31 @@ def check_spread_options(options: Iterable[tuple[str, object]]) -> None:
 
 
 def worker_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> WorkerId | None:
-    """The worker a call's initial metadata names; None from a server that names none."""
-    for key, value in metadata or ():
-        if key != WORKER_KEY:
-            continue
-        text = value.decode() if isinstance(value, bytes) else value
-        run, _, position = text.rpartition(":")
-        index, _, count = position.partition("/")
-        try:
-            worker = WorkerId(run, int(index), int(count))
-        except ValueError:
-            return None
-        return worker if 0 <= worker.index < worker.count <= MAX_WORKERS else None
-    return None
+    """The worker a call's initial metadata names, with the streams open on each worker where the
+    server reports them; None from a server that names none."""
+    values = {key: value.decode() if isinstance(value, bytes) else value for key, value in metadata or ()}
+    if WORKER_KEY not in values:
+        return None
+    run, _, position = values[WORKER_KEY].rpartition(":")
+    index, _, count = position.partition("/")
+    try:
+        worker = WorkerId(run, int(index), int(count))
+    except ValueError:
+        return None
+    if not 0 <= worker.index < worker.count <= MAX_WORKERS:
+        return None
+    return dataclasses.replace(worker, streams=_streams(values.get(WORKER_STREAMS_KEY), worker.count))
+
+
+def _streams(text: str | None, count: int) -> tuple[int, ...] | None:
+    """`3,5,4`: one count per worker, or None (not reported, or garbled: ignored, never an error)."""
+    try:
+        streams = tuple(int(part) for part in text.split(",")) if text else ()
+    except ValueError:
+        return None
+    if len(streams) != count or not all(0 <= n <= MAX_REPORTED_STREAMS for n in streams):
+        return None
+    return streams
 
 
 def connection_budget(workers: int) -> int:
@@ -70,41 +91,76 @@ def connection_budget(workers: int) -> int:
     return 6 * workers
 
 
-class WorkerPool(Generic[Connection]):
-    """One connection per worker found, and how many of this client's calls each has open. Thread-safe."""
+@dataclass(frozen=True, slots=True)
+class Placement(Generic[Connection]):
+    """One call placed on a worker; `report` counts the reports that came before it."""
 
-    def __init__(self, run: str | None, connections: dict[int, Connection]) -> None:
+    index: int
+    connection: Connection
+    report: int
+
+
+class WorkerPool(Generic[Connection]):
+    """One connection per worker found, and how busy each worker is. Thread-safe.
+
+    Busy means, once the server has reported its streams: the streams open on the worker at the
+    last report (every client's) plus this client's calls placed there since; before that, this
+    client's calls open there. A call that ends takes itself off whichever of the two counted it.
+    """
+
+    def __init__(self, run: str | None, connections: dict[int, Connection],
+                 streams: tuple[int, ...] | None = None) -> None:
         if not connections:
             raise ValueError("a worker pool needs a connection")
         self.run = run
         self._connections = connections
         self._open = dict.fromkeys(connections, 0)
+        self._reported: dict[int, int] | None = None
+        self._since = dict.fromkeys(connections, 0)
+        self._reports = 0
         self._lock = threading.Lock()
+        if streams is not None:
+            self.report(streams)
 
     @property
     def connections(self) -> list[Connection]:
         return list(self._connections.values())
 
-    def acquire(self) -> tuple[int, Connection]:
-        """The worker with the fewest calls open (ties at random) and its connection; `release` it after."""
+    def report(self, streams: tuple[int, ...]) -> None:
+        """The streams a call's metadata reported open on each worker (this client's among them)."""
         with self._lock:
-            fewest = min(self._open.values())
-            index = random.choice([i for i, n in self._open.items() if n == fewest])
-            self._open[index] += 1
-            return index, self._connections[index]
+            self._reported = {index: streams[index] for index in self._connections if index < len(streams)}
+            self._since = dict.fromkeys(self._connections, 0)
+            self._reports += 1
 
-    def release(self, index: int) -> None:
+    def acquire(self) -> Placement[Connection]:
+        """The least busy worker (ties at random) and its connection; `release` it after."""
         with self._lock:
+            reported, since = self._reported, self._since
+            busy = self._open if reported is None else {i: reported.get(i, 0) + since[i] for i in self._connections}
+            least = min(busy.values())
+            index = random.choice([i for i, n in busy.items() if n == least])
+            self._open[index] += 1
+            since[index] += 1
+            return Placement(index, self._connections[index], self._reports)
+
+    def release(self, placement: Placement[Connection]) -> None:
+        with self._lock:
+            index = placement.index
             self._open[index] -= 1
+            if placement.report < self._reports and self._reported is not None:
+                self._reported[index] = max(0, self._reported.get(index, 0) - 1)  # a report counted it
+            else:
+                self._since[index] = max(0, self._since[index] - 1)
 
     @contextlib.contextmanager
     def placed(self) -> Iterator[Connection]:
         """The connection for one call, counted as open until the block ends."""
-        index, connection = self.acquire()
+        placement = self.acquire()
         try:
-            yield connection
+            yield placement.connection
         finally:
-            self.release(index)
+            self.release(placement)
 
 
 class WorkerConnections(Generic[Connection]):
@@ -126,13 +182,18 @@ class WorkerConnections(Generic[Connection]):
             self._pool = pool
         return pool
 
-    def check_run(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-        """A call accepted by a worker of another server run (a restart): search again before the next call."""
+    def accepted(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """A call's initial metadata: the workers' streams it reports update the pool; a worker of
+        another server run (a restart) makes the client search again before its next call."""
         worker = worker_of(metadata)
         with self._lock:
-            if self._pool is not None and worker is not None and worker.run != self._pool.run:
-                self._stale.extend(c for c in self._pool.connections if c is not self.first)
+            pool = self._pool
+            if pool is not None and worker is not None and worker.run != pool.run:
+                self._stale.extend(c for c in pool.connections if c is not self.first)
                 self._pool = None
+                return
+        if pool is not None and worker is not None and worker.streams is not None:
+            pool.report(worker.streams)
 
     def all(self) -> list[Connection]:
         """Every connection the client opened and kept, each once."""
@@ -148,6 +209,7 @@ class WorkerSearch(Generic[Connection]):
         self._worker = worker
         self._found: dict[int, Connection] = {worker.index if worker else 0: first}
         self._tries_left = connection_budget(worker.count) if worker else 0
+        self._streams = worker.streams if worker else None  # the latest report seen
 
     @property
     def done(self) -> bool:
@@ -156,10 +218,13 @@ class WorkerSearch(Generic[Connection]):
     def offer(self, connection: Connection, worker: WorkerId | None) -> bool:
         """True if the search keeps `connection` (a worker not found yet); else the caller closes it."""
         self._tries_left -= 1
-        if self._worker is None or worker is None or worker.run != self._worker.run or worker.index in self._found:
+        if self._worker is None or worker is None or worker.run != self._worker.run:
+            return False
+        self._streams = worker.streams or self._streams
+        if worker.index in self._found:
             return False
         self._found[worker.index] = connection
         return True
 
     def pool(self) -> WorkerPool[Connection]:
-        return WorkerPool(self._worker.run if self._worker else None, self._found)
+        return WorkerPool(self._worker.run if self._worker else None, self._found, self._streams)

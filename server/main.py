@@ -25,7 +25,7 @@ from .runtime.card import ModelCard
 from .service.model_process import ModelLink, RemoteModel, ServedModel
 from .service.screening import ScreeningService
 from .transport.server import GrpcServer
-from .transport.servicer import WorkerIdentity
+from .transport.workers import WorkerIdentity
 
 log = logging.getLogger("acroscreen.server")
 

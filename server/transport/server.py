@@ -20,7 +20,8 @@ from .auth import (
     warn_about_exposure,
 )
 from .errors import ErrorMappingInterceptor
-from .servicer import ScreeningServicer, WorkerIdentity
+from .servicer import ScreeningServicer
+from .workers import WorkerIdentity
 
 log = logging.getLogger(__name__)
 

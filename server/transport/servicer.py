@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import grpc
 from acroscreen.v1 import screening_pb2 as pb
@@ -20,31 +18,9 @@ from ..service.types import FrameAck, FramePrediction
 from . import convert
 from .auth import principal_of
 from .errors import REQUEST_ID_KEY
+from .workers import WorkerIdentity
 
 log = logging.getLogger(__name__)
-
-# Initial metadata of every screening call: which process of the server answers it. The kernel
-# hands each connection to one worker (SO_REUSEPORT), so a client that wants its streams spread
-# over the workers opens connections until it has one to each (acroscreen.client.workers).
-WORKER_KEY = "acroscreen-worker"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerIdentity:
-    """Worker `index` of `count` in one server run (`instance`, random per start: a restart is a new one)."""
-
-    instance: str
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def new_instance(cls, count: int = 1) -> WorkerIdentity:
-        """Worker 0 of a new run; the supervisor gives each worker its index with `dataclasses.replace`."""
-        return cls(instance=secrets.token_hex(6), index=0, count=count)
-
-    def metadata(self) -> tuple[str, str]:
-        return WORKER_KEY, f"{self.instance}:{self.index}/{self.count}"
-
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
     """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded)."""
@@ -72,29 +48,30 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
-        # Initial metadata marks the stream accepted, sent at once and whatever else holds: clients
-        # send no frame before it (they wait ACCEPTANCE_WAIT_S at most), so a refusal (model
-        # loading, draining, too many streams) never races a frame being written.
-        self._send_initial_metadata(context)
-        log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
-        context.add_callback(session.cancel)
-        reader = _StreamReader(request_iterator, session)
-        reader.start()
-        try:
-            for event in session.events():
-                if isinstance(event, FramePrediction):
-                    yield convert.frame_result(event)
-                elif isinstance(event, FrameAck):
-                    yield convert.frame_ack(event)
-                else:
-                    yield pb.ScreenResponse(subject=convert.subject_result(event))
-        finally:
-            error = type(reader.error).__name__ if reader.error else None
-            log.info("stream closed", extra={"error": error})
-        # No join: a stream finished by a limit or by idling may still have a reader
-        # blocked on the client; ending the call releases it.
-        if reader.error is not None:
-            raise reader.error
+        with self._worker.stream():  # counted before the metadata that reports it
+            # Initial metadata marks the stream accepted, sent at once and whatever else holds: clients
+            # send no frame before it (they wait ACCEPTANCE_WAIT_S at most), so a refusal (model
+            # loading, draining, too many streams) never races a frame being written.
+            self._send_initial_metadata(context)
+            log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
+            context.add_callback(session.cancel)
+            reader = _StreamReader(request_iterator, session)
+            reader.start()
+            try:
+                for event in session.events():
+                    if isinstance(event, FramePrediction):
+                        yield convert.frame_result(event)
+                    elif isinstance(event, FrameAck):
+                        yield convert.frame_ack(event)
+                    else:
+                        yield pb.ScreenResponse(subject=convert.subject_result(event))
+            finally:
+                error = type(reader.error).__name__ if reader.error else None
+                log.info("stream closed", extra={"error": error})
+            # No join: a stream finished by a limit or by idling may still have a reader
+            # blocked on the client; ending the call releases it.
+            if reader.error is not None:
+                raise reader.error
 
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
         self._send_initial_metadata(context)
@@ -116,7 +93,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         one behind the error-mapping interceptor, which opens the scope)."""
         request_id = current_request_id()
         ids = () if request_id is None else ((REQUEST_ID_KEY, request_id),)
-        context.send_initial_metadata((self._worker.metadata(), *ids))
+        context.send_initial_metadata((*self._worker.metadata(), *ids))
 
 
 class _StreamReader(threading.Thread):

@@ -153,6 +153,42 @@ def test_one_client_spreads_its_streams_over_the_workers_when_asked(portrait_jpe
         assert process.wait(timeout=60) == 0
 
 
+def test_separate_clients_spread_by_the_streams_each_worker_reports_open(portrait_jpeg: bytes) -> None:
+    """Four clients, one stream each, opened one after another: each client's own calls cannot
+    tell it where the others went (a random pick would put all four on one worker 1 time in 8),
+    the workers' reported stream counts can: two on each, every time."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
+        worker_metrics = [first_metrics]
+        for line in process.stdout:
+            if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
+                worker_metrics.append(int(match.group(1)))
+                break
+        accepted = [threading.Event() for _ in range(4)]
+        all_open = threading.Barrier(4, timeout=60)
+
+        def screen(i: int) -> int:
+            def frames() -> Iterator[FrameData]:
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)  # taken once the stream is accepted
+                accepted[i].set()
+                all_open.wait()
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
+
+            if i:
+                assert accepted[i - 1].wait(60)  # the previous client's stream is open and counted
+            with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60, spread_over_workers=True) as client:
+                return client.screen(frames(), ScreenOptions(subject_id=f"c-{i}")).frames_received
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(screen, range(4))) == [2, 2, 2, 2]
+        received = sorted(_counter(m, "acroscreen_frames_received_total") for m in worker_metrics)
+        assert received == [4.0, 4.0]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
 def _counter(metrics_port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)

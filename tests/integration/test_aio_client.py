@@ -312,7 +312,7 @@ def test_spreading_over_workers_with_a_one_process_server(aio_server: RunningSer
         pool = client._workers()
         assert pool is not None and len(pool.connections) == 1 and pool.run is not None
         # A stream accepted by another run (a restart) makes the client search again.
-        client._connections.check_run([(WORKER_KEY, "another-run:0/1")])
+        client._connections.accepted([(WORKER_KEY, "another-run:0/1")])
         assert client._workers() is not pool
     with pytest.raises(AuthenticationError):  # the search itself is refused without the token
         with ScreeningClient(_target(aio_server), timeout_s=10, spread_over_workers=True) as client:

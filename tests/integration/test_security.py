@@ -26,7 +26,7 @@ from acroscreen.server.config import Settings
 from acroscreen.server.errors import ConfigurationError
 from acroscreen.server.main import DEFAULT_WEIGHTS, RunningServer, start
 from acroscreen.server.transport.server import GrpcServer
-from acroscreen.server.transport.servicer import WorkerIdentity
+from acroscreen.server.transport.workers import WorkerIdentity
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec

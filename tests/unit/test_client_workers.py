@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from acroscreen.client import ScreeningClient
 from acroscreen.client.aio import AsyncScreeningClient
-from acroscreen.client.workers import WORKER_KEY, WorkerId, WorkerPool, WorkerSearch, connection_budget, worker_of
-from acroscreen.server.transport.servicer import WorkerIdentity
+from acroscreen.client.workers import (
+    WORKER_KEY,
+    WORKER_STREAMS_KEY,
+    WorkerId,
+    WorkerPool,
+    WorkerSearch,
+    connection_budget,
+    worker_of,
+)
+from acroscreen.server.transport.workers import WorkerIdentity
 
 
 def test_the_client_reads_the_worker_the_server_names() -> None:
     identity = WorkerIdentity(instance="a1b2", index=2, count=4)
-    assert worker_of([("x-request-id", "r"), identity.metadata()]) == WorkerId("a1b2", 2, 4)
+    assert worker_of([("x-request-id", "r"), *identity.metadata()]) == WorkerId("a1b2", 2, 4)
     assert worker_of([(WORKER_KEY, b"a1b2:0/1")]) == WorkerId("a1b2", 0, 1)
     assert worker_of([("x-request-id", "r")]) is None  # an older server names none
     assert worker_of(None) is None
@@ -22,12 +32,47 @@ def test_the_client_reads_the_worker_the_server_names() -> None:
 def test_each_call_goes_to_the_worker_with_the_fewest_open_and_ties_are_random() -> None:
     pool = WorkerPool("run", {0: "c0", 1: "c1", 2: "c2"})
     first = [pool.acquire() for _ in range(3)]
-    assert sorted(first) == [(0, "c0"), (1, "c1"), (2, "c2")]  # one call on each
-    pool.release(1)
-    assert pool.acquire() == (1, "c1")  # the only one with a free place
+    assert sorted((p.index, p.connection) for p in first) == [(0, "c0"), (1, "c1"), (2, "c2")]  # one on each
+    pool.release(next(p for p in first if p.index == 1))
+    assert pool.acquire().connection == "c1"  # the only one with a free place
     # With all free, many one-call clients pick every worker, not always the first.
-    picks = {WorkerPool("run", {0: "c0", 1: "c1", 2: "c2"}).acquire()[0] for _ in range(60)}
+    picks = {WorkerPool("run", {0: "c0", 1: "c1", 2: "c2"}).acquire().index for _ in range(60)}
     assert picks == {0, 1, 2}
+
+
+def test_the_streams_a_worker_of_several_reports_open_reach_the_client() -> None:
+    run = WorkerIdentity.new_instance(3)
+    second = dataclasses.replace(run, index=1)
+    with second.stream(), second.stream(), dataclasses.replace(run, index=2).stream():
+        assert worker_of(second.metadata()) == WorkerId(run.instance, 1, 3)
+        assert worker_of(second.metadata()).streams == (0, 2, 1)
+    assert worker_of(run.metadata()).streams == (0, 0, 0)  # each stream uncounted when it ends
+    assert len(WorkerIdentity.new_instance().metadata()) == 1  # one process: nothing to balance, no count
+    for garbled in ("1,2", "1,x,3", "1,-2,3", ""):
+        worker = worker_of([(WORKER_KEY, "r:0/3"), (WORKER_STREAMS_KEY, garbled)])
+        assert worker == WorkerId("r", 0, 3) and worker.streams is None  # ignored, never an error
+
+
+def test_calls_go_to_the_worker_least_busy_by_the_last_report_plus_calls_placed_since() -> None:
+    pool = WorkerPool("run", {0: "c0", 1: "c1", 2: "c2"}, streams=(4, 1, 5))  # mostly other clients' streams
+    early = [pool.acquire() for _ in range(3)]
+    assert [p.index for p in early] == [1, 1, 1]  # worker 1 at 4 now, as busy as worker 0
+    pool.report((4, 3, 5))  # the server had counted two of them when it answered
+    late = pool.acquire()
+    assert late.index == 1  # 3 + 0 since the report
+    pool.release(early[0])  # the report counted it: 4 / 3 / 5
+    assert pool.acquire().index == 1
+    pool.release(late)  # placed after the report: off the calls placed since, 4 / 3 / 5 again
+    assert pool.acquire().index == 1
+    assert pool.acquire().index in (0, 1)  # 4 / 4 / 5: a tie
+
+
+def test_a_pool_without_reports_keeps_counting_its_own_calls() -> None:
+    pool = WorkerPool("run", {0: "c0", 1: "c1"})
+    a, b = pool.acquire(), pool.acquire()
+    assert {a.index, b.index} == {0, 1}
+    pool.release(a)
+    assert pool.acquire().index == a.index
 
 
 def test_a_search_keeps_one_connection_per_worker_of_its_run_and_stops_at_its_budget() -> None:

@@ -79,7 +79,11 @@ class ScreeningServicer:
         random per server start; count: the `--workers` processes sharing the
         port). The kernel gives each connection to one of them, so a client that
         wants its calls spread over them opens connections until it holds one to
-        each (the Python clients: `spread_over_workers=True`).
+        each (the Python clients: `spread_over_workers=True`). A server of several
+        workers also reports the screening streams open on each, every client's:
+        `acroscreen-worker-streams: 3,5,4` (one count per worker, by index), so a
+        client can place its next stream on the least busy worker of the server
+        (the Python clients do, counting their own streams placed since).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
