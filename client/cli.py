@@ -94,6 +94,8 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--connections", choices=("per-worker", "per-stream"), default="per-worker",
                        help="per-worker: each load process is one client spreading its streams over the server's "
                        "workers; per-stream: a connection per stream, placed on a worker by the kernel")
+    bench.add_argument("--ramp-s", type=float, default=0.0,
+                       help="start the streams one after another, evenly over this many seconds (0: all at once)")
     bench.add_argument("--baseline", choices=("naive",), default=None, help="also run the naive pipeline")
     bench.add_argument("--baseline-duration", type=float, default=15.0)
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -331,6 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
         baseline_duration_s=args.baseline_duration,
         load_processes=args.load_processes,
         connections=args.connections,
+        ramp_s=args.ramp_s,
     )
     report = json.dumps(run_bench(config, args.device), indent=2)
     if args.out:

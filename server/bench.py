@@ -57,7 +57,14 @@ class BenchConfig:
     # "per-worker": each load process is one client spreading its streams over the server's
     # workers (`spread_over_workers`); "per-stream": a connection per stream, placed by the kernel.
     connections: str = "per-worker"
+    # Streams start one after another, evenly over this many seconds (separate callers do not
+    # start in the same millisecond, and each placement then sees the streams before it); 0: at once.
+    ramp_s: float = 0.0
     jpeg_quality: int = 85
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ramp_s < self.duration_s:
+            raise ValueError(f"ramp_s must be in [0, duration_s), got {self.ramp_s} for {self.duration_s} s")
 
 
 @dataclass
@@ -123,8 +130,10 @@ def _stream(
     clip: list[FrameData],
     config: BenchConfig,
     stats: _StreamStats,
+    start_at: float,
     deadline: float,
 ) -> None:
+    time.sleep(max(0.0, start_at - time.monotonic()))
     sent_at: dict[int, float] = {}
     acknowledged: set[int] = set()
 
@@ -183,8 +192,10 @@ def _stream_threads(
         return ScreeningClient(target, timeout_s=timeout_s, options=[OWN_CONNECTION])
 
     stats = [_StreamStats() for _ in indices]
+    started = deadline - config.duration_s
     threads = [
-        threading.Thread(target=_stream, args=(connect, clips[i % len(clips)], config, stats[k], deadline))
+        threading.Thread(target=_stream, args=(connect, clips[i % len(clips)], config, stats[k],
+                                               started + config.ramp_s * i / config.streams, deadline))
         for k, i in enumerate(indices)
     ]
     with shared or contextlib.nullcontext():

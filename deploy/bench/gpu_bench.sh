@@ -59,7 +59,7 @@ for name, model in (("eager", eager), ("graphs", graphs)):
 PY
 fi
 "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$STREAMS" \
-    --duration "$DURATION" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
+    --duration "$DURATION" --ramp-s "${RAMP_S:-2}" --pace realtime --every-frame --baseline naive --baseline-duration "$BASELINE" \
     --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
     --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 --server-arg=--workers="$WORKERS" \
     --out "$OUT/bench_gpu.json" 2>>"$OUT/bench.log" >/dev/null

@@ -56,12 +56,15 @@ def test_preprocess_writes_crops_and_json(tmp_path: Path) -> None:
 
 
 def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Path) -> None:
-    """A short bench: two streams from two load processes, then the naive pipeline on the same frames."""
+    """A short bench: two streams from two load processes, the second starting a second after the
+    first, then the naive pipeline on the same frames."""
     out = tmp_path / "bench.json"
     run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "2", "--duration", "3",
-               "--load-processes", "2", "--baseline", "naive", "--baseline-duration", "2", "--out", str(out))
+               "--ramp-s", "2", "--load-processes", "2", "--baseline", "naive", "--baseline-duration", "2",
+               "--out", str(out))
     report = json.loads(run.stdout)
     assert json.loads(out.read_text()) == report
+    assert report["config"]["ramp_s"] == 2.0
     server = report["server"]
     assert server["errors"] == [] and server["final_results"] == 2
     assert server["frames_acknowledged"] == server["frames_sent"] > 0
