@@ -5,7 +5,8 @@
 # Prepared here by deploy/bench/prepare_gpu_bench.sh:
 #   .whl/    OpenCV 4.x wheel alone (62 MB): installed to /tmp/site by a first call
 #            (`INSTALL_OPENCV_ONLY=1 bash deploy/bench/gpu_bench.sh`), which survives while the machine is warm
-#   .whl2/   grpcio, protobuf, dlib-bin, grpcio-health-checking, grpcio-reflection (cp312)
+#   .whl2/   grpcio, protobuf, dlib-bin, grpcio-health-checking, grpcio-reflection (cp312), and
+#            pytest with its dependencies and pytest-timeout, for the `gpu`-marked tests run first
 #   .carry/bench/  clips.npz (8 clips × 60 JPEG frames) and the dlib 5-point landmark model
 # Writes $OUT/bench_gpu.json (the `acroscreen bench` report, with the GPU named) and $OUT/bench.log.
 # CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=2 DURATION=5 BASELINE=3 WORKERS=2 \
@@ -37,6 +38,9 @@ cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_mod
 export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
+if [ "$DEVICE" = cuda ]; then  # the tests no CPU machine runs; the bench goes on either way, the log says
+    "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) 2>&1 | tail -15 | tee -a "$OUT/bench.log" || true
+fi
 if [ "$DEVICE" = cuda ]; then  # CUDA graphs against eager on this GPU: agreement, and faces/s at batch 64
 "$PYTHON" - <<'PY' 2>&1 | tee -a "$OUT/bench.log"
 import time, numpy as np, torch

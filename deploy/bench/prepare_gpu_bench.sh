@@ -12,6 +12,10 @@ download .whl "opencv-python-headless==4.14.0.94"
 for spec in grpcio==1.85.3 protobuf==7.36.2 dlib-bin==20.0.1.post1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1; do
     download .whl2 "$spec"
 done
+# pytest for the `gpu`-marked tests, which gpu_bench.sh runs first (~1 MB).
+for spec in pytest pluggy iniconfig packaging pygments pytest-timeout; do
+    download .whl2 "$spec==$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$spec'))")"
+done
 cp "$(.venv/bin/python -c 'import importlib.util as u; print(list(u.find_spec("face_recognition_models").submodule_search_locations)[0])')/models/shape_predictor_5_face_landmarks.dat" .carry/bench/
 .venv/bin/python - <<'PY'
 from pathlib import Path
