@@ -131,11 +131,7 @@ def test_one_client_spreads_its_streams_over_the_workers_when_asked(portrait_jpe
 
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
     with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
-        worker_metrics = [first_metrics]
-        for line in process.stdout:
-            if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
-                worker_metrics.append(int(match.group(1)))
-                break
+        worker_metrics = _both_workers_metrics(process, first_metrics)
         all_open = threading.Barrier(4, timeout=60)
 
         def frames() -> Iterator[FrameData]:
@@ -161,11 +157,7 @@ def test_separate_clients_spread_by_the_streams_each_worker_reports_open(portrai
 
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
     with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
-        worker_metrics = [first_metrics]
-        for line in process.stdout:
-            if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
-                worker_metrics.append(int(match.group(1)))
-                break
+        worker_metrics = _both_workers_metrics(process, first_metrics)
         accepted = [threading.Event() for _ in range(4)]
         all_open = threading.Barrier(4, timeout=60)
 
@@ -187,6 +179,14 @@ def test_separate_clients_spread_by_the_streams_each_worker_reports_open(portrai
         assert received == [4.0, 4.0]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def _both_workers_metrics(process: subprocess.Popen[str], first_metrics: int) -> list[int]:
+    """The metrics ports of a `--workers 2` server's two workers: the second prints its own line."""
+    for line in process.stdout:
+        if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
+            return [first_metrics, int(match.group(1))]
+    raise AssertionError("the second worker never said where it serves")
 
 
 def _counter(metrics_port: int, name: str) -> float:
