@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import multiprocessing
+import mmap
 import secrets
 import threading
 from collections.abc import Iterator
@@ -27,7 +27,9 @@ class WorkerStreams:
     forks them: each worker counts its own (its threads under its own lock), every worker reads all."""
 
     def __init__(self, count: int) -> None:
-        self._counts = multiprocessing.RawArray(ctypes.c_int32, count)
+        # Anonymous shared memory: the forked workers see one copy, and nothing is backed by a file.
+        self._memory = mmap.mmap(-1, ctypes.sizeof(ctypes.c_int32) * count)
+        self._counts = (ctypes.c_int32 * count).from_buffer(self._memory)
         self._lock = threading.Lock()  # held by no thread at the fork, so each worker starts with it free
 
     @contextlib.contextmanager
