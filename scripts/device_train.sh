@@ -10,6 +10,9 @@
 #                face descriptors (TrainConfig.distill): make them on a dlib machine for the same caches
 #                in the same order (training.descriptors.write_descriptors on device_train.load_all of
 #                them; ~90 ms a crop a core), carry the .npz, and add e.g. d:distill=.carry/desc.npz
+# The device tool sends the working tree and the carried paths, 64 MiB in all, and the shipped
+# weights (server/weights/phantom-demo.safetensors, 47 MB, tracked) leave too little room: move
+# them out of the tree for the call and back after (neither this script nor its results need them).
 # Writes to $OUT: the variants' training logs (variant-logs.tgz), variants.json (validation, holdout and clip metrics
 # of each), the kept variant's resolved config, and its fp16 weights split in 15 MiB parts
 # (join with `cat weights.part-* > M`; sha256 in train.log). The device returns at most 8 files.

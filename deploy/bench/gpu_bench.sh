@@ -8,6 +8,9 @@
 #   .whl2/   grpcio, protobuf, dlib-bin, grpcio-health-checking, grpcio-reflection (cp312), and
 #            pytest with its dependencies and pytest-timeout, for the `gpu`-marked tests run first
 #   .carry/bench/  clips.npz (8 clips × 60 JPEG frames) and the dlib 5-point landmark model
+# The device tool sends the working tree and the carried paths, 64 MiB in all, and the shipped
+# weights (server/weights/phantom-demo.safetensors, 47 MB, tracked) leave too little room: move
+# them out of the tree for the call and back after (neither this script nor its results need them).
 # Writes $OUT/bench_gpu.json (the `acroscreen bench` report, with the GPU named) and $OUT/bench.log.
 # CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=2 DURATION=5 BASELINE=3 WORKERS=2 \
 #   OUT=/tmp/benchout bash deploy/bench/gpu_bench.sh
