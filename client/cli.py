@@ -96,6 +96,9 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
                        "workers; per-stream: a connection per stream, placed on a worker by the kernel")
     bench.add_argument("--ramp-s", type=float, default=0.0,
                        help="start the streams one after another, evenly over this many seconds (0: all at once)")
+    bench.add_argument("--replay", choices=("ping-pong", "wrap"), default="ping-pong",
+                       help="a clip shorter than the run: forward then backward (no jump), or from its start again "
+                       "(a scene cut at every replay)")
     bench.add_argument("--baseline", choices=("naive",), default=None, help="also run the naive pipeline")
     bench.add_argument("--baseline-duration", type=float, default=15.0)
     bench.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -334,6 +337,7 @@ def _bench(args: argparse.Namespace) -> int:
         load_processes=args.load_processes,
         connections=args.connections,
         ramp_s=args.ramp_s,
+        replay=args.replay,
     )
     report = json.dumps(run_bench(config, args.device), indent=2)
     if args.out:

@@ -38,6 +38,17 @@ from acroscreen.client.types import FrameAck
 from acroscreen.client.workers import OWN_CONNECTION
 
 
+REPLAYS = ("ping-pong", "wrap")
+
+
+def replayed(index: int, length: int, replay: str) -> int:
+    """The clip frame that a stream sends as its frame ``index`` (see ``BenchConfig.replay``)."""
+    if replay == "wrap" or length < 2:
+        return index % length
+    phase = index % (2 * (length - 1))
+    return phase if phase < length else 2 * (length - 1) - phase
+
+
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     videos: tuple[Path, ...]
@@ -60,11 +71,17 @@ class BenchConfig:
     # Streams start one after another, evenly over this many seconds (separate callers do not
     # start in the same millisecond, and each placement then sees the streams before it); 0: at once.
     ramp_s: float = 0.0
+    # A clip shorter than the run is replayed "ping-pong" (forward, backward, …: the picture never
+    # jumps, as a live camera's does not) or "wrap" (from its start again: every replay is a scene
+    # cut, so the tracked face is lost and searched for, which a live stream does not pay).
+    replay: str = "ping-pong"
     jpeg_quality: int = 85
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ramp_s < self.duration_s:
             raise ValueError(f"ramp_s must be in [0, duration_s), got {self.ramp_s} for {self.duration_s} s")
+        if self.replay not in REPLAYS:
+            raise ValueError(f"replay must be one of {REPLAYS}, got {self.replay!r}")
 
 
 @dataclass
@@ -147,7 +164,7 @@ def _stream(
         started = time.monotonic()
         index = 0
         while time.monotonic() < deadline:
-            source = clip[index % len(clip)]
+            source = clip[replayed(index, len(clip), config.replay)]
             if config.pace == "realtime":
                 delay = started + index / config.fps - time.monotonic()
                 if delay > 0:

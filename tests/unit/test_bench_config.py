@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from acroscreen.server.bench import BenchConfig
+from acroscreen.server.bench import BenchConfig, replayed
 
 
 def test_streams_must_all_start_before_the_run_ends() -> None:
@@ -13,3 +13,11 @@ def test_streams_must_all_start_before_the_run_ends() -> None:
     for ramp_s in (-1.0, 10.0, 12.0):
         with pytest.raises(ValueError, match="ramp_s"):
             BenchConfig(videos=(Path("v.mp4"),), duration_s=10.0, ramp_s=ramp_s)
+
+
+def test_a_replayed_clip_never_jumps_unless_asked_to() -> None:
+    assert [replayed(i, 4, "ping-pong") for i in range(10)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert [replayed(i, 4, "wrap") for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [replayed(i, 1, "ping-pong") for i in range(3)] == [0, 0, 0]
+    with pytest.raises(ValueError, match="replay"):
+        BenchConfig(videos=(Path("v.mp4"),), replay="shuffle")
