@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 WORKER_KEY = "acroscreen-worker"  # sent by server/transport/workers.py
-WORKER_STREAMS_KEY = "acroscreen-worker-streams"
+WORKER_STREAMS_KEY = "acroscreen-worker-streams"  # likewise, by a server of several workers
 
 # Its own TCP connection for a channel: gRPC otherwise shares one among channels to one target.
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)

@@ -41,10 +41,10 @@ cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_mod
 export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
-if [ "$DEVICE" = cuda ]; then  # the tests no CPU machine runs; the bench goes on either way, the log says
-    "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) 2>&1 | tail -15 | tee -a "$OUT/bench.log" || true
-fi
-if [ "$DEVICE" = cuda ]; then  # CUDA graphs against eager on this GPU: agreement, and faces/s at batch 64
+if [ "$DEVICE" = cuda ]; then
+# The tests no CPU machine runs (the bench goes on either way, the log says how they went), then
+# CUDA graphs against eager on this GPU: agreement, and faces/s at batch 64.
+"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) 2>&1 | tail -15 | tee -a "$OUT/bench.log" || true
 "$PYTHON" - <<'PY' 2>&1 | tee -a "$OUT/bench.log"
 import time, numpy as np, torch
 from acroscreen.server.runtime.model import SeverityModel

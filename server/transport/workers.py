@@ -66,11 +66,6 @@ class WorkerIdentity:
         named = (WORKER_KEY, f"{self.instance}:{self.index}/{self.count}")
         return (named,) if self.streams is None else (named, self.streams.metadata())
 
-    @contextlib.contextmanager
-    def stream(self) -> Iterator[None]:
+    def stream(self) -> contextlib.AbstractContextManager[None]:
         """One screening stream of this worker, counted for every call's metadata while it runs."""
-        if self.streams is None:
-            yield
-            return
-        with self.streams.counted(self.index):
-            yield
+        return contextlib.nullcontext() if self.streams is None else self.streams.counted(self.index)
