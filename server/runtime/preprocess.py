@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,6 +82,14 @@ class PreprocessSettings:
     # A scheduled keyframe of a followed face looks for faces at least this fraction of its width:
     # the cascade's small scales cost the most, and a much smaller face is not a new subject.
     keyframe_min_face_ratio: float = 0.7
+    # A scheduled keyframe of a followed face runs beside the stream: its frame is tracked like any
+    # other, the detection (Haar over the frame, each candidate's fit and HOG check: 20-50 ms here,
+    # ten tracked frames' worth) runs on one of ``keyframe_check_threads`` threads, and its verdict
+    # is applied before the ``keyframe_check_lag``-th analysed frame after it (waiting there if it
+    # is late), so every run of a stream gives the same answers. Streams then pay no frame's
+    # latency for keyframes. 0 = the keyframe is detected in line, on its own frame.
+    keyframe_check_lag: int = 3
+    keyframe_check_threads: int = 2
     # While no face is found, the n-th miss in a row defers the next search by min(n, this) frames,
     # unless the frame is a different picture from the frame before it: a 4×4-cell block of the
     # frames' 24×24 brightness-normalised grey thumbnails differs by ``scene_change`` grey levels
@@ -112,6 +122,9 @@ class PreprocessSettings:
     quality: QualitySettings = field(default_factory=QualitySettings)
 
     def __post_init__(self) -> None:
+        if self.keyframe_check_lag < 0 or self.keyframe_check_threads < 1:
+            raise ValueError(f"keyframe_check_lag must be >= 0 and keyframe_check_threads >= 1, got "
+                             f"{self.keyframe_check_lag} and {self.keyframe_check_threads}")
         if self.landmark_points not in (5, 68):
             raise ValueError(f"landmark_points must be 5 or 68, got {self.landmark_points}")
         if self.alignment == FRONTAL_3D_V1 and self.landmark_points != 68:
@@ -214,6 +227,8 @@ class FacePreprocessor:
         self._detector = detector or HaarFaceDetector(settings.detector)
         self._fitter = shared_fitter(settings.landmark_points)
         self._hog = HogFaceDetector(settings.detector.fallback_max_side)
+        # Threads start on the first check, so stills and training never start one.
+        self._checks = ThreadPoolExecutor(settings.keyframe_check_threads, thread_name_prefix="keyframe-check")
 
     def analyze(
         self, image_bgr: np.ndarray, tracker: FaceTracker | None = None, scale: float = 1.0,
@@ -257,15 +272,62 @@ class FacePreprocessor:
     def _analyze(
         self, image_bgr: np.ndarray, tracker: FaceTracker | None, scale: float, scene: Callable[[], np.ndarray],
     ) -> FaceAnalysis:
-        if tracker is not None and tracker.subject is not None and not tracker.keyframe_due:
-            tracked = self._track(image_bgr, tracker.subject, scale)
-            if tracked is not None and tracked.landmarks is not None:
-                tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
-                return tracked
-            tracker.lost()
-        if tracker is not None and (deferred := self.deferred_search(tracker, scene)) is not None:
-            return deferred
+        if tracker is not None:
+            if tracker.verdict_due:
+                self._apply_verdict(tracker)
+            subject = tracker.subject
+            if subject is not None and not tracker.keyframe_due:
+                tracked, in_place = self._track(image_bgr, subject, scale)
+                if tracked is not None and tracked.landmarks is not None:
+                    tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
+                    return tracked
+                if in_place:  # a keyframe now, as if scheduled (~3x cheaper than a search)
+                    tracker.recheck()
+                else:
+                    tracker.lost()
+            elif subject is not None and self.settings.keyframe_check_lag > 0 and tracker.check_may_run_beside:
+                tracked, _ = self._track(image_bgr, subject, scale)
+                if tracked is not None and tracked.landmarks is not None and tracked.affine is not None:
+                    tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
+                    check = self._checks.submit(self._check_keyframe, image_bgr, subject, scale)
+                    # Until the verdict, later frames are compared with this one, as after a keyframe.
+                    appearance = _appearance(image_bgr, tracked.affine, self.settings.input_size)
+                    tracker.check_started(check, self.settings.keyframe_check_lag, appearance)
+                    return tracked
+                # Not followed on this frame: its keyframe runs in line, as scheduled.
+            if (deferred := self.deferred_search(tracker, scene)) is not None:
+                return deferred
         return self._detect(image_bgr, tracker, scale, scene)
+
+    def _check_keyframe(self, image: np.ndarray, subject: TrackedSubject, scale: float) -> _Verdict:
+        """A scheduled keyframe, on a check thread: the subject as this frame shows it, if it is
+        still there, verified, among as many faces as before; else None."""
+        clock = _thread_state.clock = _StageClock()
+        found = self._candidates(
+            image, subject, min_face_px=self.settings.keyframe_min_face_ratio * subject.box.width,
+            search_rotations=False, scale=scale,
+        )
+        confirmed = None
+        if found.subject_verified and found.face_count == subject.face_count:
+            confirmed = self._subject(image, found)
+        return _Verdict(confirmed, tuple(clock.seconds.items()))
+
+    def _apply_verdict(self, tracker: FaceTracker) -> None:
+        """Settle the stream's running check (waiting for it if need be) before this frame."""
+        try:
+            verdict = tracker.take_check().result()
+        except Exception:  # noqa: BLE001 — a bug in a check costs an in-line keyframe, never the stream
+            log.exception("keyframe check failed")
+            tracker.recheck()
+            return
+        clock = getattr(_thread_state, "clock", None)
+        if clock is not None:  # the check's time is this stream's, reported with this frame
+            for name, seconds in verdict.stage_seconds:
+                clock.seconds[name] = clock.seconds.get(name, 0.0) + seconds
+        if verdict.subject is None:
+            tracker.recheck()
+        else:
+            tracker.confirmed(verdict.subject, self.settings.keyframe_check_lag)
 
     def crop(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceCrop:
         """The model-ready uint8 RGB crop of an accepted analysis; FrameRejected for a rejected one."""
@@ -300,30 +362,13 @@ class FacePreprocessor:
         min_face_px = 0.0
         if tracker is not None and tracker.following and subject is not None:
             min_face_px = self.settings.keyframe_min_face_ratio * subject.box.width
-        with _stage("detect"):
-            faces, angle = self._find_faces(
-                image, search_rotations=tracker is None or tracker.rotation_search_due, min_face_px=min_face_px
-            )
-        height, width = image.shape[:2]
-        near = []
-        if subject is not None:
-            near = [f for f in faces if centre_jump(subject.box, f[0]) <= self.settings.max_subject_jump]
-            near.sort(key=lambda f: iou(subject.box, f[0]), reverse=True)
-        others = sorted(
-            (f for f in faces if f not in near), key=lambda f: subject_preference(f, width, height), reverse=True
+        found = self._candidates(
+            image, subject, min_face_px=min_face_px, search_rotations=tracker is None or tracker.rotation_search_due,
+            scale=scale,
         )
-        checked = (near + others)[: self.settings.max_candidates]
-        results = [
-            self._analyse_face(image, Detection(box, confidence, len(faces)), angle, scale, keyframe=True)
-            for box, confidence in checked
-        ]
-        verified = [
-            (face, analysis, evidence)
-            for face, (analysis, evidence) in zip(checked, results)
-            if evidence >= self.settings.min_face_evidence
-        ]
-        face_count = len(verified) + len(faces) - len(checked)
-        if near and not (verified and verified[0][0] in near):
+        faces, near, checked, results, verified = found.faces, found.near, found.checked, found.results, found.verified
+        face_count = found.face_count
+        if near and not found.subject_verified:
             # The subject is still there but does not pass as a face now: keep following it.
             analysis = results[0][0]
             if tracker is not None:
@@ -343,16 +388,10 @@ class FacePreprocessor:
                 assert missed.rejection is not None
                 tracker.missed(SearchMiss(missed.rejection, missed.detail), scene())
             return missed
-        (box, confidence), analysis, evidence = verified[0]
+        (box, confidence), analysis, _evidence = verified[0]
         analysis = dataclasses.replace(analysis, detection=Detection(box, confidence, face_count))
         if tracker is not None:
-            landmarks = analysis.landmarks
-            assert landmarks is not None
-            subject_now = TrackedSubject(
-                box_from_landmarks(landmarks), confidence, face_count, roll_deg(landmarks), evidence,
-                appearance=_appearance(image, analysis.affine, self.settings.input_size),
-            )
-            tracker.keyframe(subject_now, same_subject=bool(near) and verified[0][0] in near)
+            tracker.keyframe(self._subject(image, found), same_subject=found.subject_verified)
         if subject is not None and not near:
             cx, cy = subject.box.center
             return dataclasses.replace(
@@ -365,22 +404,61 @@ class FacePreprocessor:
             )
         return analysis
 
-    def _track(self, image: np.ndarray, subject: TrackedSubject, scale: float) -> FaceAnalysis | None:
-        """Re-fit on the previous box; None when the fit no longer looks like the same face."""
+    def _candidates(
+        self, image: np.ndarray, subject: TrackedSubject | None, *, min_face_px: float, search_rotations: bool,
+        scale: float,
+    ) -> _Candidates:
+        """Detect, and verify the likeliest candidates (the followed subject's first) on their aligned crops."""
+        with _stage("detect"):
+            faces, angle = self._find_faces(image, search_rotations=search_rotations, min_face_px=min_face_px)
+        height, width = image.shape[:2]
+        near = []
+        if subject is not None:
+            near = [f for f in faces if centre_jump(subject.box, f[0]) <= self.settings.max_subject_jump]
+            near.sort(key=lambda f: iou(subject.box, f[0]), reverse=True)
+        others = sorted(
+            (f for f in faces if f not in near), key=lambda f: subject_preference(f, width, height), reverse=True
+        )
+        checked = (near + others)[: self.settings.max_candidates]
+        results = [
+            self._analyse_face(image, Detection(box, confidence, len(faces)), angle, scale, keyframe=True)
+            for box, confidence in checked
+        ]
+        verified = [
+            (face, analysis, evidence)
+            for face, (analysis, evidence) in zip(checked, results)
+            if evidence >= self.settings.min_face_evidence
+        ]
+        return _Candidates(faces, near, checked, results, verified)
+
+    def _subject(self, image: np.ndarray, found: _Candidates) -> TrackedSubject:
+        """The best verified candidate as the subject to follow."""
+        (_box, confidence), analysis, evidence = found.verified[0]
+        landmarks = analysis.landmarks
+        assert landmarks is not None and analysis.affine is not None
+        return TrackedSubject(
+            box_from_landmarks(landmarks), confidence, found.face_count, roll_deg(landmarks), evidence,
+            appearance=_appearance(image, analysis.affine, self.settings.input_size),
+        )
+
+    def _track(self, image: np.ndarray, subject: TrackedSubject, scale: float) -> tuple[FaceAnalysis | None, bool]:
+        """Re-fit on the previous box: the analysis, or None when the fit no longer looks like the same
+        face; and whether a refused fit is still in place (where the face was, as large: only its
+        look changed, as a face turning or talking does, so a size-bounded keyframe will find it)."""
         detection = Detection(box=subject.box, confidence=subject.confidence, face_count=subject.face_count)
         # The face was verified at the keyframe; between keyframes the costly, GIL-holding
         # HOG check is replaced by comparing the aligned face with the keyframe's.
         analysis, _ = self._analyse_face(image, detection, subject.roll_deg, scale, keyframe=False, evidence=subject.evidence)
         if analysis.affine is None or analysis.landmarks is None:
-            return None
+            return None, False
+        moved = box_from_landmarks(analysis.landmarks)
+        if centre_jump(subject.box, moved) > 0.5 or not 0.67 < moved.width / subject.box.width < 1.5:
+            return None, False
         if subject.appearance is not None:
             now = _appearance(image, analysis.affine, self.settings.input_size)
             if float(np.mean(now * subject.appearance)) < self.settings.min_track_similarity:
-                return None
-        moved = box_from_landmarks(analysis.landmarks)
-        if centre_jump(subject.box, moved) > 0.5 or not 0.67 < moved.width / subject.box.width < 1.5:
-            return None
-        return dataclasses.replace(analysis, detection=Detection(moved, subject.confidence, subject.face_count))
+                return None, True
+        return dataclasses.replace(analysis, detection=Detection(moved, subject.confidence, subject.face_count)), False
 
     def _find_faces(
         self, image: np.ndarray, *, search_rotations: bool, min_face_px: float = 0.0
@@ -481,6 +559,38 @@ def dlib_intensity(image: np.ndarray) -> np.ndarray:
 
 
 _thread_state = threading.local()
+log = logging.getLogger(__name__)
+
+Face = tuple[Box, float]  # a detection: box and confidence
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Candidates:
+    """A keyframe's detections, those near the followed subject first, and the ones verified as faces."""
+
+    faces: list[Face]
+    near: list[Face]  # within max_subject_jump of the subject, best overlap first
+    checked: list[Face]  # the max_candidates likeliest, near ones first
+    results: list[tuple[FaceAnalysis, float]]  # each checked one's analysis and face evidence
+    verified: list[tuple[Face, FaceAnalysis, float]]  # the checked ones that pass as faces, in order
+
+    @property
+    def face_count(self) -> int:
+        """Faces in view: the verified candidates and the unchecked detections."""
+        return len(self.verified) + len(self.faces) - len(self.checked)
+
+    @property
+    def subject_verified(self) -> bool:
+        """The followed subject is found again: the best verified candidate is one near it."""
+        return bool(self.verified) and self.verified[0][0] in self.near
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Verdict:
+    """A keyframe check's outcome: the subject as re-detected, or None, and the time it took by stage."""
+
+    subject: TrackedSubject | None
+    stage_seconds: tuple[tuple[str, float], ...]
 
 
 class _ScaledTracker:

@@ -24,14 +24,22 @@ back-off schedule, at once while it is short. When the subject is gone
 and a face appears elsewhere (more than ``max_subject_jump`` face widths away), that
 frame is rejected FACE_CHANGED once and the new face is followed from then on. A
 different person in the same place cannot be told apart: there is no identity
-embedding here. The tracker only holds state; ``FacePreprocessor.analyze`` drives it.
+embedding here. A scheduled keyframe of a followed face need not hold up its frame: the
+preprocessor may track that frame as any other and run the detection beside the stream
+(``check_started``); its verdict is applied a fixed number of analysed frames later, so a
+stream gets the same answers however fast the check ran. A check that confirms the subject
+among as many faces counts as that keyframe (``confirmed``); any other verdict makes the
+frame it is applied on a keyframe in line (``recheck``), which sorts out what changed.
+The tracker only holds state; ``FacePreprocessor.analyze`` drives it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +103,9 @@ class FaceTracker:
         # preprocess.scene_thumbnail): a frame that differs much from it is a new picture.
         self.last_scene: np.ndarray | None = None
         self.searched_scene: np.ndarray | None = None  # the thumbnail of the frame the last search missed on
+        self._check: Future[Any] | None = None  # a scheduled keyframe running beside the stream
+        self._check_wait = 0  # tracked frames still to come before its verdict is applied
+        self._check_failed = False  # its verdict did not confirm the subject: the next keyframe runs in line
 
     @property
     def rotation_search_due(self) -> bool:
@@ -131,8 +142,60 @@ class FaceTracker:
 
     @property
     def keyframe_due(self) -> bool:
-        """Detect now: no subject is being tracked, or the keyframe gap has passed since the last detection."""
-        return self._lost or self.subject is None or self._since_keyframe >= self.keyframe_gap
+        """Detect now: no subject is being tracked, or the keyframe gap has passed since the last
+        detection and no check of it is running."""
+        return self._lost or self.subject is None or (self._since_keyframe >= self.keyframe_gap and self._check is None)
+
+    @property
+    def check_may_run_beside(self) -> bool:
+        """This keyframe is a scheduled check of a followed face whose last check, if any, confirmed it."""
+        return self.following and self.keyframe_due and not self._check_failed
+
+    def check_started(self, verdict: Future[Any], lag: int, appearance: np.ndarray) -> None:
+        """The keyframe due on the frame just tracked runs beside the stream; its verdict is applied
+        before the ``lag``-th analysed frame after that one. Meanwhile the frames are compared with
+        ``appearance``, that frame's face (it passed the comparison with the last keyframe's)."""
+        if lag < 1:
+            raise ValueError(f"lag must be >= 1, not {lag}")
+        if self.subject is None:
+            raise RuntimeError("check_started() without a subject")
+        self._check = verdict
+        self._check_wait = lag - 1
+        self.subject = dataclasses.replace(self.subject, appearance=appearance)
+
+    @property
+    def verdict_due(self) -> bool:
+        """The running check's verdict is to be applied before this frame is analysed."""
+        return self._check is not None and self._check_wait <= 0
+
+    def take_check(self) -> Future[Any]:
+        """The running check, handed over to have its verdict applied."""
+        if self._check is None:
+            raise RuntimeError("no keyframe check is running")
+        check, self._check = self._check, None
+        return check
+
+    def confirmed(self, checked: TrackedSubject, frames_since: int) -> None:
+        """A check found the followed face among as many faces ``frames_since`` analysed frames ago:
+        that frame was a confirming keyframe. The subject stays where tracking has it now; what the
+        check measured (confidence, face evidence, appearance) replaces the last keyframe's."""
+        if self.subject is None:
+            raise RuntimeError("confirmed() without a subject")
+        self.keyframe_gap = min(2 * self.keyframe_gap, self.max_keyframe_interval)
+        self.subject = dataclasses.replace(checked, box=self.subject.box, roll_deg=self.subject.roll_deg)
+        self._since_keyframe = frames_since
+
+    def recheck(self) -> None:
+        """Detect in line on this frame, as a scheduled keyframe: a check did not confirm the subject
+        (or failed), or the followed face, still in place, no longer looks like the last keyframe's."""
+        self._check_failed = True
+        self._since_keyframe = max(self._since_keyframe, self.keyframe_gap)
+
+    def _drop_check(self) -> None:
+        if self._check is not None:
+            self._check.cancel()  # one still queued never runs; a running one is ignored
+            self._check = None
+        self._check_failed = False
 
     def keyframe(self, subject: TrackedSubject, *, same_subject: bool = False) -> None:
         """A detection (re)established the subject. ``same_subject``: it is the followed face, found
@@ -147,6 +210,7 @@ class FaceTracker:
         self.last_scene = self.searched_scene = None
         self._since_keyframe = 1
         self._lost = False
+        self._drop_check()
 
     def tracked(self, box: Box, roll_deg: float) -> None:
         """Landmarks were re-fitted without a detection; move the box with them, half way (see
@@ -160,10 +224,12 @@ class FaceTracker:
         )
         self.subject = dataclasses.replace(self.subject, box=moved, roll_deg=roll_deg)
         self._since_keyframe += 1
+        self._check_wait -= 1
 
     def lost(self) -> None:
         """Tracking failed or no face: detect on the next frame; the last subject stays remembered."""
         self._lost = True
+        self._drop_check()
 
 
 def box_from_landmarks(landmarks: np.ndarray) -> Box:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import av
@@ -123,18 +126,33 @@ def test_frontalized_eyes_jitter_over_every_frame(preprocessor: FacePreprocessor
     assert max(per_clip) < 0.5
 
 
-def test_keyframes_and_tracking(preprocessor: FacePreprocessor) -> None:
-    """One face all along: each scheduled keyframe finds it again, so the gap doubles up to the maximum."""
+@pytest.mark.parametrize("lag", [0, 3], ids=["in-line", "beside"])
+def test_keyframes_and_tracking(lag: int) -> None:
+    """One face all along: each scheduled keyframe finds it again, so the gap doubles up to the maximum.
+
+    In line (lag 0) a keyframe's frame waits for the detection; beside (lag 3) that frame is
+    tracked, the detection runs on a check thread, and its verdict lands 3 frames later: the
+    detector runs as often, on the same frames, and the gap doubles 3 frames later.
+    """
     frames = clip(DATA / "videos" / "retalking_face3.mp4", count=None)
+    detector = CountingDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings(keyframe_check_lag=lag), detector)
     settings = preprocessor.settings
     tracker = settings.new_tracker()
-    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    analyses, gaps, searches = [], [], []
+    for frame in frames:
+        analyses.append(preprocessor.analyze(frame, tracker))
+        gaps.append(tracker.keyframe_gap)
+        searches.append(detector.searches)
     expected, gap = [0], settings.keyframe_interval
     while expected[-1] + gap < len(frames):
         expected.append(expected[-1] + gap)
         gap = min(2 * gap, settings.max_keyframe_interval)
     assert len(frames) > 100 and expected[:4] == [0, 10, 30, 70]
-    assert [i for i, a in enumerate(analyses) if a.keyframe] == expected
+    assert [i for i, a in enumerate(analyses) if a.keyframe] == (expected if lag == 0 else [0])
+    doubled = [i for i in range(1, len(gaps)) if gaps[i] > gaps[i - 1]]
+    assert doubled == [k + lag for k in expected[1:3]]  # 10 → 20 → 40, then it stays at the maximum
+    assert searches[expected[2] + lag] == 3  # a verdict applied is a detection run, once
     assert all(a.accepted for a in analyses), [a.detail for a in analyses]
     first, last = analyses[0].detection, analyses[-1].detection
     assert first is not None and last is not None
@@ -306,3 +324,106 @@ def test_a_stream_of_different_photographs_is_searched_every_frame() -> None:
     assert detector.searches == len(photos)
     assert all(a.keyframe for a in analyses)
     assert analyses[-1].accepted, analyses[-1].detail
+
+
+class CheckThreadDetector(HaarFaceDetector):
+    """The real cascade; on a keyframe-check thread it first sleeps, or fails, as told."""
+
+    def __init__(self, *, sleep_s: float = 0.0, fail: bool = False) -> None:
+        super().__init__()
+        self.sleep_s, self.fail = sleep_s, fail
+
+    def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
+        if threading.current_thread().name.startswith("keyframe-check"):
+            if self.fail:
+                raise RuntimeError("a bug in a keyframe check")
+            time.sleep(self.sleep_s)
+        return super().detect_all(image_bgr, min_face_px)
+
+
+def test_a_stream_gets_the_same_answers_however_long_its_keyframe_checks_take() -> None:
+    """A check's verdict is applied on a fixed frame, waiting for it there: a slow check thread
+    changes when the answers come, never what they are."""
+    frames = clip(DATA / "videos" / "liveportrait_d9.mp4", count=45)
+
+    def run(detector: HaarFaceDetector) -> list[tuple[float, ...]]:
+        preprocessor = FacePreprocessor(PreprocessSettings(), detector)
+        tracker = preprocessor.settings.new_tracker()
+        out = []
+        for frame in frames:
+            analysis = preprocessor.analyze(frame, tracker)
+            assert analysis.detection is not None and analysis.landmarks is not None, analysis.detail
+            out.append((*analysis.detection.box.center, *analysis.landmarks.ravel(), tracker.keyframe_gap))
+        return out
+
+    assert run(CheckThreadDetector()) == run(CheckThreadDetector(sleep_s=0.15))
+
+
+def test_a_failing_keyframe_check_costs_an_in_line_keyframe_not_the_stream(caplog: pytest.LogCaptureFixture) -> None:
+    frames = clip(DATA / "videos" / "retalking_face3.mp4", count=20)
+    preprocessor = FacePreprocessor(PreprocessSettings(), CheckThreadDetector(fail=True))
+    tracker = preprocessor.settings.new_tracker()
+    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    assert all(a.accepted for a in analyses), [a.detail for a in analyses]
+    assert [i for i, a in enumerate(analyses) if a.keyframe] == [0, 13]  # the check of frame 10 failed
+    assert "keyframe check failed" in caplog.text and "a bug in a keyframe check" in caplog.text
+
+
+def test_a_keyframe_check_is_settled_on_the_lag_th_frame_and_dropped_when_tracking_is_lost() -> None:
+    tracker = FaceTracker(keyframe_interval=2, max_keyframe_interval=8)
+    one = TrackedSubject(Box(100, 100, 80, 80), confidence=0.9, face_count=1, roll_deg=0.0)
+    tracker.keyframe(one)
+    tracker.tracked(Box(102, 100, 80, 80), 0.0)
+    assert tracker.keyframe_due and tracker.check_may_run_beside
+    check: Future[None] = Future()
+    tracker.check_started(check, 3, appearance=np.ones((32, 32), np.float32))
+    assert not tracker.keyframe_due and not tracker.verdict_due
+    for _ in range(2):
+        tracker.tracked(Box(104, 100, 80, 80), 0.0)
+    assert tracker.verdict_due and tracker.take_check() is check
+    tracker.confirmed(dataclasses.replace(one, confidence=0.5, box=Box(0, 0, 10, 10)), frames_since=3)
+    assert tracker.keyframe_gap == 4 and not tracker.keyframe_due
+    assert tracker.subject is not None and tracker.subject.box.x > 100 and tracker.subject.confidence == 0.5
+
+    tracker.tracked(Box(104, 100, 80, 80), 0.0)  # 4 frames since the checked one: the next check is due
+    pending: Future[None] = Future()
+    tracker.check_started(pending, 3, appearance=np.ones((32, 32), np.float32))
+    tracker.lost()
+    assert pending.cancelled() and tracker.keyframe_due and not tracker.verdict_due
+
+    tracker.keyframe(one)
+    tracker.tracked(Box(102, 100, 80, 80), 0.0)
+    tracker.check_started(Future(), 1, appearance=np.ones((32, 32), np.float32))
+    assert tracker.verdict_due
+    tracker.take_check()
+    tracker.recheck()  # the check did not confirm: an in-line keyframe now, not another check
+    assert tracker.keyframe_due and not tracker.check_may_run_beside
+    with pytest.raises(ValueError, match="lag"):
+        tracker.check_started(Future(), 0, appearance=np.ones((32, 32), np.float32))
+
+
+class RecordingDetector(HaarFaceDetector):
+    """The real cascade, recording the smallest face size each call looked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.min_sizes: list[float] = []
+
+    def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
+        self.min_sizes.append(min_face_px)
+        return super().detect_all(image_bgr, min_face_px)
+
+
+def test_a_followed_face_that_only_changed_its_look_is_redetected_at_its_size_not_searched_for() -> None:
+    """In this clip the face's look drifts from its keyframe's within 8 frames (the appearance check
+    refuses the fit) while the fit stays where the face is: the keyframe that follows looks only for
+    faces of about its size, as a scheduled one does, instead of searching every size."""
+    frames = clip(DATA / "videos" / "liveportrait_d3.mp4", count=20)
+    detector = RecordingDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings(keyframe_check_lag=0), detector)
+    tracker = preprocessor.settings.new_tracker()
+    analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
+    assert all(a.accepted for a in analyses), [a.detail for a in analyses]
+    unscheduled = [i for i, a in enumerate(analyses) if a.keyframe and i not in (0, 10)]
+    assert unscheduled, "the clip no longer drifts: pick another"
+    assert detector.min_sizes[0] == 0.0 and all(size > 0.0 for size in detector.min_sizes[1:]), detector.min_sizes
