@@ -106,6 +106,7 @@ class FaceTracker:
         self._check: Future[Any] | None = None  # a scheduled keyframe running beside the stream
         self._check_wait = 0  # tracked frames still to come before its verdict is applied
         self._check_failed = False  # its verdict did not confirm the subject: the next keyframe runs in line
+        self._look_changed = False  # tracking refused a fit in place for its look: the next keyframe confirms nothing
 
     @property
     def rotation_search_due(self) -> bool:
@@ -186,10 +187,17 @@ class FaceTracker:
         self._since_keyframe = frames_since
 
     def recheck(self) -> None:
-        """Detect in line on this frame, as a scheduled keyframe: a check did not confirm the subject
-        (or failed), or the followed face, still in place, no longer looks like the last keyframe's."""
+        """A check did not confirm the subject (or failed): detect in line on this frame, as the
+        scheduled keyframe."""
         self._check_failed = True
         self._since_keyframe = max(self._since_keyframe, self.keyframe_gap)
+
+    def look_changed(self) -> None:
+        """Tracking refused a fit that is in place (where the face was, as large) for its look alone:
+        detect in line on this frame, for faces of about its size as a scheduled keyframe does, and
+        start the keyframe gap again as a lost track would."""
+        self.recheck()
+        self._look_changed = True
 
     def _drop_check(self) -> None:
         if self._check is not None:
@@ -201,8 +209,9 @@ class FaceTracker:
         """A detection (re)established the subject. ``same_subject``: it is the followed face, found
         by a scheduled keyframe; with as many faces in view as before, the next keyframe may wait
         twice as long."""
-        confirmed = same_subject and self.following and self.subject is not None \
+        confirmed = same_subject and self.following and not self._look_changed and self.subject is not None \
             and subject.face_count == self.subject.face_count
+        self._look_changed = False
         self.keyframe_gap = min(2 * self.keyframe_gap, self.max_keyframe_interval) if confirmed else self.keyframe_interval
         self.subject = subject
         self.misses = 0

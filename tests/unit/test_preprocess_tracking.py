@@ -427,3 +427,17 @@ def test_a_followed_face_that_only_changed_its_look_is_redetected_at_its_size_no
     unscheduled = [i for i, a in enumerate(analyses) if a.keyframe and i not in (0, 10)]
     assert unscheduled, "the clip no longer drifts: pick another"
     assert detector.min_sizes[0] == 0.0 and all(size > 0.0 for size in detector.min_sizes[1:]), detector.min_sizes
+
+
+def test_a_look_change_redetects_in_line_and_starts_the_keyframe_gap_again() -> None:
+    tracker = FaceTracker(keyframe_interval=2, max_keyframe_interval=8)
+    one = TrackedSubject(Box(100, 100, 80, 80), confidence=0.9, face_count=1, roll_deg=0.0)
+    tracker.keyframe(one)
+    tracker.keyframe(one, same_subject=True)
+    assert tracker.keyframe_gap == 4
+    tracker.look_changed()
+    assert tracker.keyframe_due and tracker.following and not tracker.check_may_run_beside
+    tracker.keyframe(one, same_subject=True)  # found again where it was: no confirmation
+    assert tracker.keyframe_gap == 2
+    tracker.keyframe(one, same_subject=True)
+    assert tracker.keyframe_gap == 4
