@@ -276,25 +276,24 @@ class FacePreprocessor:
             if tracker.verdict_due:
                 self._apply_verdict(tracker)
             subject = tracker.subject
-            if subject is not None and not tracker.keyframe_due:
+            beside = self.settings.keyframe_check_lag > 0 and tracker.check_may_run_beside
+            if subject is not None and (beside or not tracker.keyframe_due):
                 tracked, in_place = self._track(image_bgr, subject, scale)
-                if tracked is not None and tracked.landmarks is not None:
-                    tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
-                    return tracked
-                if in_place:  # a keyframe now, at the face's size (~3x cheaper than a search)
-                    tracker.look_changed()
-                else:
-                    tracker.lost()
-            elif subject is not None and self.settings.keyframe_check_lag > 0 and tracker.check_may_run_beside:
-                tracked, _ = self._track(image_bgr, subject, scale)
                 if tracked is not None and tracked.landmarks is not None and tracked.affine is not None:
                     tracker.tracked(box_from_landmarks(tracked.landmarks), roll_deg(tracked.landmarks))
-                    check = self._checks.submit(self._check_keyframe, image_bgr, subject, scale)
-                    # Until the verdict, later frames are compared with this one, as after a keyframe.
-                    appearance = _appearance(image_bgr, tracked.affine, self.settings.input_size)
-                    tracker.check_started(check, self.settings.keyframe_check_lag, appearance)
+                    if beside:
+                        check = self._checks.submit(self._check_keyframe, image_bgr, subject, scale)
+                        # Until the verdict, later frames are compared with this one, as after a keyframe.
+                        appearance = _appearance(image_bgr, tracked.affine, self.settings.input_size)
+                        tracker.check_started(check, self.settings.keyframe_check_lag, appearance)
                     return tracked
-                # Not followed on this frame: its keyframe runs in line, as scheduled.
+                # A check's frame that cannot be followed runs its keyframe in line, as scheduled. Else a
+                # fit refused only for its look is re-detected at its size (~3x cheaper than a search).
+                if not beside:
+                    if in_place:
+                        tracker.look_changed()
+                    else:
+                        tracker.lost()
             if (deferred := self.deferred_search(tracker, scene)) is not None:
                 return deferred
         return self._detect(image_bgr, tracker, scale, scene)

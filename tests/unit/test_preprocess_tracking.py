@@ -249,14 +249,18 @@ def test_second_face_does_not_take_over_and_a_new_face_is_flagged(preprocessor: 
 
 
 class CountingDetector(HaarFaceDetector):
-    """The real cascade, counting its searches."""
+    """The real cascade, counting its searches and recording the smallest face size each looked for."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.searches = 0
+        self.min_sizes: list[float] = []
+
+    @property
+    def searches(self) -> int:
+        return len(self.min_sizes)
 
     def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
-        self.searches += 1
+        self.min_sizes.append(min_face_px)
         return super().detect_all(image_bgr, min_face_px)
 
 
@@ -402,24 +406,12 @@ def test_a_keyframe_check_is_settled_on_the_lag_th_frame_and_dropped_when_tracki
         tracker.check_started(Future(), 0, appearance=np.ones((32, 32), np.float32))
 
 
-class RecordingDetector(HaarFaceDetector):
-    """The real cascade, recording the smallest face size each call looked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.min_sizes: list[float] = []
-
-    def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
-        self.min_sizes.append(min_face_px)
-        return super().detect_all(image_bgr, min_face_px)
-
-
 def test_a_followed_face_that_only_changed_its_look_is_redetected_at_its_size_not_searched_for() -> None:
     """In this clip the face's look drifts from its keyframe's within 8 frames (the appearance check
     refuses the fit) while the fit stays where the face is: the keyframe that follows looks only for
     faces of about its size, as a scheduled one does, instead of searching every size."""
     frames = clip(DATA / "videos" / "liveportrait_d3.mp4", count=20)
-    detector = RecordingDetector()
+    detector = CountingDetector()
     preprocessor = FacePreprocessor(PreprocessSettings(keyframe_check_lag=0), detector)
     tracker = preprocessor.settings.new_tracker()
     analyses = [preprocessor.analyze(frame, tracker) for frame in frames]
