@@ -464,6 +464,8 @@ class FacePreprocessor:
     ) -> tuple[list[tuple[Box, float]], float]:
         """Faces in frame coordinates and the image rotation (degrees) at which they were found."""
         faces = self._detector.detect_all(image, min_face_px)
+        if not faces:  # a large frame: faces the quality gate takes may be too small for detect_all's copy
+            faces = self._detector.detect_small(image, max(min_face_px, self.settings.quality.min_face_px))
         if not faces and self.settings.detector.fallback_max_side > 0:
             faces = self._hog.detect_all(image, min_face_px)
         if faces or not search_rotations:

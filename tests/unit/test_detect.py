@@ -3,6 +3,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from acroscreen.server.runtime.detect import (
     HaarFaceDetector,
     HogFaceDetector,
@@ -91,3 +92,72 @@ def test_a_face_the_cascade_misses_is_found_by_the_hog_fallback(shared_data: Pat
     without = dataclasses.replace(settings, detector=dataclasses.replace(settings.detector, fallback_max_side=0))
     analysis, crop = FacePreprocessor(without).crop_image(image)
     assert analysis.rejection is RejectReason.NO_FACE and crop is None
+
+
+def _face_on_canvas(face_image: np.ndarray, face_box: Box, face_px: float, size: tuple[int, int]) -> tuple[np.ndarray, Box]:
+    """``face_image`` shrunk so its face is ``face_px`` wide, pasted at the centre-left of a
+    width×height canvas of smooth noise (a flat canvas would skew the cascade's histogram
+    equalisation); the canvas and where the face box lands on it."""
+    factor = face_px / face_box.width
+    small = cv2.resize(face_image, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+    width, height = size
+    noise = np.random.default_rng(0).normal(110.0, 40.0, (height, width, 3)).astype(np.float32)
+    canvas = np.clip(cv2.GaussianBlur(noise, (0, 0), 3.0), 0, 255).astype(np.uint8)
+    x, y = width // 3, (height - small.shape[0]) // 2
+    canvas[y : y + small.shape[0], x : x + small.shape[1]] = small
+    box = face_box.scaled(factor)
+    return canvas, Box(box.x + x, box.y + y, box.width, box.height)
+
+
+def test_small_faces_in_large_frames_are_found_on_a_larger_copy(portrait_bgr: np.ndarray) -> None:
+    """detect_all's 320-px copy shrinks a 72-px face in a 1280×720 frame to 18 px, below the
+    cascade's 24-px window; detect_small scans just those sizes on a 480-px copy."""
+    detector = HaarFaceDetector()
+    portrait = detector.detect(portrait_bgr)
+    assert portrait is not None
+    canvas, truth = _face_on_canvas(portrait_bgr, portrait.box, 72.0, (1280, 720))
+    assert detector.detect_all(canvas) == []
+    found = detector.detect_small(canvas, min_face_px=64.0)
+    assert len(found) == 1
+    box, confidence = found[0]
+    assert iou(box, truth) > 0.6 and confidence > 0.0
+    # A still goes through it when detect_all finds nothing, and the face is analysed at its size.
+    analysis = FacePreprocessor(PreprocessSettings()).analyze(canvas)
+    assert analysis.detection is not None and iou(analysis.detection.box, truth) > 0.6
+    assert analysis.accepted, analysis.detail
+
+
+def test_detect_small_scans_only_what_detect_all_cannot_see(portrait_bgr: np.ndarray) -> None:
+    detector = HaarFaceDetector()
+    portrait = detector.detect(portrait_bgr)
+    assert portrait is not None
+    # 640×480: the 320-px copy's 24-px window is 48 frame pixels, below the quality gate's 64.
+    canvas, _ = _face_on_canvas(portrait_bgr, portrait.box, 72.0, (640, 480))
+    assert detector.detect_small(canvas, min_face_px=64.0) == []
+    # 1280×720, looking for faces of 100 px and more: all within detect_all's range.
+    canvas, _ = _face_on_canvas(portrait_bgr, portrait.box, 72.0, (1280, 720))
+    assert detector.detect_small(canvas, min_face_px=100.0) == []
+
+
+@pytest.mark.parametrize(("size", "face_px"), [((1280, 720), 80.0), ((1920, 1080), 96.0)])
+def test_small_faces_of_many_people_in_hd_frames(shared_data: Path, size: tuple[int, int], face_px: float) -> None:
+    """Faces of 16 people, small in an HD frame: detect_all finds 1 of 16 at 80 px in 1280×720 and
+    none at 96 px in 1920×1080; a still's search (detect_small when detect_all finds none) 15 and 16."""
+    detector = HaarFaceDetector()
+    preprocessor = FacePreprocessor(PreprocessSettings())
+    found = 0
+    for person in sorted((shared_data / "faces" / "identities").iterdir())[:16]:
+        image = cv2.imread(str(sorted(person.glob("*.jpg"))[0]))
+        detection = detector.detect(image)
+        assert detection is not None, person.name
+        canvas, truth = _face_on_canvas(image, detection.box, face_px, size)
+        analysis = preprocessor.analyze(canvas)
+        found += analysis.detection is not None and iou(analysis.detection.box, truth) > 0.5
+    assert found >= 14
+
+
+def test_detect_small_finds_no_face_in_large_photos_without_faces(shared_data: Path) -> None:
+    detector = HaarFaceDetector()
+    for path in sorted((shared_data / "faces" / "none").glob("*.jpg")):
+        image = cv2.resize(cv2.imread(str(path)), (1920, 1080))
+        assert detector.detect_small(image, min_face_px=64.0) == [], path.name
