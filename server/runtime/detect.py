@@ -20,6 +20,8 @@ import numpy as np
 from .types import Box, Detection
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
+HOG_WINDOW_PX = 80  # dlib's frontal HOG detector: the smallest face it finds, in pixels of the image scanned
+HOG_MIN_SIDE = 480  # its copies are never shorter: in a 640×480 frame it finds faces from 107 px
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,9 +33,13 @@ class DetectorSettings:
     # ``detect_small``'s copy is at most this large, so its smallest face is 24/960 of the frame's
     # longer side where that is above the quality gate's 64 px (a 4032×3024 photo: 101 px).
     max_fine_side: int = 960
-    # Frames the cascade finds empty are searched again by the HOG detector on a copy this size
-    # (its smallest face is 80 px there: 107 px in a 640×480 frame; ~10 ms here). 0 = no fallback.
-    fallback_max_side: int = 480
+    # Frames the cascade finds empty are searched again by the HOG detector, whose smallest face is
+    # 80 px on the copy it scans: a copy at least 480 px long (107 px in a 640×480 frame, ~10 ms
+    # here), larger in larger frames so that faces of fallback_face_px still fill its window, up
+    # to fallback_max_side (1280×720: 800 px, 19 ms; 1920×1080: 960 px, a 160-px floor, 28 ms:
+    # dlib holds the GIL while it scans). 0 = no fallback.
+    fallback_face_px: float = 128.0
+    fallback_max_side: int = 960
 
 
 class HaarFaceDetector:
@@ -124,10 +130,10 @@ class HogFaceDetector:
     state), and it holds the GIL while it runs, so one instance is shared behind its own lock.
     """
 
-    def __init__(self, max_side: int = DetectorSettings().fallback_max_side) -> None:
+    def __init__(self, settings: DetectorSettings = DetectorSettings()) -> None:
         # Building one holds the GIL for ~0.25 s: once per preprocessor, never per thread.
         self._detector = dlib.get_frontal_face_detector()
-        self._max_side = max_side
+        self._settings = settings
         self._lock = threading.Lock()
 
     def evidence(self, crop_grey: np.ndarray) -> float:
@@ -143,8 +149,11 @@ class HogFaceDetector:
         return best
 
     def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
-        """Every face as (box in frame coordinates and the cascade's convention, confidence in [0, 1])."""
-        grey, scale = grey_copy(image_bgr, self._max_side)
+        """Every face as (box in frame coordinates and the cascade's convention, confidence in [0, 1]),
+        down to ``min_face_px`` or the settings' ``fallback_face_px`` (where the copy allows)."""
+        longest = max(image_bgr.shape[:2])
+        wanted = round(longest * HOG_WINDOW_PX / max(min_face_px, self._settings.fallback_face_px))
+        grey, scale = grey_copy(image_bgr, min(max(HOG_MIN_SIDE, wanted), self._settings.fallback_max_side))
         with self._lock:
             boxes, scores, _ = self._detector.run(grey, 0, 0.0)
         faces = []

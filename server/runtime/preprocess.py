@@ -226,7 +226,7 @@ class FacePreprocessor:
         self.geometry = settings.geometry
         self._detector = detector or HaarFaceDetector(settings.detector)
         self._fitter = shared_fitter(settings.landmark_points)
-        self._hog = HogFaceDetector(settings.detector.fallback_max_side)
+        self._hog = HogFaceDetector(settings.detector)
         # Threads start on the first check, so stills and training never start one.
         self._checks = ThreadPoolExecutor(settings.keyframe_check_threads, thread_name_prefix="keyframe-check")
 

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 from acroscreen.server.runtime.detect import (
+    DetectorSettings,
     HaarFaceDetector,
     HogFaceDetector,
     primary_score,
@@ -156,8 +157,25 @@ def test_small_faces_of_many_people_in_hd_frames(shared_data: Path, size: tuple[
     assert found >= 14
 
 
-def test_detect_small_finds_no_face_in_large_photos_without_faces(shared_data: Path) -> None:
-    detector = HaarFaceDetector()
+def test_large_photos_without_faces_give_no_small_or_hog_faces(shared_data: Path) -> None:
+    cascade, hog = HaarFaceDetector(), HogFaceDetector()
     for path in sorted((shared_data / "faces" / "none").glob("*.jpg")):
         image = cv2.resize(cv2.imread(str(path)), (1920, 1080))
-        assert detector.detect_small(image, min_face_px=64.0) == [], path.name
+        assert cascade.detect_small(image, min_face_px=64.0) == [], path.name
+        assert hog.detect_all(image) == [], path.name
+
+
+def test_the_hog_fallback_scales_its_copy_with_the_frame(shared_data: Path) -> None:
+    """A face the cascade misses, 130 px wide in a 1280×720 frame: HOG's 80-px window on the
+    480-px copy it used to scan is 213 frame px; the copy now grows so that 128-px faces fill it."""
+    image = cv2.imread(str(shared_data / "faces" / "identities" / "Cathy_Freeman" / "2.jpg"))
+    [(box, _)] = HogFaceDetector().detect_all(image)
+    canvas, truth = _face_on_canvas(image, box, 130.0, (1280, 720))
+    cascade = HaarFaceDetector()
+    assert cascade.detect_all(canvas) == [] and cascade.detect_small(canvas, min_face_px=64.0) == []
+    assert HogFaceDetector(DetectorSettings(fallback_max_side=480)).detect_all(canvas) == []
+    found = HogFaceDetector().detect_all(canvas)
+    assert len(found) == 1 and iou(found[0][0], truth) > 0.7
+    analysis = FacePreprocessor(PreprocessSettings()).analyze(canvas)
+    assert analysis.accepted and analysis.detection is not None, analysis.detail
+    assert iou(analysis.detection.box, truth) > 0.7
