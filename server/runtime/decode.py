@@ -48,8 +48,10 @@ def decode_scaled(image: EncodedImage, limits: DecodeLimits, reduction: int) -> 
         raise ValueError(f"reduction must be 1, 2, 4 or 8, not {reduction}")
     _check_size(image, limits)
     pixels = _imdecode(image, limits, _REDUCED_COLOR[reduction])
-    width, _ = _declared_size(image.data, image.encoding)
-    return ScaledImage(pixels, width / pixels.shape[1])
+    # Longer side to longer side: OpenCV turns the picture upright by its EXIF orientation, which
+    # may swap the sides the header declares.
+    declared = max(_declared_size(image.data, image.encoding))
+    return ScaledImage(pixels, declared / max(pixels.shape[:2]))
 
 
 def decode_preview_grey(image: EncodedImage, limits: DecodeLimits) -> np.ndarray:

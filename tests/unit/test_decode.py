@@ -1,3 +1,5 @@
+import struct
+
 import cv2
 import numpy as np
 import pytest
@@ -51,6 +53,26 @@ def test_jpeg_decodes_reduced_in_the_dct_and_says_by_how_much() -> None:
         decode_scaled(encoded, LIMITS, 3)
     with pytest.raises(FrameRejected):  # the same checks as a full decode
         decode_scaled(EncodedImage(ImageEncoding.JPEG, b"\xff\xd8 truncated"), LIMITS, 2)
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding only the Orientation tag (a phone's rotated photo)."""
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def test_a_rotated_photo_decodes_upright_and_reduced_by_the_right_factor() -> None:
+    """Orientation 6 (turn 90° clockwise to view): the header says 1282×722, the picture is 722×1282."""
+    upright = cv2.resize(_image(), (722, 1282))
+    stored = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    encoded = EncodedImage(ImageEncoding.JPEG, _with_exif_orientation(jpeg_bytes(stored, 90), 6))
+    assert decode_image(encoded, LIMITS).shape == upright.shape
+    half = decode_scaled(encoded, LIMITS, 2)
+    assert half.pixels.shape == (641, 361, 3) and half.scale == pytest.approx(2.0)
+    box_filtered = cv2.resize(upright, (361, 641), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.pixels.astype(int) - box_filtered.astype(int)).mean() < 4
 
 
 @pytest.mark.parametrize("fmt", list(PixelFormat))
