@@ -1,6 +1,7 @@
 import dataclasses
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -179,3 +180,25 @@ def test_the_hog_fallback_scales_its_copy_with_the_frame(shared_data: Path) -> N
     analysis = FacePreprocessor(PreprocessSettings()).analyze(canvas)
     assert analysis.accepted and analysis.detection is not None, analysis.detail
     assert iou(analysis.detection.box, truth) > 0.7
+
+
+def test_a_small_face_in_a_1080p_stream_is_followed(shared_data: Path) -> None:
+    """A talking head ~120 px wide in 1920×1080 frames (a patient sitting back from an HD camera):
+    before detect_small none of these 40 frames had a face; now every one is analysed."""
+    background = cv2.resize(cv2.imread(str(shared_data / "faces" / "none" / "coffee.jpg")), (1920, 1080))
+    settings = PreprocessSettings()
+    preprocessor, tracker = FacePreprocessor(settings), settings.new_tracker()
+    accepted = []
+    with av.open(str(shared_data / "videos" / "liveportrait_d9.mp4")) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index == 40:
+                break
+            small = cv2.resize(frame.to_ndarray(format="bgr24"), None, fx=0.35, fy=0.35, interpolation=cv2.INTER_AREA)
+            picture = background.copy()
+            picture[700 : 700 + small.shape[0], 1200 : 1200 + small.shape[1]] = small
+            analysis = preprocessor.analyze(picture, tracker)
+            if analysis.accepted:
+                assert analysis.detection is not None
+                accepted.append(analysis.detection.box.width)
+    assert len(accepted) == 40
+    assert 90 < float(np.median(accepted)) < 150
