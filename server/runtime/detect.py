@@ -36,8 +36,8 @@ class DetectorSettings:
     # Frames the cascade finds empty are searched again by the HOG detector, whose smallest face is
     # 80 px on the copy it scans: a copy at least 480 px long (107 px in a 640×480 frame, ~10 ms
     # here), larger in larger frames so that faces of fallback_face_px still fill its window, up
-    # to fallback_max_side (1280×720: 800 px, 19 ms; 1920×1080: 960 px, a 160-px floor, 28 ms:
-    # dlib holds the GIL while it scans). 0 = no fallback.
+    # to fallback_max_side (1280×720: 800 px, 19 ms; 1920×1080: 960 px, a 160-px floor, 28 ms).
+    # 0 = no fallback.
     fallback_face_px: float = 128.0
     fallback_max_side: int = 960
 
@@ -127,7 +127,8 @@ class HogFaceDetector:
     are far from its training faces, strongly acromegalic ones among them: on phantoms of the
     holdout identities it found no face in 9 of 135 level-3 images against 0 of 135 level-2 and
     2 of 135 level-1; with this fallback, 2, 0 and 0. Not thread-safe (dlib's scanner keeps
-    state), and it holds the GIL while it runs, so one instance is shared behind its own lock.
+    state), so one instance is shared behind its own lock; dlib releases the GIL while it scans
+    (a Python thread beside a scan keeps its full speed), so other threads run meanwhile.
     """
 
     def __init__(self, settings: DetectorSettings = DetectorSettings()) -> None:

@@ -445,7 +445,7 @@ class FacePreprocessor:
         face; and whether a refused fit is still in place (where the face was, as large: only its
         look changed, as a face turning or talking does, so a size-bounded keyframe will find it)."""
         detection = Detection(box=subject.box, confidence=subject.confidence, face_count=subject.face_count)
-        # The face was verified at the keyframe; between keyframes the costly, GIL-holding
+        # The face was verified at the keyframe; between keyframes the costly
         # HOG check is replaced by comparing the aligned face with the keyframe's.
         analysis, _ = self._analyse_face(image, detection, subject.roll_deg, scale, keyframe=False, evidence=subject.evidence)
         if analysis.affine is None or analysis.landmarks is None:
