@@ -48,6 +48,7 @@ from .client import (
     ScreenOptions,
     _AcceptanceDecision,
     channel_options,
+    images_request,
     stream_failure,
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
@@ -87,6 +88,7 @@ class AsyncScreeningClient:
             check_spread_options(options)
         self._timeout_s = timeout_s
         self._retry = retry
+        self._max_message_bytes = max_message_bytes
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
 
@@ -206,10 +208,9 @@ class AsyncScreeningClient:
     async def screen_images(
         self, images: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
     ) -> SubjectResult:
-        """A few photographs of one subject in one request; the final subject result."""
-        request = pb.ScreenImagesRequest(
-            options=options.message(), images=[types.frame_message(image) async for image in _aiter(images)]
-        )
+        """A few photographs of one subject in one request (at most the message limit in all:
+        InvalidRequestError before sending otherwise); the final subject result."""
+        request = images_request([image async for image in _aiter(images)], options, self._max_message_bytes)
         return types.subject_result(await self._unary(lambda stub: stub.ScreenImages, request))
 
     async def model_info(self) -> ModelInfo:

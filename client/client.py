@@ -17,7 +17,7 @@ from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import types
-from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
+from .errors import AcroscreenClientError, InvalidRequestError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
@@ -116,6 +116,20 @@ def channel_options(
         ("grpc.http2.max_pings_without_data", 0),
         *extra,
     ]
+
+
+def images_request(images: Iterable[FrameData], options: ScreenOptions, max_message_bytes: int) -> pb.ScreenImagesRequest:
+    """One ScreenImages request, refused before sending when it exceeds the message limit (which
+    gRPC would report as RESOURCE_EXHAUSTED, as if the server were busy): a few phone photos of
+    3-7 MB each already do; such sets go as a stream (``screen``), a message a photo."""
+    request = pb.ScreenImagesRequest(options=options.message(), images=[types.frame_message(image) for image in images])
+    size = request.ByteSize()
+    if size > max_message_bytes:
+        raise InvalidRequestError(
+            f"the images come to {size} bytes in one request, over the {max_message_bytes}-byte message limit: "
+            "send them as a stream (screen) instead, or in smaller groups"
+        )
+    return request
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +233,7 @@ class ScreeningClient:
             check_spread_options(options)
         self._timeout_s = timeout_s
         self._retry = retry
+        self._max_message_bytes = max_message_bytes
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
 
@@ -335,9 +350,9 @@ class ScreeningClient:
         return final
 
     def screen_images(self, images: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> SubjectResult:
-        request = pb.ScreenImagesRequest(
-            options=options.message(), images=[types.frame_message(image) for image in images]
-        )
+        """A few photographs of one subject in one request (at most the message limit in all:
+        InvalidRequestError before sending otherwise); the final subject result."""
+        request = images_request(images, options, self._max_message_bytes)
         return types.subject_result(self._unary(lambda stub: stub.ScreenImages, request))
 
     def model_info(self) -> ModelInfo:

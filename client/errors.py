@@ -3,7 +3,8 @@ chosen by status code (never by message text), with the RpcError as __cause__, a
 `request_id` set to the server's id for the call (quote it: the server's log lines name it).
 
     AcroscreenClientError
-    ├── InvalidRequestError      INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
+    ├── InvalidRequestError      INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION; also raised
+    │                            before sending a ScreenImages request over the message limit
     ├── ServerBusyError          RESOURCE_EXHAUSTED (retry_after_s from the server's pushback)
     ├── UnavailableError         UNAVAILABLE (server down, starting or draining; safe to retry)
     ├── DeadlineExceededError    DEADLINE_EXCEEDED

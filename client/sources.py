@@ -56,6 +56,11 @@ def image_paths(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def image_bytes(source: Source) -> int:
+    """What a photo source's files weigh, as they are sent (byte for byte)."""
+    return sum(path.stat().st_size for path in image_paths(Path(source.location)))
+
+
 def image_frames(path: Path) -> Iterator[FrameData]:
     for index, image_path in enumerate(image_paths(path)):
         yield FrameData(image_path.read_bytes(), IMAGE_SUFFIXES[image_path.suffix.lower()], index=index)
