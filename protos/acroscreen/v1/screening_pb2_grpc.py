@@ -91,7 +91,11 @@ class ScreeningServicer:
 
     def ScreenImages(self, request, context):
         """A few still photographs of one subject (the classic photo use case).
-        Every image is analysed; the answer is the FINAL subject result.
+        Every image is analysed; the answer is the FINAL subject result. The whole
+        request must fit the server's message limit (--max-message-bytes, 8 MiB by
+        default; larger requests fail with RESOURCE_EXHAUSTED before they are read):
+        a few phone photos exceed it, so send such sets through ScreenStream with
+        analyze_every_frame, a message a photo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
