@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .client import DEFAULT_MAX_MESSAGE_BYTES, Credentials, ScreeningClient, ScreenOptions, StreamEvent
+from .client import Credentials, ScreeningClient, ScreenOptions, StreamEvent
 from .errors import AcroscreenClientError, AuthenticationError, UnavailableError
 from .types import FrameAck, FrameResult, SubjectResult
 
@@ -195,7 +195,6 @@ def _serve(args: argparse.Namespace) -> int:
 # A few photos go in one ScreenImages request; more, or larger ones (a handful of phone photos of
 # 3-7 MB each exceed the 8 MiB message limit), go as a stream, a message a photo.
 IMAGES_PER_REQUEST = 32
-REQUEST_MARGIN_BYTES = 64 * 1024  # the request's framing and options around the image bytes
 
 
 def _screen(args: argparse.Namespace) -> int:
@@ -211,7 +210,7 @@ def _screen(args: argparse.Namespace) -> int:
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
     with _connect(args, args.timeout) as client:
         one_request = source.kind == "images" and source.frame_count <= IMAGES_PER_REQUEST
-        if one_request and sources.image_bytes(source) <= DEFAULT_MAX_MESSAGE_BYTES - REQUEST_MARGIN_BYTES:
+        if one_request and sources.image_bytes(source) <= sources.PHOTO_MAX_BYTES:
             result = client.screen_images(sources.frames(source), options)
         else:
             frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)

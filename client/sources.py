@@ -57,13 +57,44 @@ def image_paths(path: Path) -> list[Path]:
 
 
 def image_bytes(source: Source) -> int:
-    """What a photo source's files weigh, as they are sent (byte for byte)."""
+    """What a photo source's files weigh (as they are sent, but for photos over PHOTO_MAX_BYTES)."""
     return sum(path.stat().st_size for path in image_paths(Path(source.location)))
 
 
 def image_frames(path: Path) -> Iterator[FrameData]:
     for index, image_path in enumerate(image_paths(path)):
-        yield FrameData(image_path.read_bytes(), IMAGE_SUFFIXES[image_path.suffix.lower()], index=index)
+        data = image_path.read_bytes()
+        if len(data) > PHOTO_MAX_BYTES:
+            yield FrameData(_shrunk_jpeg(image_path, len(data)), ImageKind.JPEG, index=index)
+        else:
+            yield FrameData(data, IMAGE_SUFFIXES[image_path.suffix.lower()], index=index)
+
+
+# A photo goes byte for byte when it fits one message (the server's 8 MiB default limit, less the
+# message's framing). A larger one (a 48-MP phone photo, a DSLR JPEG) would end the whole stream
+# with RESOURCE_EXHAUSTED, so it is decoded (turned upright by its EXIF orientation), shrunk to at
+# most 4096 px on its longer side (the server's default pixel limit is 4096×4096) and re-encoded.
+PHOTO_MAX_BYTES = 8 * 1024 * 1024 - 64 * 1024
+_SHRINK_STEPS = ((4096, 95), (4096, 85), (2048, 85))  # longer side, JPEG quality: the first that fits
+
+
+def _shrunk_jpeg(path: Path, size: int) -> bytes:
+    import cv2
+
+    pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if pixels is None:
+        raise ValueError(f"{path}: {size} bytes, over the {PHOTO_MAX_BYTES}-byte message limit, and not a readable image")
+    longest = max(pixels.shape[:2])
+    for side, quality in _SHRINK_STEPS:
+        scale = min(1.0, side / longest)
+        if scale < 1.0:
+            smaller = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+            encoded = _jpeg(cv2, cv2.resize(pixels, smaller, interpolation=cv2.INTER_AREA), quality)
+        else:
+            encoded = _jpeg(cv2, pixels, quality)
+        if len(encoded) <= PHOTO_MAX_BYTES:
+            return encoded
+    raise ValueError(f"{path}: still over {PHOTO_MAX_BYTES} bytes at {_SHRINK_STEPS[-1][0]} px, quality {_SHRINK_STEPS[-1][1]}")
 
 
 def video_frame_count(path: Path) -> int:

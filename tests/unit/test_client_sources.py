@@ -1,0 +1,35 @@
+"""Photos as the client sends them: byte for byte when they fit a message, shrunk when they do not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from acroscreen.client.sources import PHOTO_MAX_BYTES, describe, image_bytes, image_frames
+from acroscreen.client.types import ImageKind
+
+
+def _grainy_photo(portrait_bgr: np.ndarray, size: tuple[int, int], seed: int) -> np.ndarray:
+    """The portrait at a camera's size with sensor grain, which is what makes such JPEGs large."""
+    photo = cv2.resize(portrait_bgr, size, interpolation=cv2.INTER_CUBIC)
+    return np.clip(photo + np.random.default_rng(seed).normal(0.0, 10.0, photo.shape), 0, 255).astype(np.uint8)
+
+
+def test_small_photos_go_byte_for_byte_and_large_ones_shrink_to_fit(portrait_bgr: np.ndarray, tmp_path: Path) -> None:
+    small = tmp_path / "0.png"
+    cv2.imwrite(str(small), portrait_bgr)
+    large = tmp_path / "1.jpg"  # a 19-MP camera photo
+    cv2.imwrite(str(large), _grainy_photo(portrait_bgr, (5000, 3750), 1), [cv2.IMWRITE_JPEG_QUALITY, 97])
+    assert large.stat().st_size > PHOTO_MAX_BYTES
+    source = describe(str(tmp_path))
+    assert source.kind == "images" and source.frame_count == 2
+    assert image_bytes(source) == small.stat().st_size + large.stat().st_size
+    first, second = image_frames(tmp_path)
+    assert first.kind is ImageKind.PNG and first.data == small.read_bytes()
+    assert second.kind is ImageKind.JPEG and second.index == 1 and len(second.data) <= PHOTO_MAX_BYTES
+    pixels = cv2.imdecode(np.frombuffer(second.data, np.uint8), cv2.IMREAD_COLOR)
+    assert pixels.shape == (3072, 4096, 3)  # the server's default pixel limit is 4096×4096
+    # The same picture: the shrunk photo against the original scaled down alike.
+    original = cv2.resize(cv2.imread(str(large)), (4096, 3072), interpolation=cv2.INTER_AREA)
+    assert np.abs(pixels.astype(int) - original.astype(int)).mean() < 4
