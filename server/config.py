@@ -39,7 +39,11 @@ class Settings:
         "model arithmetic on the CPU: fp32, bf16, int8 (needs the weights' .int8.json scales), or auto "
         "(int8 where the scales exist, else bf16 where the CPU has it natively, else fp32)",
     )
-    max_message_bytes: int = _setting(8 * 1024 * 1024, "largest gRPC message accepted (fits raw 1080p BGR)")
+    max_message_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "largest frame or image accepted (fits raw 1080p BGR); messages up to 4x this are read, so a larger "
+        "frame is rejected alone (too_large) instead of ending its call",
+    )
     max_frame_pixels: int = _setting(4096 * 4096, "largest decoded frame, in pixels")
     workers: int = _setting(1, "server processes sharing the port (so_reuseport); with more than one, the model runs in a process of its own that batches all their crops")
     max_streams: int = _setting(

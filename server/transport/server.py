@@ -40,6 +40,11 @@ def min_client_ping_interval_ms(settings: Settings) -> int:
     return int(settings.keepalive_time_s * 1000 / 2)
 
 
+# Messages up to this many times --max-message-bytes are read, so that a frame over the limit is
+# rejected by itself (too_large, from decoding's byte check) and its stream goes on; gRPC would end
+# the whole call at its receive limit. Beyond it (a runaway sender) the call still ends.
+OVERSIZE_READ_FACTOR = 4
+
 class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
@@ -58,7 +63,7 @@ class GrpcServer:
             ThreadPoolExecutor(max_workers=settings.max_streams * _CAPPED_CALL_KINDS + _SPARE_THREADS),
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes * OVERSIZE_READ_FACTOR),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
                 ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),

@@ -91,11 +91,12 @@ class ScreeningServicer:
 
     def ScreenImages(self, request, context):
         """A few still photographs of one subject (the classic photo use case).
-        Every image is analysed; the answer is the FINAL subject result. The whole
-        request must fit the server's message limit (--max-message-bytes, 8 MiB by
-        default; larger requests fail with RESOURCE_EXHAUSTED before they are read):
-        a few phone photos exceed it, so send such sets through ScreenStream with
-        analyze_every_frame, a message a photo.
+        Every image is analysed; the answer is the FINAL subject result. Each image
+        may be up to --max-message-bytes (8 MiB by default; a larger one is rejected
+        as too_large), the whole request up to 4x that (beyond, the call fails with
+        RESOURCE_EXHAUSTED before it is read; a client's own send limit may be
+        lower: the Python clients' is 8 MiB). A few phone photos exceed that, so send
+        such sets through ScreenStream with analyze_every_frame, a message a photo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
