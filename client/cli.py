@@ -205,7 +205,8 @@ def _screen(args: argparse.Namespace) -> int:
     options = ScreenOptions(
         subject_id=args.subject_id,
         max_analyzed_frames=args.max_frames,
-        analyze_every_frame=source.kind in ("video", "images") and not args.realtime,
+        analyze_every_frame=source.kind == "video" and not args.realtime,
+        still_images=source.kind == "images",
     )
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
     with _connect(args, args.timeout) as client:

@@ -34,6 +34,7 @@ class ScreenOptions:
     analyze_every_frame: bool = False
     update_every_frames: int = 0
     acknowledge_frames: bool = False
+    still_images: bool = False  # each frame a separate photograph: all analysed, whatever the rate settings
 
     def message(self) -> pb.SessionOptions:
         return pb.SessionOptions(
@@ -43,6 +44,7 @@ class ScreenOptions:
             analyze_every_frame=self.analyze_every_frame,
             update_every_frames=self.update_every_frames,
             acknowledge_frames=self.acknowledge_frames,
+            still_images=self.still_images,
         )
 
 

@@ -84,8 +84,10 @@ class StreamSession:
         self._last_frame_at = self._opened_at
         self._received = 0
         self._selected = 0
-        interval_us = max(options.min_analysis_interval_ms * 1000,
-                          round(1e6 / limits.max_analysis_fps) if limits.max_analysis_fps else 0)
+        # Rate policies spread analysis over a video's capture time; photographs are each their own capture.
+        interval_us = 0 if options.still_images else max(
+            options.min_analysis_interval_ms * 1000, round(1e6 / limits.max_analysis_fps) if limits.max_analysis_fps else 0
+        )
         self._picker = BestFramePicker(interval_us) if interval_us else None
         self._picker_lock = threading.Lock()  # the reader offers, finish() or an idle worker releases
         self._outstanding = 0
@@ -166,7 +168,7 @@ class StreamSession:
         )
 
     def _enqueue(self, frame: FrameInput) -> bool:
-        if self.options.analyze_every_frame:
+        if self.options.analyze_every_frame or self.options.still_images:
             while not self._cancelled.is_set():
                 try:
                     self._backlog.put(frame, timeout=0.1)

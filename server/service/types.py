@@ -18,6 +18,7 @@ class SessionOptions:
     analyze_every_frame: bool = False
     update_every_frames: int = 0
     acknowledge_frames: bool = False
+    still_images: bool = False  # each frame a separate photograph: no rate policy, never skipped for load
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

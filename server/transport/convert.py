@@ -46,6 +46,7 @@ def session_options(message: pb.SessionOptions) -> SessionOptions:
         analyze_every_frame=message.analyze_every_frame,
         update_every_frames=message.update_every_frames,
         acknowledge_frames=message.acknowledge_frames,
+        still_images=message.still_images,
     )
 
 

@@ -57,26 +57,28 @@ def test_screen_video_json_final_result_metrics_and_drain(served, shared_data: P
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
-def test_screen_streams_a_folder_of_photos_too_large_for_one_request(served, portrait_bgr, tmp_path: Path) -> None:
+def test_screen_streams_a_folder_of_photos_too_large_for_one_request(portrait_bgr, tmp_path: Path) -> None:
     """Three phone-sized photos (12 MP, ~7 MB each) exceed the 8 MiB message limit together: the CLI
     sends them as a stream, a message a photo, where one ScreenImages request failed with
-    RESOURCE_EXHAUSTED before any photo reached the server. (Three: a score needs three frames.)"""
+    RESOURCE_EXHAUSTED before any photo reached the server. (Three: a score needs three frames.)
+    The server caps analysis as a CPU node would (--max-analysis-fps): the photos go as still images,
+    each analysed, where as frames without capture times all but one were passed over."""
     import cv2
     import numpy as np
 
-    _process, port, _metrics_port = served
     for index in range(3):
         photo = cv2.resize(portrait_bgr, (4032, 3024), interpolation=cv2.INTER_CUBIC)
         grain = np.random.default_rng(index).normal(0.0, 8.0, photo.shape)  # a sensor's: what makes them large
         photo = np.clip(photo + grain, 0, 255).astype(np.uint8)
         cv2.imwrite(str(tmp_path / f"{index}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 97])
     assert sum(path.stat().st_size for path in tmp_path.glob("*.jpg")) > 8 * 1024 * 1024
-    screen = subprocess.run(
-        [ACROSCREEN, "screen", str(tmp_path), "--json", "--server", f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with serving("--max-analysis-fps", "5", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"}) as (_process, port, _metrics):
+        screen = subprocess.run(
+            [ACROSCREEN, "screen", str(tmp_path), "--json", "--server", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert screen.returncode == 0, screen.stderr
     result = json.loads(screen.stdout)
     assert result["status"] == "final"

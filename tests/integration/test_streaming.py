@@ -291,6 +291,22 @@ def test_server_analysis_rate_spreads_analysis_in_capture_time(portrait_bgr: np.
         running.stop(grace_s=1.0)
 
 
+def test_still_images_are_each_analysed_whatever_the_analysis_rate(portrait_bgr: np.ndarray) -> None:
+    """A photo set sent as a stream carries no capture times (all 0): under the server's rate cap all
+    but one photo were passed over as one interval's frames; as still images every one is analysed."""
+    running = start_server(metrics_port=-1, max_analysis_fps=5.0)
+    try:
+        good = jpeg_bytes(portrait_bgr)
+        photos = [FrameData(good, ImageKind.JPEG, index=i) for i in range(8)]
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as rate_client:
+            as_video = rate_client.screen(photos, ScreenOptions(analyze_every_frame=True))
+            as_stills = rate_client.screen(photos, ScreenOptions(still_images=True))
+        assert (as_video.frames_analyzed, as_video.frames_skipped) == (1, 7)
+        assert (as_stills.frames_analyzed, as_stills.frames_skipped) == (8, 0) and as_stills.status == "final"
+    finally:
+        running.stop(grace_s=1.0)
+
+
 def test_rate_limited_stream_analyses_the_sharpest_frame_of_each_interval(portrait_bgr: np.ndarray) -> None:
     """Five blurred frames and one sharp one per 200 ms interval: the sharp ones are analysed, acked at once."""
     running = start_server(metrics_port=0, max_analysis_fps=5.0)

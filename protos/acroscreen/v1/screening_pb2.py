@@ -24,59 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x63roscreen/v1/screening.proto\x12\racroscreen.v1\"s\n\rScreenRequest\x12\x30\n\x07options\x18\x01 \x01(\x0b\x32\x1d.acroscreen.v1.SessionOptionsH\x00\x12%\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x14.acroscreen.v1.FrameH\x00\x42\t\n\x07payload\"\xb9\x01\n\x0eSessionOptions\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x1b\n\x13max_analyzed_frames\x18\x02 \x01(\r\x12 \n\x18min_analysis_interval_ms\x18\x03 \x01(\r\x12\x1b\n\x13\x61nalyze_every_frame\x18\x04 \x01(\x08\x12\x1b\n\x13update_every_frames\x18\x05 \x01(\r\x12\x1a\n\x12\x61\x63knowledge_frames\x18\x06 \x01(\x08\"c\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.acroscreen.v1.PixelFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"|\n\x05\x46rame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\x12\x0e\n\x04jpeg\x18\x03 \x01(\x0cH\x00\x12\r\n\x03png\x18\x04 \x01(\x0cH\x00\x12&\n\x03raw\x18\x05 \x01(\x0b\x32\x17.acroscreen.v1.RawImageH\x00\x42\x07\n\x05image\"k\n\x13ScreenImagesRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.acroscreen.v1.SessionOptions\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.acroscreen.v1.Frame\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x0eScreenResponse\x12\x32\n\x0c\x66rame_result\x18\x01 \x01(\x0b\x32\x1a.acroscreen.v1.FrameResultH\x00\x12/\n\x07subject\x18\x02 \x01(\x0b\x32\x1c.acroscreen.v1.SubjectResultH\x00\x12,\n\tframe_ack\x18\x03 \x01(\x0b\x32\x17.acroscreen.v1.FrameAckH\x00\x42\t\n\x07payload\"/\n\x08\x46rameAck\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\"@\n\x08HeadPose\x12\x0f\n\x07yaw_deg\x18\x01 \x01(\x02\x12\x11\n\tpitch_deg\x18\x02 \x01(\x02\x12\x10\n\x08roll_deg\x18\x03 \x01(\x02\"r\n\x07Quality\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\tsharpness\x18\x02 \x01(\x02\x12\x10\n\x08\x65xposure\x18\x03 \x01(\x02\x12\x11\n\tface_size\x18\x04 \x01(\x02\x12\x0c\n\x04pose\x18\x05 \x01(\x02\x12\x12\n\nconfidence\x18\x06 \x01(\x02\";\n\x15SeverityProbabilities\x12\n\n\x02p1\x18\x01 \x01(\x02\x12\n\n\x02p2\x18\x02 \x01(\x02\x12\n\n\x02p3\x18\x03 \x01(\x02\"\xa9\x03\n\x0b\x46rameResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.acroscreen.v1.FrameStatus\x12\x32\n\rreject_reason\x18\x04 \x01(\x0e\x32\x1b.acroscreen.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x12\n\nface_count\x18\x06 \x01(\r\x12\x1f\n\x03\x62ox\x18\x07 \x01(\x0b\x32\x12.acroscreen.v1.Box\x12\'\n\x07quality\x18\x08 \x01(\x0b\x32\x16.acroscreen.v1.Quality\x12%\n\x04pose\x18\t \x01(\x0b\x32\x17.acroscreen.v1.HeadPose\x12;\n\rprobabilities\x18\n \x01(\x0b\x32$.acroscreen.v1.SeverityProbabilities\x12\x17\n\x0fpredicted_score\x18\x0b \x01(\r\x12\x16\n\x0e\x65xpected_score\x18\x0c \x01(\x02\x12\x12\n\nlatency_ms\x18\r \x01(\x02\"I\n\x0bRejectCount\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.acroscreen.v1.RejectReason\x12\r\n\x05\x63ount\x18\x02 \x01(\r\">\n\rScoreInterval\x12\x0b\n\x03low\x18\x01 \x01(\x02\x12\x0c\n\x04high\x18\x02 \x01(\x02\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\xb6\x03\n\rSubjectResult\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.acroscreen.v1.SubjectStatus\x12\x17\n\x0fpredicted_score\x18\x03 \x01(\r\x12\x16\n\x0e\x65xpected_score\x18\x04 \x01(\x02\x12;\n\rprobabilities\x18\x05 \x01(\x0b\x32$.acroscreen.v1.SeverityProbabilities\x12=\n\x17\x65xpected_score_interval\x18\x06 \x01(\x0b\x32\x1c.acroscreen.v1.ScoreInterval\x12\x17\n\x0f\x66rames_received\x18\x07 \x01(\r\x12\x17\n\x0f\x66rames_analyzed\x18\x08 \x01(\r\x12\x16\n\x0e\x66rames_skipped\x18\t \x01(\r\x12,\n\x08rejected\x18\n \x03(\x0b\x32\x1a.acroscreen.v1.RejectCount\x12&\n\x05model\x18\x0b \x01(\x0b\x32\x17.acroscreen.v1.ModelRef\x12\x16\n\x0e\x66\x61\x63\x65s_seen_max\x18\x0c \x01(\r\"G\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x9c\x01\n\rPreprocessing\x12\x12\n\ninput_size\x18\x01 \x01(\r\x12\x0c\n\x04mean\x18\x02 \x01(\x02\x12\x0b\n\x03std\x18\x03 \x01(\x02\x12\x15\n\rchannel_order\x18\x04 \x01(\t\x12\x19\n\x11\x62ox_height_expand\x18\x05 \x01(\x02\x12\x11\n\talignment\x18\x06 \x01(\t\x12\x17\n\x0flandmark_points\x18\x07 \x01(\r\"\xe4\x01\n\tModelInfo\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.acroscreen.v1.ModelRef\x12\x14\n\x0c\x63lass_labels\x18\x02 \x03(\t\x12\x33\n\rpreprocessing\x18\x03 \x01(\x0b\x32\x1c.acroscreen.v1.Preprocessing\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x14\n\x0cintended_use\x18\x06 \x01(\t\x12\x0f\n\x07notices\x18\x07 \x03(\t\x12\x12\n\narithmetic\x18\x08 \x01(\t*s\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12PIXEL_FORMAT_BGR24\x10\x01\x12\x16\n\x12PIXEL_FORMAT_RGB24\x10\x02\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x03*\x9d\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREJECT_REASON_DECODE_FAILED\x10\x01\x12\x1c\n\x18REJECT_REASON_BAD_FORMAT\x10\x02\x12\x1b\n\x17REJECT_REASON_TOO_LARGE\x10\x03\x12\x19\n\x15REJECT_REASON_NO_FACE\x10\x04\x12 \n\x1cREJECT_REASON_FACE_TOO_SMALL\x10\x05\x12\x19\n\x15REJECT_REASON_BLURRED\x10\x06\x12\x1e\n\x1aREJECT_REASON_BAD_EXPOSURE\x10\x07\x12\x16\n\x12REJECT_REASON_POSE\x10\x08\x12 \n\x1cREJECT_REASON_LOW_CONFIDENCE\x10\t\x12\x1e\n\x1aREJECT_REASON_FACE_CHANGED\x10\n\x12\x1c\n\x18REJECT_REASON_OVERLOADED\x10\x0b\x12\"\n\x1eREJECT_REASON_INFERENCE_FAILED\x10\x0c*{\n\x0b\x46rameStatus\x12\x1c\n\x18\x46RAME_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46RAME_STATUS_ANALYZED\x10\x01\x12\x19\n\x15\x46RAME_STATUS_REJECTED\x10\x02\x12\x18\n\x14\x46RAME_STATUS_SKIPPED\x10\x03*\x93\x01\n\rSubjectStatus\x12\x1e\n\x1aSUBJECT_STATUS_UNSPECIFIED\x10\x00\x12(\n$SUBJECT_STATUS_INSUFFICIENT_EVIDENCE\x10\x01\x12\x1e\n\x1aSUBJECT_STATUS_PROVISIONAL\x10\x02\x12\x18\n\x14SUBJECT_STATUS_FINAL\x10\x03\x32\xfc\x01\n\tScreening\x12O\n\x0cScreenStream\x12\x1c.acroscreen.v1.ScreenRequest\x1a\x1d.acroscreen.v1.ScreenResponse(\x01\x30\x01\x12P\n\x0cScreenImages\x12\".acroscreen.v1.ScreenImagesRequest\x1a\x1c.acroscreen.v1.SubjectResult\x12L\n\x0cGetModelInfo\x12\".acroscreen.v1.GetModelInfoRequest\x1a\x18.acroscreen.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x63roscreen/v1/screening.proto\x12\racroscreen.v1\"s\n\rScreenRequest\x12\x30\n\x07options\x18\x01 \x01(\x0b\x32\x1d.acroscreen.v1.SessionOptionsH\x00\x12%\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x14.acroscreen.v1.FrameH\x00\x42\t\n\x07payload\"\xcf\x01\n\x0eSessionOptions\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x1b\n\x13max_analyzed_frames\x18\x02 \x01(\r\x12 \n\x18min_analysis_interval_ms\x18\x03 \x01(\r\x12\x1b\n\x13\x61nalyze_every_frame\x18\x04 \x01(\x08\x12\x1b\n\x13update_every_frames\x18\x05 \x01(\r\x12\x1a\n\x12\x61\x63knowledge_frames\x18\x06 \x01(\x08\x12\x14\n\x0cstill_images\x18\x07 \x01(\x08\"c\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.acroscreen.v1.PixelFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"|\n\x05\x46rame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\x12\x0e\n\x04jpeg\x18\x03 \x01(\x0cH\x00\x12\r\n\x03png\x18\x04 \x01(\x0cH\x00\x12&\n\x03raw\x18\x05 \x01(\x0b\x32\x17.acroscreen.v1.RawImageH\x00\x42\x07\n\x05image\"k\n\x13ScreenImagesRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.acroscreen.v1.SessionOptions\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x14.acroscreen.v1.Frame\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x0eScreenResponse\x12\x32\n\x0c\x66rame_result\x18\x01 \x01(\x0b\x32\x1a.acroscreen.v1.FrameResultH\x00\x12/\n\x07subject\x18\x02 \x01(\x0b\x32\x1c.acroscreen.v1.SubjectResultH\x00\x12,\n\tframe_ack\x18\x03 \x01(\x0b\x32\x17.acroscreen.v1.FrameAckH\x00\x42\t\n\x07payload\"/\n\x08\x46rameAck\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\"@\n\x08HeadPose\x12\x0f\n\x07yaw_deg\x18\x01 \x01(\x02\x12\x11\n\tpitch_deg\x18\x02 \x01(\x02\x12\x10\n\x08roll_deg\x18\x03 \x01(\x02\"r\n\x07Quality\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\tsharpness\x18\x02 \x01(\x02\x12\x10\n\x08\x65xposure\x18\x03 \x01(\x02\x12\x11\n\tface_size\x18\x04 \x01(\x02\x12\x0c\n\x04pose\x18\x05 \x01(\x02\x12\x12\n\nconfidence\x18\x06 \x01(\x02\";\n\x15SeverityProbabilities\x12\n\n\x02p1\x18\x01 \x01(\x02\x12\n\n\x02p2\x18\x02 \x01(\x02\x12\n\n\x02p3\x18\x03 \x01(\x02\"\xa9\x03\n\x0b\x46rameResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_us\x18\x02 \x01(\x03\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.acroscreen.v1.FrameStatus\x12\x32\n\rreject_reason\x18\x04 \x01(\x0e\x32\x1b.acroscreen.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x12\n\nface_count\x18\x06 \x01(\r\x12\x1f\n\x03\x62ox\x18\x07 \x01(\x0b\x32\x12.acroscreen.v1.Box\x12\'\n\x07quality\x18\x08 \x01(\x0b\x32\x16.acroscreen.v1.Quality\x12%\n\x04pose\x18\t \x01(\x0b\x32\x17.acroscreen.v1.HeadPose\x12;\n\rprobabilities\x18\n \x01(\x0b\x32$.acroscreen.v1.SeverityProbabilities\x12\x17\n\x0fpredicted_score\x18\x0b \x01(\r\x12\x16\n\x0e\x65xpected_score\x18\x0c \x01(\x02\x12\x12\n\nlatency_ms\x18\r \x01(\x02\"I\n\x0bRejectCount\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.acroscreen.v1.RejectReason\x12\r\n\x05\x63ount\x18\x02 \x01(\r\">\n\rScoreInterval\x12\x0b\n\x03low\x18\x01 \x01(\x02\x12\x0c\n\x04high\x18\x02 \x01(\x02\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\xb6\x03\n\rSubjectResult\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.acroscreen.v1.SubjectStatus\x12\x17\n\x0fpredicted_score\x18\x03 \x01(\r\x12\x16\n\x0e\x65xpected_score\x18\x04 \x01(\x02\x12;\n\rprobabilities\x18\x05 \x01(\x0b\x32$.acroscreen.v1.SeverityProbabilities\x12=\n\x17\x65xpected_score_interval\x18\x06 \x01(\x0b\x32\x1c.acroscreen.v1.ScoreInterval\x12\x17\n\x0f\x66rames_received\x18\x07 \x01(\r\x12\x17\n\x0f\x66rames_analyzed\x18\x08 \x01(\r\x12\x16\n\x0e\x66rames_skipped\x18\t \x01(\r\x12,\n\x08rejected\x18\n \x03(\x0b\x32\x1a.acroscreen.v1.RejectCount\x12&\n\x05model\x18\x0b \x01(\x0b\x32\x17.acroscreen.v1.ModelRef\x12\x16\n\x0e\x66\x61\x63\x65s_seen_max\x18\x0c \x01(\r\"G\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x9c\x01\n\rPreprocessing\x12\x12\n\ninput_size\x18\x01 \x01(\r\x12\x0c\n\x04mean\x18\x02 \x01(\x02\x12\x0b\n\x03std\x18\x03 \x01(\x02\x12\x15\n\rchannel_order\x18\x04 \x01(\t\x12\x19\n\x11\x62ox_height_expand\x18\x05 \x01(\x02\x12\x11\n\talignment\x18\x06 \x01(\t\x12\x17\n\x0flandmark_points\x18\x07 \x01(\r\"\xe4\x01\n\tModelInfo\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.acroscreen.v1.ModelRef\x12\x14\n\x0c\x63lass_labels\x18\x02 \x03(\t\x12\x33\n\rpreprocessing\x18\x03 \x01(\x0b\x32\x1c.acroscreen.v1.Preprocessing\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x14\n\x0cintended_use\x18\x06 \x01(\t\x12\x0f\n\x07notices\x18\x07 \x03(\t\x12\x12\n\narithmetic\x18\x08 \x01(\t*s\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12PIXEL_FORMAT_BGR24\x10\x01\x12\x16\n\x12PIXEL_FORMAT_RGB24\x10\x02\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x03*\x9d\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREJECT_REASON_DECODE_FAILED\x10\x01\x12\x1c\n\x18REJECT_REASON_BAD_FORMAT\x10\x02\x12\x1b\n\x17REJECT_REASON_TOO_LARGE\x10\x03\x12\x19\n\x15REJECT_REASON_NO_FACE\x10\x04\x12 \n\x1cREJECT_REASON_FACE_TOO_SMALL\x10\x05\x12\x19\n\x15REJECT_REASON_BLURRED\x10\x06\x12\x1e\n\x1aREJECT_REASON_BAD_EXPOSURE\x10\x07\x12\x16\n\x12REJECT_REASON_POSE\x10\x08\x12 \n\x1cREJECT_REASON_LOW_CONFIDENCE\x10\t\x12\x1e\n\x1aREJECT_REASON_FACE_CHANGED\x10\n\x12\x1c\n\x18REJECT_REASON_OVERLOADED\x10\x0b\x12\"\n\x1eREJECT_REASON_INFERENCE_FAILED\x10\x0c*{\n\x0b\x46rameStatus\x12\x1c\n\x18\x46RAME_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46RAME_STATUS_ANALYZED\x10\x01\x12\x19\n\x15\x46RAME_STATUS_REJECTED\x10\x02\x12\x18\n\x14\x46RAME_STATUS_SKIPPED\x10\x03*\x93\x01\n\rSubjectStatus\x12\x1e\n\x1aSUBJECT_STATUS_UNSPECIFIED\x10\x00\x12(\n$SUBJECT_STATUS_INSUFFICIENT_EVIDENCE\x10\x01\x12\x1e\n\x1aSUBJECT_STATUS_PROVISIONAL\x10\x02\x12\x18\n\x14SUBJECT_STATUS_FINAL\x10\x03\x32\xfc\x01\n\tScreening\x12O\n\x0cScreenStream\x12\x1c.acroscreen.v1.ScreenRequest\x1a\x1d.acroscreen.v1.ScreenResponse(\x01\x30\x01\x12P\n\x0cScreenImages\x12\".acroscreen.v1.ScreenImagesRequest\x1a\x1c.acroscreen.v1.SubjectResult\x12L\n\x0cGetModelInfo\x12\".acroscreen.v1.GetModelInfoRequest\x1a\x18.acroscreen.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'acroscreen.v1.screening_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIXELFORMAT']._serialized_start=2712
-  _globals['_PIXELFORMAT']._serialized_end=2827
-  _globals['_REJECTREASON']._serialized_start=2830
-  _globals['_REJECTREASON']._serialized_end=3243
-  _globals['_FRAMESTATUS']._serialized_start=3245
-  _globals['_FRAMESTATUS']._serialized_end=3368
-  _globals['_SUBJECTSTATUS']._serialized_start=3371
-  _globals['_SUBJECTSTATUS']._serialized_end=3518
+  _globals['_PIXELFORMAT']._serialized_start=2734
+  _globals['_PIXELFORMAT']._serialized_end=2849
+  _globals['_REJECTREASON']._serialized_start=2852
+  _globals['_REJECTREASON']._serialized_end=3265
+  _globals['_FRAMESTATUS']._serialized_start=3267
+  _globals['_FRAMESTATUS']._serialized_end=3390
+  _globals['_SUBJECTSTATUS']._serialized_start=3393
+  _globals['_SUBJECTSTATUS']._serialized_end=3540
   _globals['_SCREENREQUEST']._serialized_start=48
   _globals['_SCREENREQUEST']._serialized_end=163
   _globals['_SESSIONOPTIONS']._serialized_start=166
-  _globals['_SESSIONOPTIONS']._serialized_end=351
-  _globals['_RAWIMAGE']._serialized_start=353
-  _globals['_RAWIMAGE']._serialized_end=452
-  _globals['_FRAME']._serialized_start=454
-  _globals['_FRAME']._serialized_end=578
-  _globals['_SCREENIMAGESREQUEST']._serialized_start=580
-  _globals['_SCREENIMAGESREQUEST']._serialized_end=687
-  _globals['_GETMODELINFOREQUEST']._serialized_start=689
-  _globals['_GETMODELINFOREQUEST']._serialized_end=710
-  _globals['_SCREENRESPONSE']._serialized_start=713
-  _globals['_SCREENRESPONSE']._serialized_end=887
-  _globals['_FRAMEACK']._serialized_start=889
-  _globals['_FRAMEACK']._serialized_end=936
-  _globals['_BOX']._serialized_start=938
-  _globals['_BOX']._serialized_end=996
-  _globals['_HEADPOSE']._serialized_start=998
-  _globals['_HEADPOSE']._serialized_end=1062
-  _globals['_QUALITY']._serialized_start=1064
-  _globals['_QUALITY']._serialized_end=1178
-  _globals['_SEVERITYPROBABILITIES']._serialized_start=1180
-  _globals['_SEVERITYPROBABILITIES']._serialized_end=1239
-  _globals['_FRAMERESULT']._serialized_start=1242
-  _globals['_FRAMERESULT']._serialized_end=1667
-  _globals['_REJECTCOUNT']._serialized_start=1669
-  _globals['_REJECTCOUNT']._serialized_end=1742
-  _globals['_SCOREINTERVAL']._serialized_start=1744
-  _globals['_SCOREINTERVAL']._serialized_end=1806
-  _globals['_SUBJECTRESULT']._serialized_start=1809
-  _globals['_SUBJECTRESULT']._serialized_end=2247
-  _globals['_MODELREF']._serialized_start=2249
-  _globals['_MODELREF']._serialized_end=2320
-  _globals['_PREPROCESSING']._serialized_start=2323
-  _globals['_PREPROCESSING']._serialized_end=2479
-  _globals['_MODELINFO']._serialized_start=2482
-  _globals['_MODELINFO']._serialized_end=2710
-  _globals['_SCREENING']._serialized_start=3521
-  _globals['_SCREENING']._serialized_end=3773
+  _globals['_SESSIONOPTIONS']._serialized_end=373
+  _globals['_RAWIMAGE']._serialized_start=375
+  _globals['_RAWIMAGE']._serialized_end=474
+  _globals['_FRAME']._serialized_start=476
+  _globals['_FRAME']._serialized_end=600
+  _globals['_SCREENIMAGESREQUEST']._serialized_start=602
+  _globals['_SCREENIMAGESREQUEST']._serialized_end=709
+  _globals['_GETMODELINFOREQUEST']._serialized_start=711
+  _globals['_GETMODELINFOREQUEST']._serialized_end=732
+  _globals['_SCREENRESPONSE']._serialized_start=735
+  _globals['_SCREENRESPONSE']._serialized_end=909
+  _globals['_FRAMEACK']._serialized_start=911
+  _globals['_FRAMEACK']._serialized_end=958
+  _globals['_BOX']._serialized_start=960
+  _globals['_BOX']._serialized_end=1018
+  _globals['_HEADPOSE']._serialized_start=1020
+  _globals['_HEADPOSE']._serialized_end=1084
+  _globals['_QUALITY']._serialized_start=1086
+  _globals['_QUALITY']._serialized_end=1200
+  _globals['_SEVERITYPROBABILITIES']._serialized_start=1202
+  _globals['_SEVERITYPROBABILITIES']._serialized_end=1261
+  _globals['_FRAMERESULT']._serialized_start=1264
+  _globals['_FRAMERESULT']._serialized_end=1689
+  _globals['_REJECTCOUNT']._serialized_start=1691
+  _globals['_REJECTCOUNT']._serialized_end=1764
+  _globals['_SCOREINTERVAL']._serialized_start=1766
+  _globals['_SCOREINTERVAL']._serialized_end=1828
+  _globals['_SUBJECTRESULT']._serialized_start=1831
+  _globals['_SUBJECTRESULT']._serialized_end=2269
+  _globals['_MODELREF']._serialized_start=2271
+  _globals['_MODELREF']._serialized_end=2342
+  _globals['_PREPROCESSING']._serialized_start=2345
+  _globals['_PREPROCESSING']._serialized_end=2501
+  _globals['_MODELINFO']._serialized_start=2504
+  _globals['_MODELINFO']._serialized_end=2732
+  _globals['_SCREENING']._serialized_start=3543
+  _globals['_SCREENING']._serialized_end=3795
 # @@protoc_insertion_point(module_scope)

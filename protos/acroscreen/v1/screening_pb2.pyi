@@ -78,20 +78,22 @@ class ScreenRequest(_message.Message):
     def __init__(self, options: _Optional[_Union[SessionOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("subject_id", "max_analyzed_frames", "min_analysis_interval_ms", "analyze_every_frame", "update_every_frames", "acknowledge_frames")
+    __slots__ = ("subject_id", "max_analyzed_frames", "min_analysis_interval_ms", "analyze_every_frame", "update_every_frames", "acknowledge_frames", "still_images")
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_ANALYZED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MIN_ANALYSIS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ANALYZE_EVERY_FRAME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_EVERY_FRAMES_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    STILL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     subject_id: str
     max_analyzed_frames: int
     min_analysis_interval_ms: int
     analyze_every_frame: bool
     update_every_frames: int
     acknowledge_frames: bool
-    def __init__(self, subject_id: _Optional[str] = ..., max_analyzed_frames: _Optional[int] = ..., min_analysis_interval_ms: _Optional[int] = ..., analyze_every_frame: _Optional[bool] = ..., update_every_frames: _Optional[int] = ..., acknowledge_frames: _Optional[bool] = ...) -> None: ...
+    still_images: bool
+    def __init__(self, subject_id: _Optional[str] = ..., max_analyzed_frames: _Optional[int] = ..., min_analysis_interval_ms: _Optional[int] = ..., analyze_every_frame: _Optional[bool] = ..., update_every_frames: _Optional[int] = ..., acknowledge_frames: _Optional[bool] = ..., still_images: _Optional[bool] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("width", "height", "format", "data")

@@ -96,7 +96,7 @@ class ScreeningServicer:
         as too_large), the whole request up to 4x that (beyond, the call fails with
         RESOURCE_EXHAUSTED before it is read; a client's own send limit may be
         lower: the Python clients' is 8 MiB). A few phone photos exceed that, so send
-        such sets through ScreenStream with analyze_every_frame, a message a photo.
+        such sets through ScreenStream with still_images, a message a photo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
