@@ -57,7 +57,7 @@ def image_paths(path: Path) -> list[Path]:
 
 
 def image_bytes(source: Source) -> int:
-    """What a photo source's files weigh (as they are sent, but for photos over PHOTO_MAX_BYTES)."""
+    """The bytes of a photo source's files (what is sent, unless one is over PHOTO_MAX_BYTES)."""
     return sum(path.stat().st_size for path in image_paths(Path(source.location)))
 
 
@@ -87,11 +87,9 @@ def _shrunk_jpeg(path: Path, size: int) -> bytes:
     longest = max(pixels.shape[:2])
     for side, quality in _SHRINK_STEPS:
         scale = min(1.0, side / longest)
-        if scale < 1.0:
-            smaller = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-            encoded = _jpeg(cv2, cv2.resize(pixels, smaller, interpolation=cv2.INTER_AREA), quality)
-        else:
-            encoded = _jpeg(cv2, pixels, quality)
+        smaller = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+        resized = cv2.resize(pixels, smaller, interpolation=cv2.INTER_AREA) if scale < 1.0 else pixels
+        encoded = _jpeg(cv2, resized, quality)
         if len(encoded) <= PHOTO_MAX_BYTES:
             return encoded
     raise ValueError(f"{path}: still over {PHOTO_MAX_BYTES} bytes at {_SHRINK_STEPS[-1][0]} px, quality {_SHRINK_STEPS[-1][1]}")
