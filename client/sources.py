@@ -31,7 +31,12 @@ def describe(spec: str) -> Source:
         return Source("webcam", spec, 0)
     path = Path(spec)
     if path.is_dir():
-        return Source("images", spec, len(image_paths(path)))
+        count = len(image_paths(path))
+        if count == 0:
+            others = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = f"{len(others)} other file(s), e.g. {others[0]}: convert photos (HEIC, RAW) to JPEG" if others else "it is empty"
+            raise ValueError(f"no JPEG or PNG images in {spec} ({found})")
+        return Source("images", spec, count)
     if not path.is_file():
         raise FileNotFoundError(f"no such file, folder or webcam: {spec}")
     suffix = path.suffix.lower()

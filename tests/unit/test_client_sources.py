@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from acroscreen.client.sources import PHOTO_MAX_BYTES, describe, image_bytes, image_frames
 from acroscreen.client.types import ImageKind
 
@@ -33,3 +34,11 @@ def test_small_photos_go_byte_for_byte_and_large_ones_shrink_to_fit(portrait_bgr
     # The same picture: the shrunk photo against the original scaled down alike.
     original = cv2.resize(cv2.imread(str(large)), (4096, 3072), interpolation=cv2.INTER_AREA)
     assert np.abs(pixels.astype(int) - original.astype(int)).mean() < 4
+
+
+def test_a_folder_without_jpeg_or_png_photos_is_refused_with_what_it_holds(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="it is empty"):
+        describe(str(tmp_path))
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"1 other file\(s\), e.g. IMG_0001.HEIC: convert"):
+        describe(str(tmp_path))
