@@ -2,7 +2,8 @@
 
     python examples/screen_photos.py photos/ --server 127.0.0.1:50051 --subject-id S-17 [--fhir Patient/17]
 
-JPEG and PNG files are sent byte for byte; every photo is analysed.
+JPEG and PNG files are sent byte for byte (one over 8 MiB is shrunk to fit); every photo is analysed.
+Photos too large together for one request (a few phone photos) go as a stream of still images.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.fhir import to_fhir_observation
-from acroscreen.client.sources import image_frames
+from acroscreen.client.sources import PHOTO_MAX_BYTES, image_frames
 
 
 def main() -> int:
@@ -25,8 +26,13 @@ def main() -> int:
     parser.add_argument("--fhir", metavar="REFERENCE", default=None, help="print a FHIR Observation for this subject instead")
     args = parser.parse_args()
 
+    photos = list(image_frames(args.photos))
+    options = ScreenOptions(subject_id=args.subject_id, still_images=True)
     with ScreeningClient(args.server, timeout_s=120) as client:
-        result = client.screen_images(image_frames(args.photos), ScreenOptions(subject_id=args.subject_id))
+        if sum(len(photo.data) for photo in photos) <= PHOTO_MAX_BYTES:
+            result = client.screen_images(photos, options)
+        else:  # one message a photo; still_images: each analysed, whatever the server's analysis rate
+            result = client.screen(photos, options)
 
     if args.fhir:
         print(json.dumps(to_fhir_observation(result, args.fhir, source="images"), indent=2))

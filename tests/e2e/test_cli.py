@@ -21,6 +21,8 @@ from acroscreen.client import ScreeningClient
 from acroscreen.server.runtime.int8 import int8_available
 from acroscreen.server.runtime.model import cpu_has_native_bf16
 
+from tests.helpers import write_camera_photos
+
 from .serving import ACROSCREEN, serving
 
 
@@ -63,14 +65,7 @@ def test_screen_streams_a_folder_of_photos_too_large_for_one_request(portrait_bg
     RESOURCE_EXHAUSTED before any photo reached the server. (Three: a score needs three frames.)
     The server caps analysis as a CPU node would (--max-analysis-fps): the photos go as still images,
     each analysed, where as frames without capture times all but one were passed over."""
-    import cv2
-    import numpy as np
-
-    for index in range(3):
-        photo = cv2.resize(portrait_bgr, (4032, 3024), interpolation=cv2.INTER_CUBIC)
-        grain = np.random.default_rng(index).normal(0.0, 8.0, photo.shape)  # a sensor's: what makes them large
-        photo = np.clip(photo + grain, 0, 255).astype(np.uint8)
-        cv2.imwrite(str(tmp_path / f"{index}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 97])
+    write_camera_photos(tmp_path, portrait_bgr, 3)
     assert sum(path.stat().st_size for path in tmp_path.glob("*.jpg")) > 8 * 1024 * 1024
     with serving("--max-analysis-fps", "5", env={"ACROSCREEN_ALLOW_UNTRAINED": "1"}) as (_process, port, _metrics):
         screen = subprocess.run(

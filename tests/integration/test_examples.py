@@ -15,6 +15,8 @@ import pytest
 from acroscreen.client.sources import image_frames, video_frames
 from acroscreen.server.main import RunningServer
 
+from tests.helpers import write_camera_photos
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 CLIP = "retalking_face5.mp4"
@@ -64,6 +66,17 @@ def test_screen_photos_example_on_a_folder_of_one_person(server: RunningServer, 
     assert observation["resourceType"] == "Observation" and observation["subject"]["reference"] == "Patient/17"
     models = pytest.importorskip("fhir.resources.R4B.observation")
     models.Observation.model_validate(observation)
+
+
+def test_screen_photos_example_streams_photos_too_large_for_one_request(
+    server: RunningServer, portrait_bgr, tmp_path: Path
+) -> None:
+    """Three phone-sized photos (~7 MB each): over the 8 MiB limit together, so a stream of still images."""
+    write_camera_photos(tmp_path, portrait_bgr, 3)
+    done = _run_example("screen_photos.py", str(tmp_path), "--server", f"127.0.0.1:{server.port}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["status"] == "final" and result["frames_received"] == 3 and result["frames_analyzed"] == 3
 
 
 def test_stream_webcam_example_without_a_camera_fails_cleanly(server: RunningServer) -> None:

@@ -10,18 +10,16 @@ import pytest
 from acroscreen.client.sources import PHOTO_MAX_BYTES, describe, image_bytes, image_frames
 from acroscreen.client.types import ImageKind
 
-
-def _grainy_photo(portrait_bgr: np.ndarray, size: tuple[int, int], seed: int) -> np.ndarray:
-    """The portrait at a camera's size with sensor grain, which is what makes such JPEGs large."""
-    photo = cv2.resize(portrait_bgr, size, interpolation=cv2.INTER_CUBIC)
-    return np.clip(photo + np.random.default_rng(seed).normal(0.0, 10.0, photo.shape), 0, 255).astype(np.uint8)
+from tests.helpers import write_camera_photos
 
 
 def test_small_photos_go_byte_for_byte_and_large_ones_shrink_to_fit(portrait_bgr: np.ndarray, tmp_path: Path) -> None:
     small = tmp_path / "0.png"
     cv2.imwrite(str(small), portrait_bgr)
-    large = tmp_path / "1.jpg"  # a 19-MP camera photo
-    cv2.imwrite(str(large), _grainy_photo(portrait_bgr, (5000, 3750), 1), [cv2.IMWRITE_JPEG_QUALITY, 97])
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    write_camera_photos(camera, portrait_bgr, 1, size=(5000, 3750))  # a 19-MP camera photo
+    large = (camera / "0.jpg").rename(tmp_path / "1.jpg")
     assert large.stat().st_size > PHOTO_MAX_BYTES
     source = describe(str(tmp_path))
     assert source.kind == "images" and source.frame_count == 2
