@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .client import DEFAULT_MAX_MESSAGE_BYTES
 from .types import FrameData, ImageKind
 
 IMAGE_SUFFIXES = {".jpg": ImageKind.JPEG, ".jpeg": ImageKind.JPEG, ".png": ImageKind.PNG}
@@ -79,7 +80,7 @@ def image_frames(path: Path) -> Iterator[FrameData]:
 # message's framing). A larger one (a 48-MP phone photo, a DSLR JPEG) would end the whole stream
 # with RESOURCE_EXHAUSTED, so it is decoded (turned upright by its EXIF orientation), shrunk to at
 # most 4096 px on its longer side (the server's default pixel limit is 4096×4096) and re-encoded.
-PHOTO_MAX_BYTES = 8 * 1024 * 1024 - 64 * 1024
+PHOTO_MAX_BYTES = DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
 _SHRINK_STEPS = ((4096, 95), (4096, 85), (2048, 85))  # longer side, JPEG quality: the first that fits
 
 
