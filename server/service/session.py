@@ -122,10 +122,10 @@ class StreamSession:
             self._select(frame, acknowledged=False)
             return
         score = self._analyzer.preview_score(frame, self._tracker)
-        with self._picker_lock:
+        with self._picker_lock:  # held, the frame cannot be released (and answered) before its ack is queued
             offered = self._picker.offer(frame, score)
-        if offered.held and self.options.acknowledge_frames:
-            self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+            if offered.held and self.options.acknowledge_frames:
+                self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
         if offered.passed_over is not None:
             self._skip(offered.passed_over, "analysis_interval")
         if offered.released is not None:
@@ -135,12 +135,16 @@ class StreamSession:
         """Queue a chosen frame for analysis, or answer SKIPPED with the policy that stopped it."""
         if not self._admit(frame):
             return
-        if self._enqueue(frame):
-            if self.options.acknowledge_frames and not acknowledged:
-                self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+        waits_for_room = self.options.analyze_every_frame or self.options.still_images
+        if not waits_for_room and self._backlog.full():
+            self._selected -= 1
+            self._skip(frame, "backlog_full")
             return
-        self._selected -= 1
-        self._skip(frame, "backlog_full")
+        # The ack is queued before the frame: once queued, a frame may be answered at once (a
+        # rejection) by the worker, and that answer must not overtake its ack.
+        if self.options.acknowledge_frames and not acknowledged:
+            self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+        self._enqueue(frame, wait=waits_for_room)
 
     def _admit(self, frame: FrameInput) -> bool:
         """Count a frame against the stream's analysis cap; False (answered SKIPPED) once it is reached."""
@@ -167,22 +171,17 @@ class StreamSession:
             )
         )
 
-    def _enqueue(self, frame: FrameInput) -> bool:
-        if self.options.analyze_every_frame or self.options.still_images:
-            while not self._cancelled.is_set():
-                try:
-                    self._backlog.put(frame, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            else:
-                return True  # cancelled: nobody is waiting for an answer
-        else:
+    def _enqueue(self, frame: FrameInput, *, wait: bool) -> None:
+        """Queue a frame the backlog has room for, or (``wait``) will have: only the reader queues
+        frames, so room seen stays. A full backlog after all means the stream was cancelled
+        (cancel() queues its end marker), and then nobody waits for an answer."""
+        while not self._cancelled.is_set():
             try:
-                self._backlog.put_nowait(frame)
+                self._backlog.put(frame, timeout=0.1 if wait else None, block=wait)
+                return
             except queue.Full:
-                return False
-        return True
+                if not wait:
+                    return
 
     def _take_held(self) -> FrameInput | None:
         """The frame held as the best of the last interval, when the stream ends."""

@@ -1,0 +1,65 @@
+"""A stream session's event order, without gRPC: the reader and the stream's worker are real threads."""
+
+from __future__ import annotations
+
+import queue
+import time
+import types
+
+import pytest
+
+from acroscreen.server.metrics import Metrics
+from acroscreen.server.runtime.decode import DecodeLimits
+from acroscreen.server.runtime.preprocess import FacePreprocessor, PreprocessSettings
+from acroscreen.server.runtime.types import EncodedImage, ImageEncoding
+from acroscreen.server.service.aggregator import SubjectAggregator
+from acroscreen.server.service.batcher import BatcherConfig, DynamicBatcher
+from acroscreen.server.service.pipeline import FrameAnalyzer
+from acroscreen.server.service import session as session_module
+from acroscreen.server.service.session import StreamLimits, StreamSession
+from acroscreen.server.service.types import FrameAck, FrameInput, FramePrediction, ModelRef, SessionOptions
+
+
+class _ReaderDescheduledAfterQueueingAFrame(queue.Queue):
+    """The reader loses the CPU for a while right after it queues a frame for analysis, as a
+    busy worker process's reader thread does (seen on a 16-core GPU node under 48 streams)."""
+
+    def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        if isinstance(item, FrameInput):
+            time.sleep(0.05)
+
+
+def _session(options: SessionOptions) -> StreamSession:
+    metrics = Metrics()
+    # Undecodable frames are answered before the model, so the batcher never runs.
+    batcher: DynamicBatcher = DynamicBatcher(lambda crops: [], BatcherConfig(), metrics)
+    analyzer = FrameAnalyzer(preprocessor=FacePreprocessor(PreprocessSettings()), batcher=batcher,
+                             decode_limits=DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 22), metrics=metrics)
+    model = ModelRef(name="m", version="0", kind="test", sha256="")
+    session = StreamSession(options=options, analyzer=analyzer, aggregator=SubjectAggregator("s", model, 1),
+                            backlog_size=4, update_every_frames=1, limits=StreamLimits(), metrics=metrics,
+                            on_close=lambda session: None)
+    return session
+
+
+def _order_of_answers(options: SessionOptions) -> list[tuple[str, int]]:
+    session = _session(options)
+    for index in range(3):
+        session.submit(FrameInput(index=index, timestamp_us=index * 33_333, received_at=time.monotonic(),
+                                  image=EncodedImage(encoding=ImageEncoding.JPEG, data=b"\xff\xd8 not a jpeg")))
+    session.finish()
+    return [(type(e).__name__, e.index) for e in session.events() if isinstance(e, (FrameAck, FramePrediction))]
+
+
+def test_a_frames_ack_comes_before_its_result_even_when_the_result_is_immediate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame answered at once (here: undecodable) used to overtake its own ack when the reader
+    was descheduled between queueing the frame and queueing the ack; clients key on the ack."""
+    monkeypatch.setattr(session_module, "queue", types.SimpleNamespace(
+        Queue=_ReaderDescheduledAfterQueueingAFrame, Empty=queue.Empty, Full=queue.Full))
+    for options in (SessionOptions(acknowledge_frames=True, analyze_every_frame=True),
+                    SessionOptions(acknowledge_frames=True)):
+        order = _order_of_answers(options)
+        assert len(order) == 6, order
+        for index in range(3):
+            assert order.index(("FrameAck", index)) < order.index(("FramePrediction", index)), (options, order)
