@@ -117,9 +117,14 @@ class AsyncScreeningClient:
             await channel.close()
 
     @contextlib.asynccontextmanager
-    async def _placed(self) -> AsyncIterator[pb_grpc.ScreeningStub]:
-        """The stub for one call: on the least busy worker's connection when spreading."""
+    async def _placed(self, *, fresh_report: bool = False) -> AsyncIterator[pb_grpc.ScreeningStub]:
+        """As the sync client's: on the least busy worker's connection when spreading, by a fresh
+        report of the streams open on each worker with ``fresh_report``."""
         pool = await self._workers() if self._spread else None
+        if pool is not None and fresh_report:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # placed on the last report, then
+                self._connections.seen(await self._worker_behind(self._channel))
+            pool = await self._workers()
         if pool is None:
             yield self._stub
             return
@@ -166,7 +171,7 @@ class AsyncScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            async with self._placed() as stub:
+            async with self._placed(fresh_report=True) as stub:
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted

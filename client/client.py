@@ -213,8 +213,8 @@ class ScreeningClient:
     """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions.
 
     `spread_over_workers=True` (for a server run with `--workers N`): the client opens a
-    connection to each worker process and places every call on the one with the fewest of its
-    calls open (`acroscreen.client.workers`); otherwise all its calls share one connection,
+    connection to each worker process and places every call on the one with the fewest streams
+    open, every client's, as the server reports them (`acroscreen.client.workers`); otherwise all its calls share one connection,
     which the server's kernel hands to a single worker.
     """
 
@@ -264,9 +264,18 @@ class ScreeningClient:
             channel.close()
 
     @contextlib.contextmanager
-    def _placed(self) -> Iterator[pb_grpc.ScreeningStub]:
-        """The stub for one call: on the least busy worker's connection when spreading."""
+    def _placed(self, *, fresh_report: bool = False) -> Iterator[pb_grpc.ScreeningStub]:
+        """The stub for one call: on the least busy worker's connection when spreading.
+
+        ``fresh_report``: first ask for the streams open on each worker. A stream stays for
+        minutes, and this client's last report is as old as its last call: other clients have
+        placed streams since, and placed on it alone, streams piled up on some workers.
+        """
         pool = self._workers() if self._spread else None
+        if pool is not None and fresh_report:
+            with contextlib.suppress(grpc.RpcError):  # placed on the last report, then
+                self._connections.seen(self._worker_behind(self._channel))
+            pool = self._workers()  # searched again if that reached another server run
         if pool is None:
             yield self._stub
             return
@@ -312,7 +321,7 @@ class ScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            with self._placed() as stub:
+            with self._placed(fresh_report=True) as stub:
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted

@@ -7,7 +7,8 @@ connections, each with a subchannel pool of its own, until it holds one to every
 server names in its calls' initial metadata (`acroscreen-worker: <run>:<index>/<count>`), and
 closes the duplicates. Each call then goes to the least busy worker: by the streams the server
 last reported open on each (`acroscreen-worker-streams: 3,5,4`, every client's, in every call's
-metadata) plus this client's calls placed since, ties broken at random; from a server that reports
+metadata; a stream asks for a fresh report first) plus this client's calls placed since, ties
+broken at random; from a server that reports
 none, by this client's own calls open. A stream accepted by a worker of another run (the server
 restarted) makes the client search again before its next call.
 
@@ -183,9 +184,12 @@ class WorkerConnections(Generic[Connection]):
         return pool
 
     def accepted(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-        """A call's initial metadata: the workers' streams it reports update the pool; a worker of
-        another server run (a restart) makes the client search again before its next call."""
-        worker = worker_of(metadata)
+        """A call's initial metadata: see `seen`."""
+        self.seen(worker_of(metadata))
+
+    def seen(self, worker: WorkerId | None) -> None:
+        """A worker a call reached: the streams it reports open on each worker update the pool; a
+        worker of another server run (a restart) makes the client search again before its next call."""
         with self._lock:
             pool = self._pool
             if pool is not None and worker is not None and worker.run != pool.run:

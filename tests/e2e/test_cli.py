@@ -204,12 +204,57 @@ def test_separate_clients_spread_by_the_streams_each_worker_reports_open(portrai
         assert process.wait(timeout=60) == 0
 
 
+def test_long_lived_clients_spread_by_a_fresh_report_of_each_workers_streams(portrait_jpeg: bytes) -> None:
+    """Three clients take turns opening four streams each on a 4-worker server (as the bench's
+    load processes do). Each client's last report of the workers' streams dates from its own last
+    call; placed on that, the others' streams since were invisible and workers got 2 to 4 streams
+    (about 9 runs in 10 by simulation; 2/4/2/4 in the bench). Placed on a report asked for just
+    before each stream, every worker gets 3."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with serving("--workers", "4", "--metrics-port", "0", env=env) as (process, port, first_metrics):
+        worker_metrics = _workers_metrics(process, first_metrics, 4)
+        accepted = [threading.Event() for _ in range(12)]
+        all_open = threading.Barrier(12, timeout=120)
+        clients = [ScreeningClient(f"127.0.0.1:{port}", timeout_s=120, spread_over_workers=True) for _ in range(3)]
+
+        def screen(i: int) -> int:
+            def frames() -> Iterator[FrameData]:
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)  # taken once the stream is accepted
+                accepted[i].set()
+                all_open.wait()
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
+
+            if i:
+                assert accepted[i - 1].wait(120)  # the stream before is open and counted
+            return clients[i % 3].screen(frames(), ScreenOptions(subject_id=f"s-{i}")).frames_received
+
+        try:
+            with ThreadPoolExecutor(12) as pool:
+                assert list(pool.map(screen, range(12))) == [2] * 12
+        finally:
+            for client in clients:
+                client.close()
+        received = [_counter(m, "acroscreen_frames_received_total") for m in worker_metrics]
+        assert received == [6.0] * 4, received
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
 def _both_workers_metrics(process: subprocess.Popen[str], first_metrics: int) -> list[int]:
-    """The metrics ports of a `--workers 2` server's two workers: the second prints its own line."""
+    return _workers_metrics(process, first_metrics, 2)
+
+
+def _workers_metrics(process: subprocess.Popen[str], first_metrics: int, workers: int) -> list[int]:
+    """The metrics ports of a `--workers N` server's workers: each after the first prints its own line."""
+    ports = [first_metrics]
     for line in process.stdout:
         if match := re.search(r"acroscreen serving on \S+ \(metrics :(\d+)\)", line):
-            return [first_metrics, int(match.group(1))]
-    raise AssertionError("the second worker never said where it serves")
+            ports.append(int(match.group(1)))
+            if len(ports) == workers:
+                return ports
+    raise AssertionError(f"only {len(ports)} of {workers} workers said where they serve")
 
 
 def _counter(metrics_port: int, name: str) -> float:

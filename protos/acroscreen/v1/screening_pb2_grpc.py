@@ -83,7 +83,9 @@ class ScreeningServicer:
         workers also reports the screening streams open on each, every client's:
         `acroscreen-worker-streams: 3,5,4` (one count per worker, by index), so a
         client can place its next stream on the least busy worker of the server
-        (the Python clients do, counting their own streams placed since).
+        (the Python clients do, on the report of a GetModelInfo call made just
+        before the stream, plus their own streams placed since: a long-lived
+        client's last call may be minutes old, and other clients placed streams).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
