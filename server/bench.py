@@ -95,6 +95,14 @@ class _StreamStats:
     error: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Load:
+    """What the load generator saw, and the CPU it spent (on the server's machine, unless --server is remote)."""
+
+    streams: list[_StreamStats]
+    cpu_s: float
+
+
 def load_clips(config: BenchConfig) -> list[list[FrameData]]:
     """Decode and JPEG-encode every clip once, so the load generator costs little CPU.
 
@@ -197,8 +205,9 @@ def _stream(
 
 def _stream_threads(
     target: str, clips: list[list[FrameData]], config: BenchConfig, indices: list[int], deadline: float
-) -> list[_StreamStats]:
+) -> _Load:
     """Streams `indices`, one thread each, in this process."""
+    cpu_before = time.process_time()
     timeout_s = config.duration_s + 120
     shared = ScreeningClient(target, timeout_s=timeout_s, spread_over_workers=True) if config.connections == "per-worker" else None
 
@@ -220,15 +229,15 @@ def _stream_threads(
             thread.start()
         for thread in threads:
             thread.join()
-    return stats
+    return _Load(streams=stats, cpu_s=time.process_time() - cpu_before)
 
 
-def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline: float) -> list[_StreamStats]:
+def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline: float) -> _Load:
     """A load-generator process of its own: loads the clips, then streams `indices`."""
     return _stream_threads(target, load_clips(config), config, indices, deadline)
 
 
-def _run_load(target: str, clips: list[list[FrameData]], config: BenchConfig, deadline: float) -> list[_StreamStats]:
+def _run_load(target: str, clips: list[list[FrameData]], config: BenchConfig, deadline: float) -> _Load:
     """One Python process sends and receives about 250 frames/s, so many streams are spread over
     several load processes (`load_processes`; 8 streams each by default). The monotonic clock
     is system-wide on Linux, so every process shares the deadline."""
@@ -238,8 +247,8 @@ def _run_load(target: str, clips: list[list[FrameData]], config: BenchConfig, de
     groups = [list(range(config.streams))[k::processes] for k in range(processes)]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        results = pool.map(_stream_group, [target] * processes, [config] * processes, groups, [deadline] * processes)
-        return [stat for group in results for stat in group]
+        loads = list(pool.map(_stream_group, [target] * processes, [config] * processes, groups, [deadline] * processes))
+        return _Load(streams=[stat for load in loads for stat in load.streams], cpu_s=sum(load.cpu_s for load in loads))
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -391,7 +400,8 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
             probe.start_gpu_sampling()
         started = time.monotonic()
         deadline = started + config.duration_s
-        stats = _run_load(target, clips, config, deadline)
+        load = _run_load(target, clips, config, deadline)
+        stats = load.streams
         elapsed = time.monotonic() - started
         after_each = [_scrape(url) for url in metrics_urls + model_urls]
         after = _sum_scrapes(after_each)
@@ -412,6 +422,9 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
             "final_results": sum(s.final is not None and s.final.status != "provisional" for s in stats),
             "errors": [s.error for s in stats if s.error],
             "server_stage_mean_ms": _stage_means_ms(before, after),
+            # The load generator's own CPU: on one machine it competes with the server for the cores.
+            "load_cpu_cores": round(load.cpu_s / elapsed, 2),
+            "load_cpu_ms_per_frame": round(1000.0 * load.cpu_s / max(1, sum(s.sent for s in stats)), 2),
         }
         if metrics_urls:  # the server's own count, every worker's: should equal frames_sent
             received = "acroscreen_frames_received_total"

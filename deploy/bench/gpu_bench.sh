@@ -13,8 +13,9 @@
 # them out of the tree for the call and back after (neither this script nor its results need them).
 # Runs one bench a load in STREAMS (a comma-separated list: the first load is at the latency target's
 # 64 streams, the last above the 3,000 frames/s target; the naive baseline runs with the last only).
-# Writes $OUT/bench_gpu_<streams>.json (the `acroscreen bench` reports, with the GPU named) and $OUT/bench.log.
-# CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=1,2 DURATION=5 BASELINE=3 WORKERS=2 \
+# Writes $OUT/bench_gpu_<streams>.json (the `acroscreen bench` reports, with the GPU named),
+# $OUT/frame_path_cpu.jsonl (deploy/bench/frame_path_cpu.py: the CPUs' ceiling) and $OUT/bench.log.
+# CPU dry run here: PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu STREAMS=1,2 DURATION=5 BASELINE=3 WORKERS=2 FRAME_PATH_PROCESSES=1 \
 #   OUT=/tmp/benchout bash deploy/bench/gpu_bench.sh
 set -euo pipefail
 : "${OUT:?set OUT}"
@@ -22,7 +23,8 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 STREAMS=${STREAMS:-64,112}  # 64: the p99 <= 150 ms target's load; 112 x 30 fps = 3,360 frames/s offered
 DURATION=${DURATION:-30}
-BASELINE=${BASELINE:-15}
+BASELINE=${BASELINE:-15}  # seconds of the naive baseline (with the last load); 0: none
+FRAME_PATH_PROCESSES=${FRAME_PATH_PROCESSES-1,8,16}  # empty: skip that probe; CHECKS=0 skips the gpu tests and graphs check
 WORKERS=${WORKERS:-12}  # worker processes for 16 cores; the load generator and the model process share them
 mkdir -p "$OUT"
 if [ "${INSTALL_OPENCV_ONLY:-0}" = 1 ]; then
@@ -43,7 +45,7 @@ cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_mod
 export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${CHECKS:-1}" = 1 ]; then
 # The tests no CPU machine runs (the bench goes on either way, the log says how they went), then
 # CUDA graphs against eager on this GPU: agreement, and faces/s at batch 64.
 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) 2>&1 | tail -15 | tee -a "$OUT/bench.log" || true
@@ -67,10 +69,13 @@ for name, model in (("eager", eager), ("graphs", graphs)):
     print(name, "batch 64:", round(64 * 50 / (time.perf_counter() - started)), "faces/s with host copies")
 PY
 fi
+# The frame path's CPU ceiling on this machine (no gRPC, no model): 1 process, then several at once.
+[ -z "$FRAME_PATH_PROCESSES" ] || "$PYTHON" deploy/bench/frame_path_cpu.py .carry/bench/clips.npz --processes "$FRAME_PATH_PROCESSES" --seconds 8 \
+    | tee "$OUT/frame_path_cpu.jsonl" | tee -a "$OUT/bench.log"
 LAST=${STREAMS##*,}
 for N in ${STREAMS//,/ }; do
     BASE_ARGS=()
-    if [ "$N" = "$LAST" ]; then BASE_ARGS=(--baseline naive --baseline-duration "$BASELINE"); fi
+    if [ "$N" = "$LAST" ] && [ "$BASELINE" != 0 ]; then BASE_ARGS=(--baseline naive --baseline-duration "$BASELINE"); fi
     "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$N" \
         --duration "$DURATION" --ramp-s "${RAMP_S:-2}" --pace realtime --every-frame "${BASE_ARGS[@]}" \
         --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
@@ -82,7 +87,7 @@ r = json.load(open(sys.argv[1]))
 s = r["server"]
 print(s["streams"], "streams:", json.dumps({k: s.get(k) for k in (
     "analyzed_per_s", "acknowledged_per_s", "end_to_end_latency_ms", "ack_latency_ms", "mean_batch_size",
-    "server_cpu_utilization_pct", "server_cpu_ms_per_frame", "server_frames_received_per_worker", "gpu", "errors")}))
+    "server_cpu_utilization_pct", "server_cpu_ms_per_frame", "load_cpu_cores", "load_cpu_ms_per_frame", "server_frames_received_per_worker", "gpu", "errors")}))
 if r.get("naive"):
     print("naive", json.dumps(r.get("naive")), "speedup", r.get("speedup_analyzed_per_s"))
 PY

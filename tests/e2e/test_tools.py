@@ -73,6 +73,7 @@ def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Pa
     assert report["machine"]["cpu_count"] >= 1
     assert server["server_frames_received"] == server["frames_sent"]
     assert 0 < server["server_cpu_ms_per_frame"] < 1000
+    assert 0 < server["load_cpu_ms_per_frame"] < 1000 and server["load_cpu_cores"] > 0  # both load processes' CPU
 
 
 def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
@@ -85,4 +86,5 @@ def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
     assert server["server_frames_received"] == server["frames_sent"]
     per_worker = server["server_frames_received_per_worker"]
     assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
+    assert server["load_cpu_ms_per_frame"] > 0  # the load generator in the bench's own process
     assert server["mean_batch_size"] >= 1 and "infer" in server["server_stage_mean_ms"]
