@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -44,6 +45,7 @@ from .client import (
     KEEPALIVE_TIME_S,
     KEEPALIVE_TIMEOUT_S,
     Credentials,
+    OneRequestPhotos,
     RetryPolicy,
     ScreenOptions,
     _AcceptanceDecision,
@@ -210,6 +212,22 @@ class AsyncScreeningClient:
             raise ServerError("the stream ended without a final subject result")
         return final
 
+    async def screen_photos(
+        self,
+        photos: Iterable[FrameData] | AsyncIterable[FrameData],
+        options: ScreenOptions = ScreenOptions(),
+        on_event: Callable[[StreamEvent], None] | None = None,
+    ) -> SubjectResult:
+        """As the sync client's: one ScreenImages request when the photos fit one, else a stream of
+        still images, read from `photos` as they are sent."""
+        options = dataclasses.replace(options, still_images=True)
+        batch = OneRequestPhotos(self._max_message_bytes)
+        source = _aiter(photos)
+        async for photo in source:
+            if not batch.add(photo):
+                return await self.screen(_then(batch.photos, source), options, on_event)
+        return await self.screen_images(batch.photos, options)
+
     async def screen_images(
         self, images: Iterable[FrameData] | AsyncIterable[FrameData], options: ScreenOptions = ScreenOptions()
     ) -> SubjectResult:
@@ -282,6 +300,13 @@ class _AcceptanceGate(_AcceptanceDecision):
             return
         async for frame in source:
             yield pb.ScreenRequest(frame=types.frame_message(frame))
+
+
+async def _then(first: list[FrameData], rest: AsyncIterator[FrameData]) -> AsyncIterator[FrameData]:
+    for frame in first:
+        yield frame
+    async for frame in rest:
+        yield frame
 
 
 async def _aiter(frames: Iterable[FrameData] | AsyncIterable[FrameData]) -> AsyncIterator[FrameData]:

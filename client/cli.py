@@ -192,11 +192,6 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(with_overrides(Settings.load(), args))
 
 
-# A few photos go in one ScreenImages request; more, or larger ones (a handful of phone photos of
-# 3-7 MB each exceed the 8 MiB message limit), go as a stream, a message a photo.
-IMAGES_PER_REQUEST = 32
-
-
 def _screen(args: argparse.Namespace) -> int:
     from . import sources
 
@@ -206,15 +201,13 @@ def _screen(args: argparse.Namespace) -> int:
         subject_id=args.subject_id,
         max_analyzed_frames=args.max_frames,
         analyze_every_frame=source.kind == "video" and not args.realtime,
-        still_images=source.kind == "images",
     )
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
     with _connect(args, args.timeout) as client:
-        one_request = source.kind == "images" and source.frame_count <= IMAGES_PER_REQUEST
-        if one_request and sources.image_bytes(source) <= sources.PHOTO_MAX_BYTES:
-            result = client.screen_images(sources.frames(source), options)
+        frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)
+        if source.kind == "images":  # one request if they fit, else a stream of still images
+            result = client.screen_photos(frames, options, on_event=progress.update)
         else:
-            frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)
             result = client.screen(frames, options, on_event=progress.update)
     progress.done()
     if args.fhir:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import random
 import threading
 import time
@@ -22,6 +24,11 @@ from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# What a request's framing (its options, each image's fields) may add to its images' bytes.
+REQUEST_FRAMING_BYTES = 64 * 1024
+# A few photos go in one ScreenImages request; more, or larger ones (a handful of phone photos of
+# 3-7 MB each exceed the 8 MiB message limit), go as a stream of still images, a message a photo.
+IMAGES_PER_REQUEST = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +130,7 @@ def channel_options(
 def images_request(images: Iterable[FrameData], options: ScreenOptions, max_message_bytes: int) -> pb.ScreenImagesRequest:
     """One ScreenImages request, refused before sending when it exceeds the message limit (which
     gRPC would report as RESOURCE_EXHAUSTED, as if the server were busy): a few phone photos of
-    3-7 MB each already do; such sets go as a stream (``screen``), a message a photo."""
+    3-7 MB each already do; `screen_photos` sends such sets as a stream, a message a photo."""
     request = pb.ScreenImagesRequest(options=options.message(), images=[types.frame_message(image) for image in images])
     size = request.ByteSize()
     if size > max_message_bytes:
@@ -132,6 +139,22 @@ def images_request(images: Iterable[FrameData], options: ScreenOptions, max_mess
             "send them as a stream (screen) instead, or in smaller groups"
         )
     return request
+
+
+class OneRequestPhotos:
+    """Photos taken one by one while they fit one ScreenImages request (at most
+    IMAGES_PER_REQUEST, within the message limit): the choice between that request and a
+    stream, made by both clients' `screen_photos` while reading at most one photo too many."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.photos: list[FrameData] = []
+        self._room = max_message_bytes - REQUEST_FRAMING_BYTES
+
+    def add(self, photo: FrameData) -> bool:
+        """Takes the photo; False once the photos taken no longer fit one request."""
+        self.photos.append(photo)
+        self._room -= len(photo.data)
+        return len(self.photos) <= IMAGES_PER_REQUEST and self._room >= 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,6 +382,23 @@ class ScreeningClient:
         if final is None or final.status not in ("final", "insufficient_evidence"):
             raise ServerError("the stream ended without a final subject result")
         return final
+
+    def screen_photos(
+        self,
+        photos: Iterable[FrameData],
+        options: ScreenOptions = ScreenOptions(),
+        on_event: Callable[[StreamEvent], None] | None = None,
+    ) -> SubjectResult:
+        """Photographs of one subject, each analysed whatever the server's analysis rate
+        (`still_images`); the final subject result. In one ScreenImages request when they fit one
+        (at most IMAGES_PER_REQUEST photos within the message limit), else as a stream, a message
+        a photo, read from `photos` as they are sent; `on_event` sees that stream's events."""
+        options = dataclasses.replace(options, still_images=True)
+        batch = OneRequestPhotos(self._max_message_bytes)
+        source = iter(photos)
+        if all(batch.add(photo) for photo in source):  # stops at the first photo that does not fit
+            return self.screen_images(batch.photos, options)
+        return self.screen(itertools.chain(batch.photos, source), options, on_event)
 
     def screen_images(self, images: Iterable[FrameData], options: ScreenOptions = ScreenOptions()) -> SubjectResult:
         """A few photographs of one subject in one request (at most the message limit in all:

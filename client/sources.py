@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .client import DEFAULT_MAX_MESSAGE_BYTES
+from .client import DEFAULT_MAX_MESSAGE_BYTES, REQUEST_FRAMING_BYTES
 from .types import FrameData, ImageKind
 
 IMAGE_SUFFIXES = {".jpg": ImageKind.JPEG, ".jpeg": ImageKind.JPEG, ".png": ImageKind.PNG}
@@ -62,11 +62,6 @@ def image_paths(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def image_bytes(source: Source) -> int:
-    """The bytes of a photo source's files (what is sent, unless one is over PHOTO_MAX_BYTES)."""
-    return sum(path.stat().st_size for path in image_paths(Path(source.location)))
-
-
 def image_frames(path: Path) -> Iterator[FrameData]:
     for index, image_path in enumerate(image_paths(path)):
         data = image_path.read_bytes()
@@ -80,7 +75,7 @@ def image_frames(path: Path) -> Iterator[FrameData]:
 # message's framing). A larger one (a 48-MP phone photo, a DSLR JPEG) would end the whole stream
 # with RESOURCE_EXHAUSTED, so it is decoded (turned upright by its EXIF orientation), shrunk to at
 # most 4096 px on its longer side (the server's default pixel limit is 4096×4096) and re-encoded.
-PHOTO_MAX_BYTES = DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
+PHOTO_MAX_BYTES = DEFAULT_MAX_MESSAGE_BYTES - REQUEST_FRAMING_BYTES
 _SHRINK_STEPS = ((4096, 95), (4096, 85), (2048, 85))  # longer side, JPEG quality: the first that fits
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.fhir import to_fhir_observation
-from acroscreen.client.sources import PHOTO_MAX_BYTES, image_frames
+from acroscreen.client.sources import image_frames
 
 
 def main() -> int:
@@ -26,13 +26,9 @@ def main() -> int:
     parser.add_argument("--fhir", metavar="REFERENCE", default=None, help="print a FHIR Observation for this subject instead")
     args = parser.parse_args()
 
-    photos = list(image_frames(args.photos))
-    options = ScreenOptions(subject_id=args.subject_id, still_images=True)
     with ScreeningClient(args.server, timeout_s=120) as client:
-        if sum(len(photo.data) for photo in photos) <= PHOTO_MAX_BYTES:
-            result = client.screen_images(photos, options)
-        else:  # one message a photo; still_images: each analysed, whatever the server's analysis rate
-            result = client.screen(photos, options)
+        # One request when the photos fit one, else a stream of still images (each analysed).
+        result = client.screen_photos(image_frames(args.photos), ScreenOptions(subject_id=args.subject_id))
 
     if args.fhir:
         print(json.dumps(to_fhir_observation(result, args.fhir, source="images"), indent=2))

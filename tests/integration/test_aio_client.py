@@ -25,6 +25,7 @@ from acroscreen.client import (
 )
 from acroscreen.client import ScreeningClient
 from acroscreen.client.aio import AsyncScreeningClient
+from acroscreen.client.client import REQUEST_FRAMING_BYTES
 from acroscreen.client.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -150,6 +151,28 @@ def test_screen_images_and_bad_frames(aio_server: RunningServer, portrait_bgr: n
     assert result.subject_id == "aio-photos" and result.frames_received == 3
     assert result.rejected.get("decode_failed") == 1
     assert result.frames_analyzed == 2
+
+
+def test_screen_photos_streams_a_set_too_large_for_one_request(aio_server: RunningServer, portrait_bgr: np.ndarray) -> None:
+    photo = jpeg_bytes(portrait_bgr)
+    limit = REQUEST_FRAMING_BYTES + len(photo) + len(photo) // 2  # one photo fits one request, two do not
+
+    async def photos(count: int) -> AsyncIterator[FrameData]:
+        for index in range(count):
+            yield FrameData(photo, ImageKind.JPEG, index=index)
+
+    async def main() -> tuple[SubjectResult, list[object], SubjectResult, list[object]]:
+        one_events: list[object] = []
+        three_events: list[object] = []
+        async with _client(aio_server, 60, max_message_bytes=limit) as client:
+            one = await client.screen_photos(photos(1), ScreenOptions(subject_id="aio-1"), on_event=one_events.append)
+            three = await client.screen_photos(photos(3), ScreenOptions(subject_id="aio-3"), on_event=three_events.append)
+        return one, one_events, three, three_events
+
+    one, one_events, three, three_events = asyncio.run(main())
+    assert one_events == [] and one.frames_analyzed == 1  # one ScreenImages request
+    assert sorted(e.index for e in three_events if isinstance(e, FrameResult)) == [0, 1, 2]
+    assert three.frames_analyzed == 3 and three.status == "final"
 
 
 def test_errors_are_the_sync_clients_exceptions(aio_server: RunningServer, portrait_bgr: np.ndarray) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ from acroscreen.client import (
     ScreenOptions,
     SubjectResult,
 )
+from acroscreen.client.client import REQUEST_FRAMING_BYTES
 from acroscreen.client.errors import InvalidRequestError, ServerBusyError
 from acroscreen.client.sources import video_frames
 from acroscreen.server.main import RunningServer
@@ -303,6 +305,30 @@ def test_still_images_are_each_analysed_whatever_the_analysis_rate(portrait_bgr:
             as_stills = rate_client.screen(photos, ScreenOptions(still_images=True))
         assert (as_video.frames_analyzed, as_video.frames_skipped) == (1, 7)
         assert (as_stills.frames_analyzed, as_stills.frames_skipped) == (8, 0) and as_stills.status == "final"
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_screen_photos_sends_a_set_that_fits_in_one_request_and_a_larger_one_as_still_images(portrait_bgr: np.ndarray) -> None:
+    """Two photos fit the client's message limit here, three do not: the two go in one ScreenImages
+    request (no stream events), the three as a stream; under the server's rate cap every photo is
+    analysed either way."""
+    running = start_server(metrics_port=-1, max_analysis_fps=5.0)
+    try:
+        photo = jpeg_bytes(portrait_bgr)
+        limit = REQUEST_FRAMING_BYTES + 2 * len(photo) + len(photo) // 2
+
+        def photos(count: int) -> Iterator[FrameData]:  # read as they are sent, as from a folder
+            return (FrameData(photo, ImageKind.JPEG, index=i) for i in range(count))
+
+        two_events: list[object] = []
+        three_events: list[object] = []
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60, max_message_bytes=limit) as photo_client:
+            two = photo_client.screen_photos(photos(2), ScreenOptions(subject_id="P-2"), on_event=two_events.append)
+            three = photo_client.screen_photos(photos(3), ScreenOptions(subject_id="P-3"), on_event=three_events.append)
+        assert two_events == [] and (two.subject_id, two.frames_analyzed, two.status) == ("P-2", 2, "final")
+        assert sorted(e.index for e in three_events if isinstance(e, FrameResult)) == [0, 1, 2]
+        assert (three.subject_id, three.frames_analyzed, three.frames_skipped) == ("P-3", 3, 0)
     finally:
         running.stop(grace_s=1.0)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from acroscreen.client import ScreeningClient
 from acroscreen.client.aio import AsyncScreeningClient
-from acroscreen.client.client import ScreenOptions, images_request
+from acroscreen.client.client import IMAGES_PER_REQUEST, REQUEST_FRAMING_BYTES, OneRequestPhotos, ScreenOptions, images_request
 from acroscreen.client.errors import InvalidRequestError
 from acroscreen.client.types import FrameData
 
@@ -42,3 +42,15 @@ def test_both_clients_refuse_before_sending() -> None:
 
     with pytest.raises(InvalidRequestError):
         asyncio.run(screen())
+
+
+def test_photos_fit_one_request_up_to_the_count_and_the_byte_room() -> None:
+    room = LIMIT - REQUEST_FRAMING_BYTES
+    by_count = OneRequestPhotos(LIMIT)
+    assert all(by_count.add(photo) for photo in _photos(IMAGES_PER_REQUEST, 100))
+    assert not by_count.add(_photos(1, 100)[0])  # one photo too many
+    by_bytes = OneRequestPhotos(LIMIT)
+    full = _photos(4, room // 4)
+    assert all(by_bytes.add(photo) for photo in full)
+    images_request(full, ScreenOptions(subject_id="S-1"), LIMIT)  # what fits the room fits the message limit
+    assert not by_bytes.add(_photos(1, 10)[0])
