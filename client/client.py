@@ -237,8 +237,8 @@ class ScreeningClient:
 
     `spread_over_workers=True` (for a server run with `--workers N`): the client opens a
     connection to each worker process and places every call on the one with the fewest streams
-    open, every client's, as the server reports them (`acroscreen.client.workers`); otherwise all its calls share one connection,
-    which the server's kernel hands to a single worker.
+    open, every client's, as the server reports them (`acroscreen.client.workers`); otherwise
+    all its calls share one connection, which the server's kernel hands to a single worker.
     """
 
     def __init__(
