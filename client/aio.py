@@ -55,7 +55,16 @@ from .client import (
 )
 from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
-from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
+from .workers import (
+    OWN_CONNECTION,
+    Placement,
+    WorkerConnections,
+    WorkerId,
+    WorkerPool,
+    WorkerSearch,
+    check_spread_options,
+    worker_of,
+)
 
 __all__ = ["AsyncScreeningClient"]
 
@@ -119,7 +128,9 @@ class AsyncScreeningClient:
             await channel.close()
 
     @contextlib.asynccontextmanager
-    async def _placed(self, *, fresh_report: bool = False) -> AsyncIterator[pb_grpc.ScreeningStub]:
+    async def _placed(
+        self, *, fresh_report: bool = False
+    ) -> AsyncIterator[tuple[pb_grpc.ScreeningStub, Placement[grpc.aio.Channel] | None]]:
         """As the sync client's: on the least busy worker's connection when spreading, by a fresh
         report of the streams open on each worker with ``fresh_report``."""
         pool = await self._workers() if self._spread else None
@@ -128,10 +139,10 @@ class AsyncScreeningClient:
                 self._connections.seen(await self._worker_behind(self._channel))
             pool = await self._workers()
         if pool is None:
-            yield self._stub
+            yield self._stub, None
             return
-        with pool.placed() as channel:
-            yield pb_grpc.ScreeningStub(channel)
+        with pool.placed() as placement:
+            yield pb_grpc.ScreeningStub(placement.connection), placement
 
     async def _workers(self) -> WorkerPool[grpc.aio.Channel] | None:
         """As the sync client's: the worker connections, searched for at the first call."""
@@ -173,13 +184,13 @@ class AsyncScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            async with self._placed(fresh_report=True) as stub:
+            async with self._placed(fresh_report=True) as (stub, placement):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._connections.accepted(accepted)
+                        self._connections.accepted(accepted, placement)
                     async for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):
@@ -243,7 +254,7 @@ class AsyncScreeningClient:
         """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
         for attempt in range(self._retry.attempts):
             try:
-                async with self._placed() as stub:
+                async with self._placed() as (stub, _):
                     return await method(stub)(request, timeout=self._timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:

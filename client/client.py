@@ -21,7 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import types
 from .errors import AcroscreenClientError, InvalidRequestError, ServerError, UnavailableError, from_rpc_error
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
-from .workers import OWN_CONNECTION, WorkerConnections, WorkerId, WorkerPool, WorkerSearch, check_spread_options, worker_of
+from .workers import (
+    OWN_CONNECTION,
+    Placement,
+    WorkerConnections,
+    WorkerId,
+    WorkerPool,
+    WorkerSearch,
+    check_spread_options,
+    worker_of,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # What a request's framing (its options, each image's fields) may add to its images' bytes.
@@ -287,8 +296,8 @@ class ScreeningClient:
             channel.close()
 
     @contextlib.contextmanager
-    def _placed(self, *, fresh_report: bool = False) -> Iterator[pb_grpc.ScreeningStub]:
-        """The stub for one call: on the least busy worker's connection when spreading.
+    def _placed(self, *, fresh_report: bool = False) -> Iterator[tuple[pb_grpc.ScreeningStub, Placement[grpc.Channel] | None]]:
+        """The stub for one call and, when spreading, its placement on the least busy worker.
 
         ``fresh_report``: first ask for the streams open on each worker. A stream stays for
         minutes, and this client's last report is as old as its last call: other clients have
@@ -300,10 +309,10 @@ class ScreeningClient:
                 self._connections.seen(self._worker_behind(self._channel))
             pool = self._workers()  # searched again if that reached another server run
         if pool is None:
-            yield self._stub
+            yield self._stub, None
             return
-        with pool.placed() as channel:
-            yield pb_grpc.ScreeningStub(channel)
+        with pool.placed() as placement:
+            yield pb_grpc.ScreeningStub(placement.connection), placement
 
     def _workers(self) -> WorkerPool[grpc.Channel] | None:
         """The connections to the workers, searched for at the first call (again after a restart);
@@ -344,13 +353,13 @@ class ScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            with self._placed(fresh_report=True) as stub:
+            with self._placed(fresh_report=True) as (stub, placement):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
                     if accepted:
                         gate.accept()
-                        self._connections.accepted(accepted)
+                        self._connections.accepted(accepted, placement)
                     for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):
@@ -423,7 +432,7 @@ class ScreeningClient:
         """Unary calls are idempotent here: UNAVAILABLE is retried with backoff."""
         for attempt in range(self._retry.attempts):
             try:
-                with self._placed() as stub:
+                with self._placed() as (stub, _):
                     return method(stub)(request, timeout=self._timeout_s, metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < self._retry.attempts:

@@ -92,21 +92,24 @@ def connection_budget(workers: int) -> int:
     return 6 * workers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Placement(Generic[Connection]):
-    """One call placed on a worker; `report` counts the reports that came before it."""
+    """One call placed on a worker of `pool`; once the server accepted it, how many reports came before."""
 
     index: int
     connection: Connection
-    report: int
+    pool: WorkerPool[Connection]
+    accepted_after: int | None = None
 
 
 class WorkerPool(Generic[Connection]):
     """One connection per worker found, and how busy each worker is. Thread-safe.
 
     Busy means, once the server has reported its streams: the streams open on the worker at the
-    last report (every client's) plus this client's calls placed there since; before that, this
-    client's calls open there. A call that ends takes itself off whichever of the two counted it.
+    last report (every client's), plus this client's calls there that the server accepted after
+    it, plus those not accepted yet (a report asked for meanwhile does not count them); before
+    any report, this client's calls open there. A call that ends takes itself off whichever
+    count held it.
     """
 
     def __init__(self, run: str | None, connections: dict[int, Connection],
@@ -117,7 +120,8 @@ class WorkerPool(Generic[Connection]):
         self._connections = connections
         self._open = dict.fromkeys(connections, 0)
         self._reported: dict[int, int] | None = None
-        self._since = dict.fromkeys(connections, 0)
+        self._accepted_since = dict.fromkeys(connections, 0)
+        self._unaccepted = dict.fromkeys(connections, 0)
         self._reports = 0
         self._lock = threading.Lock()
         if streams is not None:
@@ -128,38 +132,50 @@ class WorkerPool(Generic[Connection]):
         return list(self._connections.values())
 
     def report(self, streams: tuple[int, ...]) -> None:
-        """The streams a call's metadata reported open on each worker (this client's among them)."""
+        """The streams a call's metadata reported open on each worker (this client's accepted ones among them)."""
         with self._lock:
             self._reported = {index: streams[index] for index in self._connections if index < len(streams)}
-            self._since = dict.fromkeys(self._connections, 0)
+            self._accepted_since = dict.fromkeys(self._connections, 0)
             self._reports += 1
 
     def acquire(self) -> Placement[Connection]:
         """The least busy worker (ties at random) and its connection; `release` it after."""
         with self._lock:
-            reported, since = self._reported, self._since
-            busy = self._open if reported is None else {i: reported.get(i, 0) + since[i] for i in self._connections}
+            reported = self._reported
+            busy = self._open if reported is None else {
+                i: reported.get(i, 0) + self._accepted_since[i] + self._unaccepted[i] for i in self._connections
+            }
             least = min(busy.values())
             index = random.choice([i for i, n in busy.items() if n == least])
             self._open[index] += 1
-            since[index] += 1
-            return Placement(index, self._connections[index], self._reports)
+            self._unaccepted[index] += 1
+            return Placement(index, self._connections[index], self)
+
+    def accepted(self, placement: Placement[Connection]) -> None:
+        """The server accepted the call: the next report counts it."""
+        with self._lock:
+            if placement.accepted_after is None:
+                self._unaccepted[placement.index] -= 1
+                self._accepted_since[placement.index] += 1
+                placement.accepted_after = self._reports
 
     def release(self, placement: Placement[Connection]) -> None:
         with self._lock:
             index = placement.index
             self._open[index] -= 1
-            if placement.report < self._reports and self._reported is not None:
+            if placement.accepted_after is None:
+                self._unaccepted[index] -= 1
+            elif placement.accepted_after < self._reports and self._reported is not None:
                 self._reported[index] = max(0, self._reported.get(index, 0) - 1)  # a report counted it
             else:
-                self._since[index] = max(0, self._since[index] - 1)
+                self._accepted_since[index] = max(0, self._accepted_since[index] - 1)
 
     @contextlib.contextmanager
-    def placed(self) -> Iterator[Connection]:
-        """The connection for one call, counted as open until the block ends."""
+    def placed(self) -> Iterator[Placement[Connection]]:
+        """One call's placement, counted as open until the block ends."""
         placement = self.acquire()
         try:
-            yield placement.connection
+            yield placement
         finally:
             self.release(placement)
 
@@ -183,8 +199,11 @@ class WorkerConnections(Generic[Connection]):
             self._pool = pool
         return pool
 
-    def accepted(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-        """A call's initial metadata: see `seen`."""
+    def accepted(self, metadata: Iterable[tuple[str, str | bytes]] | None,
+                 placement: Placement[Connection] | None = None) -> None:
+        """A call's initial metadata (the call placed by `placement`, when spread): see `seen`."""
+        if placement is not None:
+            placement.pool.accepted(placement)  # before the report its metadata carries, which counts it
         self.seen(worker_of(metadata))
 
     def seen(self, worker: WorkerId | None) -> None:

@@ -57,14 +57,31 @@ def test_calls_go_to_the_worker_least_busy_by_the_last_report_plus_calls_placed_
     pool = WorkerPool("run", {0: "c0", 1: "c1", 2: "c2"}, streams=(4, 1, 5))  # mostly other clients' streams
     early = [pool.acquire() for _ in range(3)]
     assert [p.index for p in early] == [1, 1, 1]  # worker 1 at 4 now, as busy as worker 0
-    pool.report((4, 3, 5))  # the server had counted two of them when it answered
-    late = pool.acquire()
-    assert late.index == 1  # 3 + 0 since the report
-    pool.release(early[0])  # the report counted it: 4 / 3 / 5
-    assert pool.acquire().index == 1
-    pool.release(late)  # placed after the report: off the calls placed since, 4 / 3 / 5 again
-    assert pool.acquire().index == 1
-    assert pool.acquire().index in (0, 1)  # 4 / 4 / 5: a tie
+    pool.accepted(early[0])
+    pool.accepted(early[1])
+    pool.report((6, 3, 6))  # the server had accepted two of them when it answered
+    assert pool.acquire().index == 1  # 3 reported + 1 not accepted yet: 4 of 6 / 4 / 6
+    pool.release(early[0])  # the report counted it: 6 / 2 + 2 waiting / 6
+    pool.accepted(early[2])  # accepted after the report: counted apart until the next one
+    assert [pool.acquire().index for _ in range(2)] == [1, 1]  # 6 / 2 + 1 + 1 / 6, then 6 / 5 / 6
+    assert pool.acquire().index in (0, 1, 2)  # 6 / 6 / 6: a tie
+
+
+def test_a_report_asked_for_while_a_call_waits_to_be_accepted_still_counts_that_call() -> None:
+    """Threads of one client each ask for a fresh report, then place a stream: a report the server
+    wrote before the other thread's stream was accepted must not make the client forget it."""
+    pool = WorkerPool("run", {0: "c0", 1: "c1"}, streams=(0, 0))
+    first = pool.acquire()
+    pool.report((0, 0))  # the second thread's fresh report, written before the first call was accepted
+    second = pool.acquire()
+    assert second.index != first.index
+    pool.accepted(first)
+    pool.report((1, 0) if first.index == 0 else (0, 1))  # the first call's own metadata
+    third = pool.acquire()
+    assert third.index in (0, 1)  # 1 / 1: a tie
+    pool.release(third)
+    pool.release(second)  # never accepted: off the calls waiting
+    assert pool.acquire().index == second.index
 
 
 def test_a_pool_without_reports_keeps_counting_its_own_calls() -> None:
