@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import CPU_PRECISIONS
+from .cpu import cpu_flags
 
 if TYPE_CHECKING:
     from acroscreen.server.runtime.card import ModelCard
@@ -419,16 +420,8 @@ def _auto_cpu_precision(int8_scales: Int8Scales | None) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
