@@ -154,7 +154,7 @@ def test_one_client_spreads_its_streams_over_the_workers_when_asked(portrait_jpe
 
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
     with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
-        worker_metrics = _both_workers_metrics(process, first_metrics)
+        worker_metrics = _workers_metrics(process, first_metrics, 2)
         all_open = threading.Barrier(4, timeout=60)
 
         def frames() -> Iterator[FrameData]:
@@ -176,25 +176,20 @@ def test_separate_clients_spread_by_the_streams_each_worker_reports_open(portrai
     """Four clients, one stream each, opened one after another: each client's own calls cannot
     tell it where the others went (a random pick would put all four on one worker 1 time in 8),
     the workers' reported stream counts can: two on each, every time."""
-    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+    from acroscreen.client import ScreenOptions
 
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
     with serving("--workers", "2", "--metrics-port", "0", env=env) as (process, port, first_metrics):
-        worker_metrics = _both_workers_metrics(process, first_metrics)
+        worker_metrics = _workers_metrics(process, first_metrics, 2)
         accepted = [threading.Event() for _ in range(4)]
         all_open = threading.Barrier(4, timeout=60)
 
         def screen(i: int) -> int:
-            def frames() -> Iterator[FrameData]:
-                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)  # taken once the stream is accepted
-                accepted[i].set()
-                all_open.wait()
-                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
-
             if i:
                 assert accepted[i - 1].wait(60)  # the previous client's stream is open and counted
+            frames = _two_frames_held_open(portrait_jpeg, accepted[i], all_open)
             with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60, spread_over_workers=True) as client:
-                return client.screen(frames(), ScreenOptions(subject_id=f"c-{i}")).frames_received
+                return client.screen(frames, ScreenOptions(subject_id=f"c-{i}")).frames_received
 
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(screen, range(4))) == [2, 2, 2, 2]
@@ -210,7 +205,7 @@ def test_long_lived_clients_spread_by_a_fresh_report_of_each_workers_streams(por
     call; placed on that, the others' streams since were invisible and workers got 2 to 4 streams
     (about 9 runs in 10 by simulation; 2/4/2/4 in the bench). Placed on a report asked for just
     before each stream, every worker gets 3."""
-    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+    from acroscreen.client import ScreenOptions
 
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
     with serving("--workers", "4", "--metrics-port", "0", env=env) as (process, port, first_metrics):
@@ -220,15 +215,10 @@ def test_long_lived_clients_spread_by_a_fresh_report_of_each_workers_streams(por
         clients = [ScreeningClient(f"127.0.0.1:{port}", timeout_s=120, spread_over_workers=True) for _ in range(3)]
 
         def screen(i: int) -> int:
-            def frames() -> Iterator[FrameData]:
-                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)  # taken once the stream is accepted
-                accepted[i].set()
-                all_open.wait()
-                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
-
             if i:
                 assert accepted[i - 1].wait(120)  # the stream before is open and counted
-            return clients[i % 3].screen(frames(), ScreenOptions(subject_id=f"s-{i}")).frames_received
+            frames = _two_frames_held_open(portrait_jpeg, accepted[i], all_open)
+            return clients[i % 3].screen(frames, ScreenOptions(subject_id=f"s-{i}")).frames_received
 
         try:
             with ThreadPoolExecutor(12) as pool:
@@ -242,8 +232,15 @@ def test_long_lived_clients_spread_by_a_fresh_report_of_each_workers_streams(por
         assert process.wait(timeout=60) == 0
 
 
-def _both_workers_metrics(process: subprocess.Popen[str], first_metrics: int) -> list[int]:
-    return _workers_metrics(process, first_metrics, 2)
+def _two_frames_held_open(jpeg: bytes, accepted: threading.Event, all_open: threading.Barrier) -> Iterator[FrameData]:
+    """A stream's two frames: the first is taken once the server accepted the stream (which is
+    then counted on its worker), the second once every stream of the test is open."""
+    from acroscreen.client import FrameData, ImageKind
+
+    yield FrameData(jpeg, ImageKind.JPEG, index=0)
+    accepted.set()
+    all_open.wait()
+    yield FrameData(jpeg, ImageKind.JPEG, index=1)
 
 
 def _workers_metrics(process: subprocess.Popen[str], first_metrics: int, workers: int) -> list[int]:
