@@ -7,7 +7,9 @@ with its own tracker, as a server worker does.
 
     python deploy/bench/frame_path_cpu.py CLIPS.npz --processes 1,8,16 [--seconds 10]
 
-Prints one JSON object a process count: frames/s over all processes and CPU ms a frame.
+Prints one JSON object a process count: frames/s over all processes, CPU ms a frame, and the
+time each stage took per frame on average (from the stage histograms the server exports; the
+keyframe checks run on threads of their own, so the stages add up to more than the frame).
 """
 
 from __future__ import annotations
@@ -38,11 +40,20 @@ class _NoModel:
         return done
 
 
+def _stage_seconds(metrics: Metrics) -> dict[str, float]:
+    return {
+        sample.labels["stage"]: sample.value
+        for family in metrics.registry.collect() if family.name == "acroscreen_stage_seconds"
+        for sample in family.samples if sample.name.endswith("_sum")
+    }
+
+
 def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.Event, out: multiprocessing.Queue) -> None:
     clips = load_clips(BenchConfig(videos=(Path(clips_path),)))
+    metrics = Metrics()
     analyzer = FrameAnalyzer(
         preprocessor=FacePreprocessor(PreprocessSettings()), batcher=_NoModel(),
-        decode_limits=DecodeLimits(max_bytes=8 << 20, max_pixels=40_000_000), metrics=Metrics(),
+        decode_limits=DecodeLimits(max_bytes=8 << 20, max_pixels=40_000_000), metrics=metrics,
     )
     model = ModelRef(name="none", version="0", kind="probe", sha256="")
     streams = [(clip, analyzer.new_tracker(), SubjectAggregator("probe", model, 1)) for clip in clips]
@@ -61,11 +72,13 @@ def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.
     one_round()  # warm: trackers found their faces, caches filled
     start.wait()
     frames, analysed[:] = 0, []
+    stages_before = _stage_seconds(metrics)
     cpu, wall = time.process_time(), time.monotonic()
     while time.monotonic() - wall < seconds:
         one_round()
+    stages = {name: total - stages_before.get(name, 0.0) for name, total in _stage_seconds(metrics).items()}
     out.put((frames, sum(p.status is FrameStatus.ANALYZED for p in analysed),
-             time.process_time() - cpu, time.monotonic() - wall))
+             time.process_time() - cpu, time.monotonic() - wall, stages))
 
 
 def measure(clips_path: str, processes: int, seconds: float) -> dict:
@@ -80,11 +93,14 @@ def measure(clips_path: str, processes: int, seconds: float) -> dict:
         worker.join()
     frames = sum(r[0] for r in results)
     wall = max(r[3] for r in results)
+    stage_names = sorted({name for r in results for name in r[4]})
     return {
         "processes": processes,
         "frames_per_s": round(frames / wall, 1),
         "analysed_per_s": round(sum(r[1] for r in results) / wall, 1),
         "cpu_ms_per_frame": round(1000.0 * sum(r[2] for r in results) / frames, 2),
+        "stage_ms_per_frame": {name: round(1000.0 * seconds / frames, 3) for name in stage_names
+                               if (seconds := sum(r[4].get(name, 0.0) for r in results))},
     }
 
 

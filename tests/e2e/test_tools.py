@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
+from acroscreen.client.sources import video_frames
+from acroscreen.server.bench import save_clips
 from acroscreen.server.runtime.int8 import int8_available
 from acroscreen.server.runtime.model import cpu_has_native_bf16
 
@@ -88,3 +91,22 @@ def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
     assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
     assert server["load_cpu_ms_per_frame"] > 0  # the load generator in the bench's own process
     assert server["mean_batch_size"] >= 1 and "infer" in server["server_stage_mean_ms"]
+
+
+def test_frame_path_probe_reports_frames_cpu_and_stages(shared_data: Path, tmp_path: Path) -> None:
+    """deploy/bench/frame_path_cpu.py, as gpu_bench.sh runs it, on a clip packed like the bench's."""
+    clip = []
+    for frame in video_frames(shared_data / "videos" / "retalking_face1.mp4", 85):
+        clip.append(frame)
+        if len(clip) == 20:
+            break
+    save_clips(tmp_path / "clips.npz", [clip])
+    script = Path(__file__).resolve().parents[2] / "deploy" / "bench" / "frame_path_cpu.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "clips.npz"), "--processes", "1,2", "--seconds", "1"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    one, two = (json.loads(line) for line in run.stdout.splitlines())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for report in (one, two):
+        assert report["frames_per_s"] > 0 and 0 < report["analysed_per_s"] <= report["frames_per_s"]
+        assert 0 < report["cpu_ms_per_frame"] < 1000
+        assert {"decode", "landmarks", "warp"} <= set(report["stage_ms_per_frame"])
