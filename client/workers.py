@@ -7,10 +7,10 @@ connections, each with a subchannel pool of its own, until it holds one to every
 server names in its calls' initial metadata (`acroscreen-worker: <run>:<index>/<count>`), and
 closes the duplicates. Each call then goes to the least busy worker: by the streams the server
 last reported open on each (`acroscreen-worker-streams: 3,5,4`, every client's, in every call's
-metadata; a stream asks for a fresh report first) plus this client's calls placed since, ties
-broken at random; from a server that reports
-none, by this client's own calls open. A stream accepted by a worker of another run (the server
-restarted) makes the client search again before its next call.
+metadata; a stream asks for a fresh report first) plus this client's calls not yet counted by a
+report, ties broken at random; from a server that reports none, by this client's own calls open.
+A stream accepted by a worker of another run (the server restarted) makes the client search again
+before its next call.
 
 The sync and async clients make the calls; the bookkeeping is here, once.
 """

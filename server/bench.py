@@ -496,14 +496,11 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
 
 
 def machine() -> dict:
+    from .runtime.cpu import cpu_model
+
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    if model := cpu_model():
+        info["cpu"] = model
     if shutil.which("nvidia-smi"):
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
         info["gpu"] = gpu.stdout.strip() or None

@@ -1,5 +1,5 @@
-"""What this x86 CPU computes in hardware, from /proc/cpuinfo (Linux): the arithmetic the model
-runs in on the CPU depends on it."""
+"""What this x86 CPU is and computes in hardware, from /proc/cpuinfo (Linux): the arithmetic the
+model runs in on the CPU depends on it, and benchmarks name it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,25 @@ import functools
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The first processor's feature flags; empty where /proc/cpuinfo cannot be read."""
+def _cpuinfo() -> dict[str, str]:
+    """Each field of /proc/cpuinfo as the first processor gives it; empty where it cannot be read."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, colon, value = line.partition(":")
+                if colon:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The processor's feature flags (avx2, avx512_vnni, …)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model() -> str | None:
+    """The processor's model name, as the kernel reports it."""
+    return _cpuinfo().get("model name")
