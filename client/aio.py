@@ -57,12 +57,17 @@ from .errors import AcroscreenClientError, ServerError, UnavailableError, from_r
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
+    Metadata,
     Placement,
+    ServerAddress,
+    ServerSet,
     WorkerConnections,
     WorkerId,
     WorkerPool,
     WorkerSearch,
     check_spread_options,
+    names_several_servers,
+    servers_named,
     worker_of,
 )
 
@@ -79,7 +84,8 @@ class AsyncScreeningClient:
     or repeats a frame), the message limit and the keepalive settings. `options` are extra channel
     arguments, e.g. `[("grpc.lb_policy_name", "round_robin")]` with a `dns:///` target for
     client-side load balancing across the pods of a headless Kubernetes Service, and
-    `spread_over_workers=True` spreads the calls over the worker processes of one server.
+    `spread_over_workers=True` spreads the calls over the worker processes of the server, or of
+    every server a `dns:`/`ipv4:`/`ipv6:` target names, as the sync client does.
     """
 
     def __init__(
@@ -97,25 +103,28 @@ class AsyncScreeningClient:
     ) -> None:
         if spread_over_workers:
             check_spread_options(options)
+        several_servers = spread_over_workers and names_several_servers(target)  # refuses a target it cannot look up
         self._timeout_s = timeout_s
         self._retry = retry
         self._max_message_bytes = max_message_bytes
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
 
-        def open_channel(*more: tuple[str, Any]) -> grpc.aio.Channel:
+        def open_channel(*more: tuple[str, Any], to: str = target) -> grpc.aio.Channel:
             if secure is not None:
-                return grpc.aio.secure_channel(target, secure, options=[*all_options, *more])
-            return grpc.aio.insecure_channel(target, options=[*all_options, *more])
+                return grpc.aio.secure_channel(to, secure, options=[*all_options, *more])
+            return grpc.aio.insecure_channel(to, options=[*all_options, *more])
 
+        self._target = target
         self._open_channel = open_channel
         self._channel = open_channel(OWN_CONNECTION) if spread_over_workers else open_channel()
         self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._spread = spread_over_workers
-        self._connections = WorkerConnections(self._channel)
+        self._servers = ServerSet(self._channel, several=several_servers)
         self._search_lock = asyncio.Lock()
+        self._stream_turn = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncScreeningClient:
         return self
@@ -124,44 +133,96 @@ class AsyncScreeningClient:
         await self.close()
 
     async def close(self) -> None:
-        for channel in self._connections.all():
+        for channel in self._servers.all():
             await channel.close()
 
     @contextlib.asynccontextmanager
     async def _placed(
         self, *, fresh_report: bool = False
     ) -> AsyncIterator[tuple[pb_grpc.ScreeningStub, Placement[grpc.aio.Channel] | None]]:
-        """As the sync client's: on the least busy worker's connection when spreading, by a fresh
-        report of the streams open on each worker with ``fresh_report``."""
-        pool = await self._workers() if self._spread else None
-        if pool is not None and fresh_report:
-            with contextlib.suppress(grpc.aio.AioRpcError):  # placed on the last report, then
-                self._connections.seen(await self._worker_behind(self._channel))
-            pool = await self._workers()
-        if pool is None:
+        """As the sync client's: on the least busy worker of every server when spreading, by a
+        fresh report of the streams open on each worker with ``fresh_report``."""
+        pools = await self._pools(fresh_report) if self._spread else []
+        if not pools:
             yield self._stub, None
             return
-        with pool.placed() as placement:
+        with self._servers.placed(pools) as placement:
             yield pb_grpc.ScreeningStub(placement.connection), placement
 
-    async def _workers(self) -> WorkerPool[grpc.aio.Channel] | None:
-        """As the sync client's: the worker connections, searched for at the first call."""
+    @contextlib.asynccontextmanager
+    async def _stream_placed(self) -> AsyncIterator[tuple[pb_grpc.ScreeningStub, Callable[[Metadata | None], None]]]:
+        """As the sync client's: streams placed one at a time, each until `settle` has its metadata."""
+        held = False
+        if self._spread:
+            await self._stream_turn.acquire()
+            held = True
+        try:
+            async with self._placed(fresh_report=True) as (stub, placement):
+
+                def settle(metadata: Metadata | None) -> None:
+                    nonlocal held
+                    if metadata:
+                        self._servers.accepted(metadata, placement)
+                    if held:
+                        held = False
+                        self._stream_turn.release()
+
+                yield stub, settle
+        finally:
+            if held:
+                self._stream_turn.release()
+
+    async def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.aio.Channel]]:
+        """As the sync client's, asking the servers for fresh reports all at once."""
+        if self._servers.lookup_due:
+            await self._look_up()
+        servers = self._servers.usable()
+        pools = await asyncio.gather(*(self._pool(server, fresh_report) for server in servers))
+        return [pool for pool in pools if pool is not None]
+
+    async def _pool(self, server: WorkerConnections[grpc.aio.Channel], fresh_report: bool) -> WorkerPool[grpc.aio.Channel] | None:
+        pool = await self._workers(server)
+        if pool is not None and fresh_report:
+            try:
+                server.seen(await self._worker_behind(server.first))
+            except grpc.aio.AioRpcError:
+                if self._servers.failed(server):
+                    return None
+            pool = await self._workers(server)
+        if pool is None:
+            self._servers.failed(server)
+        return pool
+
+    async def _look_up(self) -> None:
         async with self._search_lock:
-            if (pool := self._connections.pool) is not None:
+            if self._servers.lookup_due:
+                addresses = await asyncio.to_thread(servers_named, self._target)
+                for channel in self._servers.looked_up(addresses or [], self._connect):
+                    await channel.close()
+
+    def _connect(self, address: ServerAddress | None) -> grpc.aio.Channel:
+        if address is None:
+            return self._open_channel(OWN_CONNECTION)
+        return self._open_channel(OWN_CONNECTION, *address.channel_options(), to=address.target)
+
+    async def _workers(self, server: WorkerConnections[grpc.aio.Channel]) -> WorkerPool[grpc.aio.Channel] | None:
+        """As the sync client's: a server's worker connections, searched for at its first call."""
+        async with self._search_lock:
+            if (pool := server.pool) is not None:
                 return pool
             try:
-                search = WorkerSearch(self._channel, await self._worker_behind(self._channel))
+                search = WorkerSearch(server.first, await self._worker_behind(server.first))
             except grpc.aio.AioRpcError:
                 return None
             while not search.done:
-                channel = self._open_channel(OWN_CONNECTION)
+                channel = self._connect(server.address)
                 try:
                     kept = search.offer(channel, await self._worker_behind(channel))
                 except grpc.aio.AioRpcError:
                     kept = search.offer(channel, None)
                 if not kept:
                     await channel.close()
-            return self._connections.found(search.pool())
+            return server.found(search.pool())
 
     async def _worker_behind(self, channel: grpc.aio.Channel) -> WorkerId | None:
         call = pb_grpc.ScreeningStub(channel).GetModelInfo(
@@ -184,13 +245,13 @@ class AsyncScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            async with self._placed(fresh_report=True) as (stub, placement):
+            async with self._stream_placed() as (stub, settle):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
+                    settle(accepted)
                     if accepted:
                         gate.accept()
-                        self._connections.accepted(accepted, placement)
                     async for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

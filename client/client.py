@@ -23,12 +23,17 @@ from .errors import AcroscreenClientError, InvalidRequestError, ServerError, Una
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
+    Metadata,
     Placement,
+    ServerAddress,
+    ServerSet,
     WorkerConnections,
     WorkerId,
     WorkerPool,
     WorkerSearch,
     check_spread_options,
+    names_several_servers,
+    servers_named,
     worker_of,
 )
 
@@ -244,10 +249,12 @@ def stream_failure(
 class ScreeningClient:
     """Use as a context manager. Failed calls raise `acroscreen.client.errors` exceptions.
 
-    `spread_over_workers=True` (for a server run with `--workers N`): the client opens a
+    `spread_over_workers=True` (for servers run with `--workers N`): the client opens a
     connection to each worker process and places every call on the one with the fewest streams
     open, every client's, as the server reports them (`acroscreen.client.workers`); otherwise
-    all its calls share one connection, which the server's kernel hands to a single worker.
+    all its calls share one connection, which the server's kernel hands to a single worker. With
+    a target that names several servers (`dns:///name:port`, looked up every 30 s, e.g. the pods
+    of a headless Kubernetes Service; `ipv4:a:p,b:p`) that is over every worker of every server.
     """
 
     def __init__(
@@ -265,25 +272,28 @@ class ScreeningClient:
     ) -> None:
         if spread_over_workers:
             check_spread_options(options)
+        several_servers = spread_over_workers and names_several_servers(target)  # refuses a target it cannot look up
         self._timeout_s = timeout_s
         self._retry = retry
         self._max_message_bytes = max_message_bytes
         all_options = channel_options(max_message_bytes, keepalive_time_s, options, keepalive_timeout_s)
         secure = credentials.channel_credentials()
 
-        def open_channel(*more: tuple[str, Any]) -> grpc.Channel:
+        def open_channel(*more: tuple[str, Any], to: str = target) -> grpc.Channel:
             if secure is not None:
-                return grpc.secure_channel(target, secure, options=[*all_options, *more])
-            return grpc.insecure_channel(target, options=[*all_options, *more])
+                return grpc.secure_channel(to, secure, options=[*all_options, *more])
+            return grpc.insecure_channel(to, options=[*all_options, *more])
 
+        self._target = target
         self._open_channel = open_channel
         self._channel = open_channel(OWN_CONNECTION) if spread_over_workers else open_channel()
         self._metadata = credentials.metadata()
         self._stub = pb_grpc.ScreeningStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._spread = spread_over_workers
-        self._connections = WorkerConnections(self._channel)
+        self._servers = ServerSet(self._channel, several=several_servers)
         self._search_lock = threading.Lock()
+        self._stream_turn = threading.Lock()
 
     def __enter__(self) -> ScreeningClient:
         return self
@@ -292,47 +302,100 @@ class ScreeningClient:
         self.close()
 
     def close(self) -> None:
-        for channel in self._connections.all():
+        for channel in self._servers.all():
             channel.close()
 
     @contextlib.contextmanager
     def _placed(self, *, fresh_report: bool = False) -> Iterator[tuple[pb_grpc.ScreeningStub, Placement[grpc.Channel] | None]]:
-        """The stub for one call and, when spreading, its placement on the least busy worker.
+        """The stub for one call and, when spreading, its placement on the least busy worker of
+        every server the target names.
 
-        ``fresh_report``: first ask for the streams open on each worker. A stream stays for
-        minutes, and this client's last report is as old as its last call: other clients have
-        placed streams since, and placed on it alone, streams piled up on some workers.
+        ``fresh_report``: first ask each server for the streams open on each of its workers. A
+        stream stays for minutes, and this client's last report is as old as its last call: other
+        clients have placed streams since, and placed on it alone, streams piled up on some workers.
         """
-        pool = self._workers() if self._spread else None
-        if pool is not None and fresh_report:
-            with contextlib.suppress(grpc.RpcError):  # placed on the last report, then
-                self._connections.seen(self._worker_behind(self._channel))
-            pool = self._workers()  # searched again if that reached another server run
-        if pool is None:
+        pools = self._pools(fresh_report) if self._spread else []
+        if not pools:  # no server answers: the call goes to the target as given, and fails or retries there
             yield self._stub, None
             return
-        with pool.placed() as placement:
+        with self._servers.placed(pools) as placement:
             yield pb_grpc.ScreeningStub(placement.connection), placement
 
-    def _workers(self) -> WorkerPool[grpc.Channel] | None:
-        """The connections to the workers, searched for at the first call (again after a restart);
-        None while no server answers (the call then goes on the first connection)."""
+    @contextlib.contextmanager
+    def _stream_placed(self) -> Iterator[tuple[pb_grpc.ScreeningStub, Callable[[Metadata | None], None]]]:
+        """A stream's stub (placed by a fresh report when spreading), and `settle`, to call with the
+        stream's initial metadata. A spreading client places its streams one at a time, each once
+        the server accepted the one before (or it failed): a report asked for meanwhile may or may
+        not count the stream being accepted, and streams placed on it crowd some workers."""
+        held = self._spread and self._stream_turn.acquire()
+        try:
+            with self._placed(fresh_report=True) as (stub, placement):
+
+                def settle(metadata: Metadata | None) -> None:
+                    nonlocal held
+                    if metadata:
+                        self._servers.accepted(metadata, placement)
+                    if held:
+                        held = False
+                        self._stream_turn.release()
+
+                yield stub, settle
+        finally:
+            if held:
+                self._stream_turn.release()
+
+    def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.Channel]]:
+        """The worker pool of each server that answers, its streams freshly reported if asked."""
+        if self._servers.lookup_due:
+            self._look_up()
+        pools = []
+        for server in self._servers.usable():
+            pool = self._workers(server)
+            if pool is not None and fresh_report:
+                try:
+                    server.seen(self._worker_behind(server.first))
+                except grpc.RpcError:  # one of several: the others take the call; the only one: its last report
+                    if self._servers.failed(server):
+                        continue
+                pool = self._workers(server)  # searched again if that reached another server run
+            if pool is not None:
+                pools.append(pool)
+            else:
+                self._servers.failed(server)
+        return pools
+
+    def _look_up(self) -> None:
+        """The servers a `dns:` name has now (a headless Service's pods), once per RESOLVE_INTERVAL_S."""
         with self._search_lock:
-            if (pool := self._connections.pool) is not None:
+            if self._servers.lookup_due:
+                for channel in self._servers.looked_up(servers_named(self._target) or [], self._connect):
+                    channel.close()
+
+    def _connect(self, address: ServerAddress | None) -> grpc.Channel:
+        """A connection of its own to one server of several, or to the target as given (None)."""
+        if address is None:
+            return self._open_channel(OWN_CONNECTION)
+        return self._open_channel(OWN_CONNECTION, *address.channel_options(), to=address.target)
+
+    def _workers(self, server: WorkerConnections[grpc.Channel]) -> WorkerPool[grpc.Channel] | None:
+        """A server's connections to its workers, searched for at its first call (again after a
+        restart); None while it does not answer."""
+        with self._search_lock:
+            if (pool := server.pool) is not None:
                 return pool
             try:
-                search = WorkerSearch(self._channel, self._worker_behind(self._channel))
+                search = WorkerSearch(server.first, self._worker_behind(server.first))
             except grpc.RpcError:
                 return None
             while not search.done:
-                channel = self._open_channel(OWN_CONNECTION)
+                channel = self._connect(server.address)
                 try:
                     kept = search.offer(channel, self._worker_behind(channel))
                 except grpc.RpcError:
                     kept = search.offer(channel, None)
                 if not kept:
                     channel.close()
-            return self._connections.found(search.pool())
+            return server.found(search.pool())
 
     def _worker_behind(self, channel: grpc.Channel) -> WorkerId | None:
         _, call = pb_grpc.ScreeningStub(channel).GetModelInfo.with_call(
@@ -353,13 +416,13 @@ class ScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            with self._placed(fresh_report=True) as (stub, placement):
+            with self._stream_placed() as (stub, settle):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
+                    settle(accepted)
                     if accepted:
                         gate.accept()
-                        self._connections.accepted(accepted, placement)
                     for response in call:
                         event = types.stream_event(response)
                         if isinstance(event, SubjectResult):

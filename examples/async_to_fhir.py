@@ -4,9 +4,10 @@ to another part of the service through a queue — here a writer of FHIR R4 Obse
     python examples/async_to_fhir.py --server 127.0.0.1:50051 --out observations/ \
         call-17.mp4=Patient/17 call-18.mp4=Patient/18
 
-In a cluster, dial every pod of the headless Service and balance calls across them:
+In a cluster, dial every worker of every pod of the headless Service and place each stream on
+the least busy one (`spread_over_workers=True`; docs/deployment.md, "Load balancing"):
 
-    --server dns:///acroscreen-headless.acroscreen.svc.cluster.local:50051 --round-robin \
+    --server dns:///acroscreen-headless.acroscreen.svc.cluster.local:50051 --spread \
     --token-file /var/run/secrets/acroscreen/token --tls-ca ca.crt
 
 The consumer is where a real integration would POST the Observation to its FHIR server
@@ -65,10 +66,10 @@ async def write_observations(results: asyncio.Queue, out: Path, count: int) -> i
 
 async def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     credentials = Credentials.from_files(tls_ca=args.tls_ca, token_file=args.token_file)
-    options = [("grpc.lb_policy_name", "round_robin")] if args.round_robin else []
     args.out.mkdir(parents=True, exist_ok=True)
     results: asyncio.Queue = asyncio.Queue()
-    async with AsyncScreeningClient(args.server, timeout_s=600, credentials=credentials, options=options) as client:
+    async with AsyncScreeningClient(args.server, timeout_s=600, credentials=credentials,
+                                    spread_over_workers=args.spread) as client:
         await client.wait_until_serving(30)
         consumer = asyncio.create_task(write_observations(results, args.out, len(jobs)))
         await asyncio.gather(*(screen_one(client, video, subject, args.max_frames, results) for video, subject in jobs))
@@ -82,7 +83,8 @@ def main() -> int:
     parser.add_argument("--server", default="127.0.0.1:50051")
     parser.add_argument("--out", type=Path, default=Path("observations"))
     parser.add_argument("--max-frames", type=int, default=0, help="send at most this many frames of each video")
-    parser.add_argument("--round-robin", action="store_true", help="balance calls across every address the target resolves to")
+    parser.add_argument("--spread", action="store_true",
+                        help="place each stream on the least busy worker of every server the target names")
     parser.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect with TLS")
     parser.add_argument("--token-file", default=None, help="file holding a bearer token")
     args = parser.parse_args()

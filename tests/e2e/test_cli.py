@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -230,6 +231,58 @@ def test_long_lived_clients_spread_by_a_fresh_report_of_each_workers_streams(por
         assert received == [6.0] * 4, received
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def test_a_client_spreads_over_every_worker_of_every_server_its_target_names(portrait_jpeg: bytes) -> None:
+    """Two servers of two workers each (two pods of a headless Service) and a target naming both
+    (`ipv4:` here; a `dns:///` name is looked up to such a list): eight streams of one client land
+    two on each worker, from the sync client and again from the async one."""
+    from acroscreen.client import FrameData, ImageKind, ScreenOptions
+    from acroscreen.client.aio import AsyncScreeningClient
+
+    env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
+    with (
+        serving("--workers", "2", "--metrics-port", "0", env=env) as (first, first_port, first_metrics),
+        serving("--workers", "2", "--metrics-port", "0", env=env) as (second, second_port, second_metrics),
+    ):
+        worker_metrics = _workers_metrics(first, first_metrics, 2) + _workers_metrics(second, second_metrics, 2)
+        target = f"ipv4:127.0.0.1:{first_port},127.0.0.1:{second_port}"
+        accepted = [threading.Event() for _ in range(8)]
+        all_open = threading.Barrier(8, timeout=120)
+        with ScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+
+            def screen(i: int) -> int:
+                frames = _two_frames_held_open(portrait_jpeg, accepted[i], all_open)
+                return client.screen(frames, ScreenOptions(subject_id=f"s-{i}")).frames_received
+
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(screen, range(8))) == [2] * 8
+        received = [_counter(m, "acroscreen_frames_received_total") for m in worker_metrics]
+        assert received == [4.0] * 4, received
+
+        async def screen_async() -> list[int]:
+            opened, every_stream_open = 0, asyncio.Event()
+
+            async def frames() -> AsyncIterator[FrameData]:
+                nonlocal opened
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=0)  # taken once the stream is accepted
+                opened += 1
+                if opened == 8:
+                    every_stream_open.set()
+                await asyncio.wait_for(every_stream_open.wait(), 120)
+                yield FrameData(portrait_jpeg, ImageKind.JPEG, index=1)
+
+            async with AsyncScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+                results = await asyncio.gather(*(client.screen(frames(), ScreenOptions(subject_id=f"a-{i}"))
+                                                 for i in range(8)))
+            return [result.frames_received for result in results]
+
+        assert asyncio.run(screen_async()) == [2] * 8
+        received = [_counter(m, "acroscreen_frames_received_total") for m in worker_metrics]
+        assert received == [8.0] * 4, received
+        for process in (first, second):
+            process.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
 
 
 def _two_frames_held_open(jpeg: bytes, accepted: threading.Event, all_open: threading.Barrier) -> Iterator[FrameData]:

@@ -269,7 +269,8 @@ def test_the_async_fhir_example_runs_against_the_server(
     argv = [
         "async_to_fhir.py",
         "--server",
-        _target(aio_server),
+        f"dns:///localhost:{aio_server.port}",  # looked up, as a headless Service's name would be
+        "--spread",
         "--token-file",
         str(token_file),
         "--out",
@@ -325,18 +326,18 @@ def test_spreading_over_workers_with_a_one_process_server(aio_server: RunningSer
         async with _client(aio_server, spread_over_workers=True) as client:
             info = await client.model_info()
             result = await client.screen_images(images, ScreenOptions(subject_id="spread-a"))
-            return info, result, len((await client._workers()).connections)
+            return info, result, [len(pool.connections) for pool in await client._pools(False)]
 
     info, result, connections = asyncio.run(main())
-    assert info.input_size == 160 and result.frames_received == 2 and connections == 1
+    assert info.input_size == 160 and result.frames_received == 2 and connections == [1]
     with ScreeningClient(_target(aio_server), timeout_s=60, credentials=AUTH, spread_over_workers=True) as client:
         frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(2)]
         assert client.screen(frames, ScreenOptions(subject_id="spread-s")).frames_received == 2
-        pool = client._workers()
-        assert pool is not None and len(pool.connections) == 1 and pool.run is not None
+        (pool,) = client._pools(False)
+        assert len(pool.connections) == 1 and pool.run is not None
         # A stream accepted by another run (a restart) makes the client search again.
-        client._connections.accepted([(WORKER_KEY, "another-run:0/1")])
-        assert client._workers() is not pool
+        client._servers.accepted([(WORKER_KEY, "another-run:0/1")])
+        assert client._pools(False) != [pool]
     with pytest.raises(AuthenticationError):  # the search itself is refused without the token
         with ScreeningClient(_target(aio_server), timeout_s=10, spread_over_workers=True) as client:
             client.model_info()

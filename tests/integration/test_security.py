@@ -295,6 +295,27 @@ def test_server_only_tls_screens_for_a_client_that_trusts_its_ca(tls_server: Run
     assert result.status == "final" and result.frames_received == 3
 
 
+def test_a_client_spreading_over_a_names_addresses_checks_the_certificate_against_the_name(
+    tls_server: RunningServer, pki: _Pki, portrait_bgr
+) -> None:
+    """`spread_over_workers` with a `dns:///` target connects to each address the name has (a
+    headless Service's pods) and its calls carry the name, which the certificate names; an
+    address alone (`ipv4:`) is not in the certificate and is refused."""
+    credentials = Credentials(tls=True, tls_ca=pki.ca.read_bytes(), token=TOKEN)
+    frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(3)]
+    with ScreeningClient(f"dns:///localhost:{tls_server.port}", timeout_s=30, credentials=credentials, retry=NO_RETRY,
+                         spread_over_workers=True) as client:
+        result = client.screen(frames, ScreenOptions(analyze_every_frame=True))
+        servers = [server.address.target for server in client._servers.usable()]  # answered: not left out
+        assert len(client._pools(False)) == len(servers)
+    assert result.status == "final" and result.frames_received == 3
+    assert f"ipv4:127.0.0.1:{tls_server.port}" in servers
+    with ScreeningClient(f"ipv4:127.0.0.1:{tls_server.port}", timeout_s=30, credentials=credentials, retry=NO_RETRY,
+                         spread_over_workers=True) as client:
+        with pytest.raises(UnavailableError):
+            client.screen(frames)
+
+
 def test_server_only_tls_is_refused_by_a_client_trusting_another_ca(tls_server: RunningServer, tmp_path: Path) -> None:
     other = _Pki(tmp_path, ca_name="someone else's CA")
     credentials = Credentials(tls=True, tls_ca=other.ca.read_bytes(), token=TOKEN)
