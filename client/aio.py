@@ -173,12 +173,20 @@ class AsyncScreeningClient:
                 self._stream_turn.release()
 
     async def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.aio.Channel]]:
-        """As the sync client's, asking the servers for fresh reports all at once."""
+        """As the sync client's (one server not searched yet a call), asking the servers already
+        searched for fresh reports all at once."""
         if self._servers.lookup_due:
             await self._look_up()
         servers = self._servers.usable()
-        pools = await asyncio.gather(*(self._pool(server, fresh_report) for server in servers))
-        return [pool for pool in pools if pool is not None]
+        searched = [server for server in servers if server.pool is not None]
+        found = await asyncio.gather(*(self._pool(server, fresh_report) for server in searched))
+        pools = [pool for pool in found if pool is not None]
+        for server in [server for server in servers if server not in searched]:
+            if (pool := await self._pool(server, fresh_report)) is not None:
+                pools.append(pool)
+            if pools:
+                break
+        return pools
 
     async def _pool(self, server: WorkerConnections[grpc.aio.Channel], fresh_report: bool) -> WorkerPool[grpc.aio.Channel] | None:
         pool = await self._workers(server)

@@ -345,11 +345,18 @@ class ScreeningClient:
                 self._stream_turn.release()
 
     def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.Channel]]:
-        """The worker pool of each server that answers, its streams freshly reported if asked."""
+        """The worker pool of each server that answers, its streams freshly reported if asked.
+        A call searches one server not searched yet (more only while none answers), so the first
+        stream to a large cluster does not wait for a search of every pod."""
         if self._servers.lookup_due:
             self._look_up()
-        pools = []
+        pools: list[WorkerPool[grpc.Channel]] = []
+        searched = False
         for server in self._servers.usable():
+            if server.pool is None:
+                if searched and pools:
+                    continue
+                searched = True
             pool = self._workers(server)
             if pool is not None and fresh_report:
                 try:

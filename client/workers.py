@@ -14,8 +14,10 @@ before its next call.
 
 A target that names several servers — `dns:///acroscreen-headless.acroscreen.svc:50051` (every
 pod of a headless Kubernetes Service), `ipv4:10.0.0.5:50051,10.0.0.6:50051` — is spread over
-every worker of every server: each address gets its own search and worker pool, each call goes to
-the least busy worker of all, and a `dns:` name is looked up again every RESOLVE_INTERVAL_S, so
+every worker of every server: each address gets its own search and worker pool (a call searches
+one server not searched yet, so the first stream to a large cluster waits for one search, not
+one a pod), each call goes to the least busy worker of all, and a `dns:` name is looked up again
+every RESOLVE_INTERVAL_S, so
 pods the autoscaler adds get streams and pods that went away get none (their connections close
 once their calls have ended). A server that does not answer is left out until the next lookup.
 

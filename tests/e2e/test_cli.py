@@ -247,6 +247,9 @@ def test_a_client_spreads_over_every_worker_of_every_server_its_target_names(por
     ):
         worker_metrics = _workers_metrics(first, first_metrics, 2) + _workers_metrics(second, second_metrics, 2)
         target = f"ipv4:127.0.0.1:{first_port},127.0.0.1:{second_port}"
+        with ScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+            # A call searches one more server: the first stream to many pods waits for one search.
+            assert [len(client._pools(False)) for _ in range(3)] == [1, 2, 2]
         accepted = [threading.Event() for _ in range(8)]
         all_open = threading.Barrier(8, timeout=120)
         with ScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
