@@ -89,6 +89,8 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--metrics-url", default=None, help="its /metrics URL, with --server (comma-separated for several workers)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    bench.add_argument("--servers", type=int, default=1,
+                       help="servers to start, reached through one target naming them all (as a headless Service's pods)")
     bench.add_argument("--load-processes", type=int, default=0,
                        help="load-generator processes (0 = one per 8 streams, at most half the cores)")
     bench.add_argument("--connections", choices=("per-worker", "per-stream"), default="per-worker",
@@ -330,6 +332,7 @@ def _bench(args: argparse.Namespace) -> int:
         fps=args.fps,
         every_frame=args.every_frame,
         server=args.server,
+        servers=args.servers,
         metrics_url=args.metrics_url,
         server_args=("--device", args.device, "--allow-untrained", *args.server_arg),
         baseline=args.baseline,

@@ -59,6 +59,9 @@ class BenchConfig:
     every_frame: bool = False  # ask the server to analyse every frame (backpressure instead of skipping)
     acknowledge_frames: bool = True  # ask for an immediate ack of queued frames
     server: str | None = None  # HOST:PORT of a running server; None starts one
+    # Servers started (each with server_args), streamed to through one target naming them all
+    # (`ipv4:a,b`), as a client reaches the pods of a headless Service.
+    servers: int = 1
     metrics_url: str | None = None  # with `server`: its /metrics URL (comma-separated: one per worker)
     server_args: tuple[str, ...] = ()
     baseline: str | None = None  # "naive"
@@ -82,6 +85,8 @@ class BenchConfig:
             raise ValueError(f"ramp_s must be in [0, duration_s), got {self.ramp_s} for {self.duration_s} s")
         if self.replay not in REPLAYS:
             raise ValueError(f"replay must be one of {REPLAYS}, got {self.replay!r}")
+        if self.servers < 1 or (self.servers > 1 and self.server is not None):
+            raise ValueError(f"servers must be >= 1 and 1 with a running server, got {self.servers}")
 
 
 @dataclass
@@ -214,8 +219,10 @@ def _stream_threads(
     def connect() -> AbstractContextManager[ScreeningClient]:
         if shared is not None:
             return contextlib.nullcontext(shared)
-        # A connection of its own, as separate callers would have: channels of one process share one by default.
-        return ScreeningClient(target, timeout_s=timeout_s, options=[OWN_CONNECTION])
+        # A connection of its own, as separate callers would have: channels of one process share one by
+        # default; over several servers balanced by gRPC's round_robin, as clients of other languages do.
+        several = [("grpc.lb_policy_name", "round_robin")] if config.servers > 1 else []
+        return ScreeningClient(target, timeout_s=timeout_s, options=[OWN_CONNECTION, *several])
 
     stats = [_StreamStats() for _ in indices]
     started = deadline - config.duration_s
@@ -300,22 +307,25 @@ def _stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[s
 
 
 class _ProcessProbe:
-    """CPU time and peak RSS of the server's processes from /proc (Linux), GPU use from nvidia-smi."""
+    """CPU time and peak RSS of the servers' processes from /proc (Linux), GPU use from nvidia-smi."""
 
-    def __init__(self, pid: int) -> None:
-        self._pid = pid
+    def __init__(self, pids: Sequence[int]) -> None:
+        self._servers = list(pids)
         self._ticks = os.sysconf("SC_CLK_TCK")
         self._gpu_samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample_gpu, daemon=True)
 
     def _pids(self) -> list[int]:
-        """The server and its worker processes (`--workers`)."""
-        try:
-            children = Path(f"/proc/{self._pid}/task/{self._pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [self._pid, *map(int, children)]
+        """Each server and its worker processes (`--workers`)."""
+        pids = []
+        for pid in self._servers:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                children = []
+            pids += [pid, *map(int, children)]
+        return pids
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -382,17 +392,30 @@ def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str]
 
 
 def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
-    process = None
+    processes: list[subprocess.Popen] = []
     if config.server is None:
-        process, target, metrics_urls, model_urls = _start_server(config)
+        targets, metrics_urls, model_urls = [], [], []
+        try:
+            for _ in range(config.servers):
+                process, one_target, workers_urls, model_process_urls = _start_server(config)
+                processes.append(process)
+                targets.append(one_target)
+                metrics_urls += workers_urls
+                model_urls += model_process_urls
+        except BaseException:
+            _stop(processes)
+            raise
+        target = targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
     else:
         target, metrics_urls, model_urls = config.server, [u for u in (config.metrics_url or "").split(",") if u], []
-    probe = _ProcessProbe(process.pid) if process else None
+        targets = [target]
+    probe = _ProcessProbe([process.pid for process in processes]) if processes else None
     try:
-        with ScreeningClient(target, timeout_s=30) as client:
-            client.wait_until_serving(120)
-            info = client.model_info()
-            model = info.model
+        for one_target in targets:
+            with ScreeningClient(one_target, timeout_s=30) as client:
+                client.wait_until_serving(120)
+                info = client.model_info()
+                model = info.model
         before_each = [_scrape(url) for url in metrics_urls + model_urls]
         before = _sum_scrapes(before_each)
         cpu_before = probe.cpu_seconds() if probe else 0.0
@@ -407,6 +430,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         after = _sum_scrapes(after_each)
         report = {
             "target": target,
+            "servers": len(targets),
             "model": {"name": model.name, "kind": model.kind, "arithmetic": info.arithmetic},
             "streams": config.streams,
             "pace": config.pace,
@@ -429,7 +453,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         if metrics_urls:  # the server's own count, every worker's: should equal frames_sent
             received = "acroscreen_frames_received_total"
             report["server_frames_received"] = round(after.get(received, 0.0) - before.get(received, 0.0))
-            report["server_frames_received_per_worker"] = [  # how evenly the kernel spread the streams
+            report["server_frames_received_per_worker"] = [  # how evenly the streams were spread (server by server)
                 round(a.get(received, 0.0) - b.get(received, 0.0))
                 for a, b in zip(after_each[: len(metrics_urls)], before_each)
             ]
@@ -448,9 +472,14 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
             report["gpu"] = probe.gpu_summary()
         return report
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+        _stop(processes)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=60)
 
 
 def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) -> dict:

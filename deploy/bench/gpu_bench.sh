@@ -26,6 +26,7 @@ DURATION=${DURATION:-30}
 BASELINE=${BASELINE:-15}  # seconds of the naive baseline (with the last load); 0: none
 FRAME_PATH_PROCESSES=${FRAME_PATH_PROCESSES-1,8,16}  # empty: skip that probe; CHECKS=0 skips the gpu tests and graphs check
 WORKERS=${WORKERS:-16}  # a worker a core: 16 beat 12 on the H100 node (2026-11-28); the load generator and the model process take ~1.5 cores
+SERVERS=${SERVERS:-1}  # servers of WORKERS workers each, one target naming them all (as pods on one node)
 mkdir -p "$OUT"
 if [ "${INSTALL_OPENCV_ONLY:-0}" = 1 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
@@ -79,14 +80,14 @@ for N in ${STREAMS//,/ }; do
     "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$N" \
         --duration "$DURATION" --ramp-s "${RAMP_S:-2}" --pace realtime --every-frame "${BASE_ARGS[@]}" \
         --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
-        --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 --server-arg=--workers="$WORKERS" \
+        --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 --server-arg=--workers="$WORKERS" --servers "$SERVERS" \
         --out "$OUT/bench_gpu_$N.json" 2>>"$OUT/bench.log" >/dev/null
     "$PYTHON" - "$OUT/bench_gpu_$N.json" <<'PY' | tee -a "$OUT/bench.log"
 import json, sys
 r = json.load(open(sys.argv[1]))
 s = r["server"]
 print(s["streams"], "streams:", json.dumps({k: s.get(k) for k in (
-    "analyzed_per_s", "acknowledged_per_s", "end_to_end_latency_ms", "ack_latency_ms", "mean_batch_size",
+    "servers", "analyzed_per_s", "acknowledged_per_s", "end_to_end_latency_ms", "ack_latency_ms", "mean_batch_size",
     "server_cpu_utilization_pct", "server_cpu_ms_per_frame", "load_cpu_cores", "load_cpu_ms_per_frame", "server_frames_received_per_worker", "gpu", "errors")}))
 if r.get("naive"):
     print("naive", json.dumps(r.get("naive")), "speedup", r.get("speedup_analyzed_per_s"))

@@ -80,15 +80,17 @@ def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Pa
 
 
 def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
-    """With --workers 2 the report adds up both workers' /metrics; the load process's client spreads
-    its three streams over both workers."""
-    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "3", "--duration", "3",
-               "--load-processes", "1", "--server-arg=--workers=2")
+    """Two servers of --workers 2 (two pods): the report adds up the four workers' /metrics; the
+    load process's client, given one target naming both servers, spreads its four streams over
+    all four workers."""
+    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "4", "--duration", "3",
+               "--load-processes", "1", "--servers", "2", "--server-arg=--workers=2")
     server = json.loads(run.stdout)["server"]
+    assert server["servers"] == 2 and server["target"].startswith("ipv4:127.0.0.1:")
     assert server["errors"] == [] and server["frames_sent"] > 0
     assert server["server_frames_received"] == server["frames_sent"]
     per_worker = server["server_frames_received_per_worker"]
-    assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
+    assert len(per_worker) == 4 and min(per_worker) > 0, per_worker
     assert server["load_cpu_ms_per_frame"] > 0  # the load generator in the bench's own process
     assert server["mean_batch_size"] >= 1 and "infer" in server["server_stage_mean_ms"]
 

@@ -21,3 +21,10 @@ def test_a_replayed_clip_never_jumps_unless_asked_to() -> None:
     assert [replayed(i, 1, "ping-pong") for i in range(3)] == [0, 0, 0]
     with pytest.raises(ValueError, match="replay"):
         BenchConfig(videos=(Path("v.mp4"),), replay="shuffle")
+
+
+def test_several_servers_are_started_not_targeted() -> None:
+    assert BenchConfig(videos=(Path("v.mp4"),), servers=2).servers == 2
+    for bad in ({"servers": 0}, {"servers": 2, "server": "127.0.0.1:50051"}):
+        with pytest.raises(ValueError, match="servers"):
+            BenchConfig(videos=(Path("v.mp4"),), **bad)
