@@ -57,10 +57,10 @@ from .errors import AcroscreenClientError, ServerError, UnavailableError, from_r
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
-    Metadata,
     Placement,
     ServerAddress,
     ServerSet,
+    StreamAcceptance,
     WorkerConnections,
     WorkerId,
     WorkerPool,
@@ -150,27 +150,19 @@ class AsyncScreeningClient:
             yield pb_grpc.ScreeningStub(placement.connection), placement
 
     @contextlib.asynccontextmanager
-    async def _stream_placed(self) -> AsyncIterator[tuple[pb_grpc.ScreeningStub, Callable[[Metadata | None], None]]]:
-        """As the sync client's: streams placed one at a time, each until `settle` has its metadata."""
-        held = False
+    async def _stream_placed(self) -> AsyncIterator[tuple[pb_grpc.ScreeningStub, StreamAcceptance[grpc.aio.Channel]]]:
+        """As the sync client's: streams placed one at a time, each until its acceptance is called."""
+        turn = None
         if self._spread:
             await self._stream_turn.acquire()
-            held = True
+            turn = self._stream_turn.release
+        acceptance = StreamAcceptance(self._servers, turn)
         try:
             async with self._placed(fresh_report=True) as (stub, placement):
-
-                def settle(metadata: Metadata | None) -> None:
-                    nonlocal held
-                    if metadata:
-                        self._servers.accepted(metadata, placement)
-                    if held:
-                        held = False
-                        self._stream_turn.release()
-
-                yield stub, settle
+                acceptance.placement = placement
+                yield stub, acceptance
         finally:
-            if held:
-                self._stream_turn.release()
+            acceptance.release()
 
     async def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.aio.Channel]]:
         """As the sync client's (one server not searched yet a call), asking the servers already
@@ -182,7 +174,7 @@ class AsyncScreeningClient:
         found = await asyncio.gather(*(self._pool(server, fresh_report) for server in searched))
         pools = [pool for pool in found if pool is not None]
         for server in [server for server in servers if server not in searched]:
-            if (pool := await self._pool(server, fresh_report)) is not None:
+            if (pool := await self._pool(server, False)) is not None:  # a search reports as it goes
                 pools.append(pool)
             if pools:
                 break
@@ -253,11 +245,11 @@ class AsyncScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            async with self._stream_placed() as (stub, settle):
+            async with self._stream_placed() as (stub, acceptance):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
-                    settle(accepted)
+                    acceptance(accepted)
                     if accepted:
                         gate.accept()
                     async for response in call:

@@ -23,10 +23,10 @@ from .errors import AcroscreenClientError, InvalidRequestError, ServerError, Una
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
-    Metadata,
     Placement,
     ServerAddress,
     ServerSet,
+    StreamAcceptance,
     WorkerConnections,
     WorkerId,
     WorkerPool,
@@ -322,27 +322,19 @@ class ScreeningClient:
             yield pb_grpc.ScreeningStub(placement.connection), placement
 
     @contextlib.contextmanager
-    def _stream_placed(self) -> Iterator[tuple[pb_grpc.ScreeningStub, Callable[[Metadata | None], None]]]:
-        """A stream's stub (placed by a fresh report when spreading), and `settle`, to call with the
+    def _stream_placed(self) -> Iterator[tuple[pb_grpc.ScreeningStub, StreamAcceptance[grpc.Channel]]]:
+        """A stream's stub (placed by a fresh report when spreading), and what to call with the
         stream's initial metadata. A spreading client places its streams one at a time, each once
         the server accepted the one before (or it failed): a report asked for meanwhile may or may
         not count the stream being accepted, and streams placed on it crowd some workers."""
-        held = self._spread and self._stream_turn.acquire()
+        turn = self._stream_turn.release if self._spread and self._stream_turn.acquire() else None
+        acceptance = StreamAcceptance(self._servers, turn)
         try:
             with self._placed(fresh_report=True) as (stub, placement):
-
-                def settle(metadata: Metadata | None) -> None:
-                    nonlocal held
-                    if metadata:
-                        self._servers.accepted(metadata, placement)
-                    if held:
-                        held = False
-                        self._stream_turn.release()
-
-                yield stub, settle
+                acceptance.placement = placement
+                yield stub, acceptance
         finally:
-            if held:
-                self._stream_turn.release()
+            acceptance.release()
 
     def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.Channel]]:
         """The worker pool of each server that answers, its streams freshly reported if asked.
@@ -353,12 +345,13 @@ class ScreeningClient:
         pools: list[WorkerPool[grpc.Channel]] = []
         searched = False
         for server in self._servers.usable():
-            if server.pool is None:
+            unsearched = server.pool is None
+            if unsearched:
                 if searched and pools:
                     continue
                 searched = True
             pool = self._workers(server)
-            if pool is not None and fresh_report:
+            if pool is not None and fresh_report and not unsearched:  # a search reports as it goes
                 try:
                     server.seen(self._worker_behind(server.first))
                 except grpc.RpcError:  # one of several: the others take the call; the only one: its last report
@@ -423,11 +416,11 @@ class ScreeningClient:
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
-            with self._stream_placed() as (stub, settle):
+            with self._stream_placed() as (stub, acceptance):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
-                    settle(accepted)
+                    acceptance(accepted)
                     if accepted:
                         gate.accept()
                     for response in call:

@@ -421,6 +421,27 @@ class ServerSet(Generic[Connection]):
         return list({id(c): c for c in connections}.values())
 
 
+class StreamAcceptance(Generic[Connection]):
+    """Called with a stream's initial metadata: counts the stream on the server it was placed on
+    (`placement`, when spread), and gives back the client's turn to place streams (`release_turn`),
+    once; `release` gives it back if the stream failed before."""
+
+    def __init__(self, servers: ServerSet[Connection], release_turn: Callable[[], None] | None) -> None:
+        self._servers = servers
+        self._release_turn = release_turn
+        self.placement: Placement[Connection] | None = None
+
+    def __call__(self, metadata: Metadata | None) -> None:
+        if metadata:
+            self._servers.accepted(metadata, self.placement)
+        self.release()
+
+    def release(self) -> None:
+        release, self._release_turn = self._release_turn, None
+        if release is not None:
+            release()
+
+
 class WorkerSearch(Generic[Connection]):
     """One search: offer it connections with the worker each reached until `done`, then take the `pool`."""
 
