@@ -283,9 +283,20 @@ def test_a_client_spreads_over_every_worker_of_every_server_its_target_names(por
         assert asyncio.run(screen_async()) == [2] * 8
         received = [_counter(m, "acroscreen_frames_received_total") for m in worker_metrics]
         assert received == [8.0] * 4, received
-        for process in (first, second):
-            process.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+
+        # A pod goes away: a client that had both keeps placing streams, on the server left.
+        with ScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+            frames = [FrameData(portrait_jpeg, ImageKind.JPEG, index=i) for i in range(3)]
+            assert client.screen(frames, ScreenOptions(subject_id="before")).frames_received == 3
+            assert len(client._pools(False)) == 2
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+            for i in range(2):
+                assert client.screen(frames, ScreenOptions(subject_id=f"after-{i}")).frames_received == 3
+        received = [_counter(m, "acroscreen_frames_received_total") for m in worker_metrics[:2]]
+        assert sum(received) >= 16 + 6, received  # both streams after the second server went
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
 
 
 def _two_frames_held_open(jpeg: bytes, accepted: threading.Event, all_open: threading.Barrier) -> Iterator[FrameData]:
