@@ -57,6 +57,7 @@ from .errors import AcroscreenClientError, ServerError, UnavailableError, from_r
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
+    TURN_HOLD_S,
     Placement,
     ServerAddress,
     ServerSet,
@@ -157,11 +158,13 @@ class AsyncScreeningClient:
             await self._stream_turn.acquire()
             turn = self._stream_turn.release
         acceptance = StreamAcceptance(self._servers, turn)
+        hold = asyncio.get_running_loop().call_later(TURN_HOLD_S, acceptance.release)
         try:
             async with self._placed(fresh_report=True) as (stub, placement):
                 acceptance.placement = placement
                 yield stub, acceptance
         finally:
+            hold.cancel()
             acceptance.release()
 
     async def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.aio.Channel]]:

@@ -23,6 +23,7 @@ from .errors import AcroscreenClientError, InvalidRequestError, ServerError, Una
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
+    TURN_HOLD_S,
     Placement,
     ServerAddress,
     ServerSet,
@@ -329,11 +330,16 @@ class ScreeningClient:
         not count the stream being accepted, and streams placed on it crowd some workers."""
         turn = self._stream_turn.release if self._spread and self._stream_turn.acquire() else None
         acceptance = StreamAcceptance(self._servers, turn)
+        hold = threading.Timer(TURN_HOLD_S, acceptance.release)
+        hold.daemon = True
+        if turn is not None:
+            hold.start()
         try:
             with self._placed(fresh_report=True) as (stub, placement):
                 acceptance.placement = placement
                 yield stub, acceptance
         finally:
+            hold.cancel()
             acceptance.release()
 
     def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.Channel]]:

@@ -57,6 +57,8 @@ MAX_REPORTED_STREAMS = 1 << 20
 # while none of its servers answers.
 RESOLVE_INTERVAL_S = 30.0
 RESOLVE_RETRY_S = 2.0
+# A client's next stream waits at most this long for the one before to be accepted (ms on a LAN).
+TURN_HOLD_S = 3.0
 DEFAULT_PORT = 443  # gRPC's, for a target that names none
 
 
@@ -424,11 +426,13 @@ class ServerSet(Generic[Connection]):
 class StreamAcceptance(Generic[Connection]):
     """Called with a stream's initial metadata: counts the stream on the server it was placed on
     (`placement`, when spread), and gives back the client's turn to place streams (`release_turn`),
-    once; `release` gives it back if the stream failed before."""
+    once; `release` gives it back sooner: the stream failed first, or its server is taking longer
+    than TURN_HOLD_S (a wedged server must not hold up the client's other streams). Thread-safe."""
 
     def __init__(self, servers: ServerSet[Connection], release_turn: Callable[[], None] | None) -> None:
         self._servers = servers
         self._release_turn = release_turn
+        self._lock = threading.Lock()
         self.placement: Placement[Connection] | None = None
 
     def __call__(self, metadata: Metadata | None) -> None:
@@ -437,7 +441,8 @@ class StreamAcceptance(Generic[Connection]):
         self.release()
 
     def release(self) -> None:
-        release, self._release_turn = self._release_turn, None
+        with self._lock:
+            release, self._release_turn = self._release_turn, None
         if release is not None:
             release()
 

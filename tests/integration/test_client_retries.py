@@ -24,6 +24,7 @@ from acroscreen.client import (
 from acroscreen.client.aio import AsyncScreeningClient
 from acroscreen.client.client import ACCEPTANCE_WAIT_S
 from acroscreen.client.errors import UnavailableError
+from acroscreen.client.workers import TURN_HOLD_S
 from acroscreen.client.types import StreamEvent
 from acroscreen.server.main import RunningServer
 from acroscreen.server.transport import servicer
@@ -148,3 +149,55 @@ def test_a_server_that_sends_no_early_metadata_still_gets_the_frames(
     assert result.status == "final" and result.frames_received == 3
     assert sorted(event.index for event in events if isinstance(event, FrameResult)) == [0, 1, 2]
     assert ACCEPTANCE_WAIT_S <= took < ACCEPTANCE_WAIT_S + 60  # the gate waited, once, then let the frames go
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_its_server_does_not_answer_holds_up_the_clients_next_stream_a_few_seconds_at_most(
+    mode: str, portrait_bgr: np.ndarray, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spreading client places its streams one at a time, each once the one before was accepted.
+    A stream whose server sends nothing (here: no early metadata, and no frame to answer) gives
+    the turn back after TURN_HOLD_S, so the client's next stream still goes (after its own
+    acceptance wait against such a server), not after the first stream ends."""
+    monkeypatch.setattr(servicer.ScreeningServicer, "_send_initial_metadata", lambda self, context: None)
+    target = f"127.0.0.1:{server.port}"
+    release = threading.Event()
+    frames = _frames(portrait_bgr, 3)
+
+    def stuck() -> Iterator[FrameData]:
+        release.wait(120)
+        yield from frames
+
+    def second_stream_took(first: Callable[[], object], second: Callable[[], SubjectResult]) -> float:
+        holder = threading.Thread(target=first, name="stuck-stream")
+        holder.start()
+        time.sleep(0.5)  # the first stream holds the turn
+        started = time.monotonic()
+        try:
+            assert second().frames_received == 3
+            return time.monotonic() - started
+        finally:
+            release.set()
+            holder.join(120)
+
+    if mode == "sync":
+        with ScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+            took = second_stream_took(lambda: client.screen(stuck(), ScreenOptions(analyze_every_frame=True)),
+                                      lambda: client.screen(iter(frames), ScreenOptions(analyze_every_frame=True)))
+    else:
+        async def run() -> float:
+            async with AsyncScreeningClient(target, timeout_s=120, spread_over_workers=True) as client:
+                loop = asyncio.get_running_loop()
+                first = loop.create_task(client.screen(stuck(), ScreenOptions(analyze_every_frame=True)))
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                try:
+                    assert (await client.screen(iter(frames), ScreenOptions(analyze_every_frame=True))).frames_received == 3
+                    return time.monotonic() - started
+                finally:
+                    release.set()
+                    await first
+
+        took = asyncio.run(run())
+    # Held until the first stream ended, it would wait for the server's 60 s idle timeout.
+    assert TURN_HOLD_S - 0.5 <= took < TURN_HOLD_S + ACCEPTANCE_WAIT_S + 30
