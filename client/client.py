@@ -326,8 +326,9 @@ class ScreeningClient:
     def _stream_placed(self) -> Iterator[tuple[pb_grpc.ScreeningStub, StreamAcceptance[grpc.Channel]]]:
         """A stream's stub (placed by a fresh report when spreading), and what to call with the
         stream's initial metadata. A spreading client places its streams one at a time, each once
-        the server accepted the one before (or it failed): a report asked for meanwhile may or may
-        not count the stream being accepted, and streams placed on it crowd some workers."""
+        the server accepted the one before (or it failed, or TURN_HOLD_S passed): a report asked for
+        meanwhile may or may not count the stream being accepted, and streams placed on it crowd
+        some workers."""
         turn = self._stream_turn.release if self._spread and self._stream_turn.acquire() else None
         acceptance = StreamAcceptance(self._servers, turn)
         hold = threading.Timer(TURN_HOLD_S, acceptance.release)
