@@ -158,13 +158,14 @@ class AsyncScreeningClient:
             await self._stream_turn.acquire()
             turn = self._stream_turn.release
         acceptance = StreamAcceptance(self._servers, turn)
-        hold = asyncio.get_running_loop().call_later(TURN_HOLD_S, acceptance.release)
+        hold = asyncio.get_running_loop().call_later(TURN_HOLD_S, acceptance.release) if turn is not None else None
         try:
             async with self._placed(fresh_report=True) as (stub, placement):
                 acceptance.placement = placement
                 yield stub, acceptance
         finally:
-            hold.cancel()
+            if hold is not None:
+                hold.cancel()
             acceptance.release()
 
     async def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.aio.Channel]]:

@@ -331,16 +331,18 @@ class ScreeningClient:
         some workers."""
         turn = self._stream_turn.release if self._spread and self._stream_turn.acquire() else None
         acceptance = StreamAcceptance(self._servers, turn)
-        hold = threading.Timer(TURN_HOLD_S, acceptance.release)
-        hold.daemon = True
+        hold = None
         if turn is not None:
+            hold = threading.Timer(TURN_HOLD_S, acceptance.release)
+            hold.daemon = True
             hold.start()
         try:
             with self._placed(fresh_report=True) as (stub, placement):
                 acceptance.placement = placement
                 yield stub, acceptance
         finally:
-            hold.cancel()
+            if hold is not None:
+                hold.cancel()
             acceptance.release()
 
     def _pools(self, fresh_report: bool) -> list[WorkerPool[grpc.Channel]]:

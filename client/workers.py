@@ -17,9 +17,9 @@ pod of a headless Kubernetes Service), `ipv4:10.0.0.5:50051,10.0.0.6:50051` — 
 every worker of every server: each address gets its own search and worker pool (a call searches
 one server not searched yet, so the first stream to a large cluster waits for one search, not
 one a pod), each call goes to the least busy worker of all, and a `dns:` name is looked up again
-every RESOLVE_INTERVAL_S, so
-pods the autoscaler adds get streams and pods that went away get none (their connections close
-once their calls have ended). A server that does not answer is left out until the next lookup.
+every RESOLVE_INTERVAL_S, so pods the autoscaler adds get streams and pods that went away get
+none (their connections close once their calls have ended). A server that does not answer is
+left out until the next lookup.
 
 The sync and async clients make the calls; the bookkeeping is here, once.
 """
@@ -366,9 +366,11 @@ class ServerSet(Generic[Connection]):
                     self._servers[target] = WorkerConnections(connect(address), address)
             self._failed.clear()
             self._next_lookup = time.monotonic() + (RESOLVE_INTERVAL_S if self._servers else RESOLVE_RETRY_S)
-            idle = [server for server in self._retired if server.idle]
-            self._retired = [server for server in self._retired if not server.idle]
-        return [connection for server in idle for connection in server.all()]
+            retired, self._retired = self._retired, []
+            closing = []
+            for server in retired:
+                (closing if server.idle else self._retired).append(server)
+        return [connection for server in closing for connection in server.all()]
 
     def usable(self) -> list[WorkerConnections[Connection]]:
         """The servers to place calls on: all but those that did not answer since the last lookup."""
