@@ -46,7 +46,6 @@ CODE_SYSTEM = "urn:acroscreen:fhir:CodeSystem:screening"
 
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
-DEVICE_NAME_TYPE = "http://hl7.org/fhir/device-nametype"
 UCUM = "http://unitsofmeasure.org"
 
 AI_ASSERTED: dict[str, str] = {
