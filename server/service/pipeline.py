@@ -146,7 +146,9 @@ class FrameAnalyzer:
             return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, detail, analysis)
         probabilities = done.result()
         quality = analysis.quality
-        aggregator.add_prediction(probabilities, quality.score if quality is not None else 1.0)
+        aggregator.add_prediction(
+            probabilities, quality.score if quality is not None else 1.0, received_at=frame.received_at
+        )
         self._metrics.frames_analyzed.inc()
         latency = time.monotonic() - frame.received_at
         self._metrics.stage_seconds.labels(stage="end_to_end").observe(latency)

@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 from acroscreen.server.runtime.types import RejectReason
-from acroscreen.server.service.aggregator import SubjectAggregator
+from acroscreen.server.service.aggregator import SubjectAggregator, integrated_autocorrelation_time
 from acroscreen.server.service.types import ModelRef, SubjectStatus
 
 MODEL = ModelRef(name="m", version="1", kind="untrained", sha256="")
@@ -8,8 +9,8 @@ MODEL = ModelRef(name="m", version="1", kind="untrained", sha256="")
 
 def test_quality_weighted_mean_and_expected_score() -> None:
     aggregator = SubjectAggregator("s", MODEL, min_frames_for_score=2)
-    aggregator.add_prediction((1.0, 0.0, 0.0), weight=1.0)
-    aggregator.add_prediction((0.0, 0.0, 1.0), weight=0.25)
+    aggregator.add_prediction((1.0, 0.0, 0.0), weight=1.0, received_at=0.0)
+    aggregator.add_prediction((0.0, 0.0, 1.0), weight=0.25, received_at=1.0)
     result = aggregator.result(final=True)
     assert result.status is SubjectStatus.FINAL
     assert result.probabilities == pytest.approx((0.8, 0.0, 0.2))
@@ -26,7 +27,7 @@ def test_too_few_frames_is_insufficient_evidence_and_counts_are_kept() -> None:
     aggregator.add_skipped()
     aggregator.add_rejected(RejectReason.NO_FACE)
     aggregator.add_rejected(RejectReason.NO_FACE)
-    aggregator.add_prediction((0.2, 0.7, 0.1), weight=0.9)
+    aggregator.add_prediction((0.2, 0.7, 0.1), weight=0.9, received_at=0.0)
     aggregator.add_faces(2)
     result = aggregator.result(final=True)
     assert result.status is SubjectStatus.INSUFFICIENT_EVIDENCE
@@ -40,10 +41,66 @@ def test_interval_narrows_with_consistent_evidence() -> None:
     few = SubjectAggregator("s", MODEL, 1)
     many = SubjectAggregator("s", MODEL, 1)
     for i in range(4):
-        few.add_prediction((0.5, 0.3, 0.2) if i % 2 else (0.3, 0.5, 0.2), 1.0)
+        few.add_prediction((0.5, 0.3, 0.2) if i % 2 else (0.3, 0.5, 0.2), 1.0, received_at=i)
     for i in range(64):
-        many.add_prediction((0.5, 0.3, 0.2) if i % 2 else (0.3, 0.5, 0.2), 1.0)
+        many.add_prediction((0.5, 0.3, 0.2) if i % 2 else (0.3, 0.5, 0.2), 1.0, received_at=i)
     a, b = few.result(final=False), many.result(final=False)
     assert a.status is SubjectStatus.PROVISIONAL
     width = lambda r: r.expected_score_interval.high - r.expected_score_interval.low  # noqa: E731
     assert width(b) < width(a)
+
+
+def _ar1(rng: np.random.Generator, n: int, phi: float, sd: float) -> np.ndarray:
+    """A stationary AR(1) series of mean 0 and marginal standard deviation sd."""
+    x = np.empty(n)
+    x[0] = rng.normal(0.0, sd)
+    noise = rng.normal(0.0, sd * np.sqrt(1.0 - phi * phi), n)
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + noise[t]
+    return x
+
+
+def _probabilities_scoring(score: float) -> tuple[float, float, float]:
+    """Class probabilities whose expected score is `score` (in [1, 3])."""
+    d = score - 2.0
+    return (max(0.0, -d), 1.0 - abs(d), max(0.0, d))
+
+
+def test_autocorrelation_time_of_independent_and_of_correlated_frames() -> None:
+    rng = np.random.default_rng(0)
+    assert 1.0 <= integrated_autocorrelation_time(rng.normal(size=4000)) < 1.3
+    # AR(1) with phi 0.9: tau = (1 + phi) / (1 - phi) = 19
+    assert 14 < integrated_autocorrelation_time(_ar1(rng, 20_000, 0.9, 1.0)) < 24
+    assert integrated_autocorrelation_time(np.full(50, 2.0)) == 1.0
+    assert integrated_autocorrelation_time(np.array([1.0, 3.0, 1.0])) == 1.0  # too few to tell
+
+
+def test_interval_of_correlated_video_frames_covers_the_mean_as_stated() -> None:
+    """Consecutive frames of a clip are correlated (here AR(1), phi 0.8: each frame carries ~1/9 of
+    an independent one's evidence). Over 300 simulated clips of 150 frames the 95 % interval covers
+    the true mean 90 % of the time (measured); treating the frames as independent covered it 50 %."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    for _ in range(300):
+        scores = 2.0 + _ar1(rng, 150, 0.8, 0.2)
+        aggregator = SubjectAggregator("s", MODEL, 1)
+        for t, score in enumerate(scores):
+            aggregator.add_prediction(_probabilities_scoring(float(np.clip(score, 1.0, 3.0))), 1.0, received_at=float(t))
+        interval = aggregator.result(final=True).expected_score_interval
+        assert interval is not None
+        covered += interval.low <= 2.0 <= interval.high
+    assert 0.85 <= covered / 300 <= 0.99
+
+
+def test_frames_are_ordered_by_arrival_whatever_order_their_results_come_in() -> None:
+    rng = np.random.default_rng(2)
+    scores = 2.0 + _ar1(rng, 200, 0.9, 0.2)
+    in_order, shuffled = SubjectAggregator("s", MODEL, 1), SubjectAggregator("s", MODEL, 1)
+    for t in range(200):
+        in_order.add_prediction(_probabilities_scoring(float(scores[t])), 1.0, received_at=float(t))
+    for t in rng.permutation(200):
+        shuffled.add_prediction(_probabilities_scoring(float(scores[t])), 1.0, received_at=float(t))
+    a, b = in_order.result(final=True), shuffled.result(final=True)
+    assert a.expected_score == pytest.approx(b.expected_score)
+    assert (a.expected_score_interval.low, a.expected_score_interval.high) == pytest.approx(
+        (b.expected_score_interval.low, b.expected_score_interval.high))
