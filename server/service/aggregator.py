@@ -49,7 +49,7 @@ def _t95(degrees_of_freedom: float) -> float:
 
 
 def integrated_autocorrelation_time(series: np.ndarray) -> float:
-    """τ = 1 + 2 Σ ρ_k of an evenly ordered series, at least 1: how many frames carry one frame's worth
+    """τ = 1 + 2 Σ ρ_k of an ordered series, at least 1: how many frames carry one frame's worth
     of independent evidence. The autocorrelations are summed in pairs while a pair stays positive,
     made non-increasing (Geyer 1992's initial monotone sequence, the estimator behind MCMC effective
     sample sizes); noise in the long lags would otherwise swamp the sum."""
