@@ -104,3 +104,24 @@ def test_frames_are_ordered_by_arrival_whatever_order_their_results_come_in() ->
     assert a.expected_score == pytest.approx(b.expected_score)
     assert (a.expected_score_interval.low, a.expected_score_interval.high) == pytest.approx(
         (b.expected_score_interval.low, b.expected_score_interval.high))
+
+
+def test_a_long_stream_re_estimates_its_autocorrelation_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provisional result comes every few analysed frames, on the thread that delivers model
+    results: over 20,000 frames (11 minutes at 30 fps) with one every 10 frames, the O(n log n)
+    estimate runs about log(20,000) / log(1.1) times, not 2,000."""
+    import acroscreen.server.service.aggregator as aggregator_module
+
+    estimates = []
+    estimate = aggregator_module.integrated_autocorrelation_time
+    monkeypatch.setattr(aggregator_module, "integrated_autocorrelation_time",
+                        lambda series: estimates.append(len(series)) or estimate(series))
+    aggregator = SubjectAggregator("s", MODEL, 1)
+    for t in range(1, 20_001):
+        aggregator.add_prediction(_probabilities_scoring(2.0 + 0.1 * np.sin(t / 7)), 1.0, received_at=float(t))
+        if t % 10 == 0:
+            aggregator.result(final=False)
+    assert len(estimates) < 80
+    assert estimates == sorted(estimates) and estimates[-1] >= 20_000 / 1.1
+    aggregator.result(final=True)
+    assert estimates[-1] == 20_000  # the final result estimates on every frame
