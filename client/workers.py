@@ -405,8 +405,7 @@ class ServerSet(Generic[Connection]):
     def accepted(self, metadata: Metadata | None,
                  placement: Placement[Connection] | None = None) -> None:
         """A call's initial metadata, to the server the call was placed on (see `WorkerConnections.accepted`)."""
-        with self._lock:
-            servers = list(self._servers.values()) + self._retired
+        servers = self._known()
         if placement is None:
             if not self._several:
                 servers[0].accepted(metadata)
@@ -419,10 +418,13 @@ class ServerSet(Generic[Connection]):
 
     def all(self) -> list[Connection]:
         """Every connection the client opened and kept, each once."""
-        with self._lock:
-            servers = list(self._servers.values()) + self._retired
-        connections = [self.first, *(c for server in servers for c in server.all())]
+        connections = [self.first, *(c for server in self._known() for c in server.all())]
         return list({id(c): c for c in connections}.values())
+
+    def _known(self) -> list[WorkerConnections[Connection]]:
+        """The servers named now and those retired whose connections are still open."""
+        with self._lock:
+            return [*self._servers.values(), *self._retired]
 
 
 class StreamAcceptance(Generic[Connection]):
