@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ class Patches:
         large_side = int(SIDE * LABEL_SCALE)
         large = cv2.warpAffine(grey, affine * LABEL_SCALE, (large_side, large_side), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_REPLICATE)
-        width = box.width * SIDE / (SPAN * box.width) * LABEL_SCALE
+        width = SIDE / SPAN * LABEL_SCALE  # the box's side in the large patch
         centre = large_side / 2
         points = self._fitter.fit(large, Box(centre - width / 2, centre - width / 2, width, width)) / LABEL_SCALE
         patch = cv2.resize(large, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
@@ -201,7 +202,7 @@ def main() -> None:
         error = eye_error(net(as_input(test_x)).numpy().reshape(-1, 5, 2), test_y.reshape(-1, 5, 2))
     videos = video_rows(patches, net)
     report = {
-        "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "training_patches": len(train_x), "epochs": args.epochs, "log": log,
         "holdout_photos": {"patches": len(test_x), "eye_error_iod": round(float(error.mean()), 4),
                            "eye_error_iod_p95": round(float(np.quantile(error, 0.95)), 4)},
