@@ -1,7 +1,7 @@
 """The one mapping from domain errors to gRPC status codes, applied by one interceptor.
 
 Unexpected exceptions are logged with their traceback and reach the client as
-INTERNAL with a fixed message: raw exception text never leaves the server. Every failed call's
+INTERNAL with a fixed message (a grpc.RpcError, raised when the caller has gone, only as CANCELLED): raw exception text never leaves the server. Every failed call's
 trailing metadata names its request id, refusals before the call was accepted included, so a
 client can quote it and an operator find the call's log lines. Being the outermost
 interceptor, it also opens each call's request-id scope (`logs.request_scope`; for a stream
@@ -57,6 +57,9 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     context.set_trailing_metadata(tuple(trailing))
     if isinstance(error, AcroscreenError):
         context.abort(status_code(error), str(error))
+    if isinstance(error, grpc.RpcError):  # the server calls no one: this call's own end, its caller gone
+        log.info("the caller went away")
+        context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
     log.exception("unexpected error in %s", type(error).__name__, exc_info=error)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 

@@ -48,12 +48,21 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
+        try:
+            yield from self._screen(request_iterator, context, session, principal)
+        finally:
+            session.close()  # a call that ended before its answers were read gives its slot back too
+
+    def _screen(
+        self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext, session: StreamSession,
+        principal: str,
+    ) -> Iterator[pb.ScreenResponse]:
         with self._worker.stream():  # counted before the metadata that reports it
             # Initial metadata marks the stream accepted, sent at once and whatever else holds: clients
             # send no frame before it (they wait ACCEPTANCE_WAIT_S at most), so a refusal (model
             # loading, draining, too many streams) never races a frame being written.
             self._send_initial_metadata(context)
-            log.info("stream opened", extra={"subject": subject_hash(options.subject_id), "caller": principal})
+            log.info("stream opened", extra={"subject": subject_hash(session.options.subject_id), "caller": principal})
             context.add_callback(session.cancel)
             reader = _StreamReader(request_iterator, session)
             reader.start()
