@@ -7,7 +7,8 @@ backlog. Under a rate limit (``max_analysis_fps`` or the stream's
 that the sharpest frame of each interval is the one analysed (``selection``).
 When the backlog is full the frame is acknowledged as SKIPPED, unless the client
 asked for every frame to be analysed, in which case the reader waits for room
-(gRPC flow control then slows the sender). A worker thread per stream analyses
+(gRPC flow control then slows the sender); it also stops reading while the
+client leaves too many answers unread. A worker thread per stream analyses
 frames in order (the tracker needs that) and hands faces to the shared batcher
 without waiting for results.
 
@@ -43,6 +44,9 @@ from .types import (
 
 StreamEvent = FrameAck | FramePrediction | SubjectResult
 _END = object()
+# Answers (acks, results, updates) queued for a client that does not read them: the batcher's
+# deliveries never wait, but past this many the reader stops reading, and flow control slows the sender.
+UNREAD_ANSWERS_HIGH_WATER = 256
 
 
 class StreamLimitReached(Overloaded):
@@ -94,6 +98,7 @@ class StreamSession:
         self._max_in_flight = 2 * backlog_size  # enough for the batcher to fill batches across streams
         self._pending: set[Future] = set()
         self._outstanding_done = threading.Condition()
+        self._submit_lock = threading.Lock()
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
@@ -104,15 +109,24 @@ class StreamSession:
     def submit(self, frame: FrameInput) -> None:
         """Take a frame: queue it for analysis, hold it as its interval's best so far, or answer SKIPPED.
 
-        Raises StreamLimitReached (after finishing the stream) when a limit is hit.
+        Raises StreamLimitReached when a limit is hit; the caller then finishes the stream, after
+        keeping the error (finishing first could end the call before the error is seen). Waits
+        while the client leaves too many answers unread, so flow control slows its sending.
         """
+        self._wait_for_the_client_to_read()
+        with self._submit_lock:  # the worker must not end the stream while a frame is being handed over
+            self._take(frame)
+
+    def _wait_for_the_client_to_read(self) -> None:
+        while self._events.qsize() >= UNREAD_ANSWERS_HIGH_WATER and not (self._cancelled.is_set() or self._finishing.is_set()):
+            time.sleep(0.01)
+
+    def _take(self, frame: FrameInput) -> None:
         if self._finishing.is_set() or self._cancelled.is_set():
             return
         if self._received >= self._limits.max_frames:
-            self.finish()
             raise StreamLimitReached(f"stream limit of {self._limits.max_frames} frames reached")
         if time.monotonic() - self._opened_at > self._limits.max_duration_s:
-            self.finish()
             raise StreamLimitReached(f"stream limit of {self._limits.max_duration_s:.0f} s reached")
         self._received += 1
         self._last_frame_at = time.monotonic()
@@ -208,10 +222,15 @@ class StreamSession:
             pending = list(self._pending)
         for future in pending:
             future.cancel()  # the batcher skips cancelled work
+        while True:  # what is queued will not be analysed; the worker sees the end at once
+            try:
+                self._backlog.get_nowait()
+            except queue.Empty:
+                break
         try:
             self._backlog.put_nowait(_END)
         except queue.Full:
-            pass
+            pass  # the reader queued a frame meanwhile: the worker skips it and ends on its next wait
         self._events.put(_END)
 
     @property
@@ -228,9 +247,11 @@ class StreamSession:
                     return
                 yield event  # type: ignore[misc]
         finally:
-            self._close()
+            self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stop the stream and give its slot back; idempotent (events() does it on its way out,
+        the transport again for a call that ended before reading them)."""
         if self._closed:
             return
         self._closed = True
@@ -245,15 +266,22 @@ class StreamSession:
             try:
                 return self._backlog.get(timeout=0.5)
             except queue.Empty:
-                now = time.monotonic()
-                idle = now - self._last_frame_at > self._limits.idle_timeout_s
-                expired = now - self._opened_at > self._limits.max_duration_s
-                if idle or expired:
-                    self._finishing.set()
-                    held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
-                    if held is not None and self._admit(held):
-                        return held
+                if self._cancelled.is_set():
                     return _END
+                # Only between the reader's frames: a frame it is handing over is answered too.
+                if not self._submit_lock.acquire(blocking=False):
+                    continue
+                try:
+                    if self._backlog.empty() and self._idle_or_expired():
+                        self._finishing.set()
+                        held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
+                        return held if held is not None and self._admit(held) else _END
+                finally:
+                    self._submit_lock.release()
+
+    def _idle_or_expired(self) -> bool:
+        now = time.monotonic()
+        return now - self._last_frame_at > self._limits.idle_timeout_s or now - self._opened_at > self._limits.max_duration_s
 
     def _work(self) -> None:
         lower_current_thread_priority()

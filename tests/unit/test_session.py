@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,46 @@ def test_a_frames_ack_comes_before_its_result_even_when_the_result_is_immediate(
         assert len(order) == 6, order
         for index in range(3):
             assert order.index(("FrameAck", index)) < order.index(("FramePrediction", index)), (options, order)
+
+
+def _undecodable(index: int) -> FrameInput:
+    return FrameInput(index=index, timestamp_us=index * 33_333, received_at=time.monotonic(),
+                      image=EncodedImage(encoding=ImageEncoding.JPEG, data=b"\xff\xd8 not a jpeg"))
+
+
+def test_a_cancelled_stream_with_a_full_backlog_stops_at_once() -> None:
+    """cancel() could not queue its end marker behind a full backlog, so the stream's worker waited
+    for the idle timeout (60 s) and the handler 5 s in close(): under disconnect churn both piled up."""
+    session = _session(SessionOptions(analyze_every_frame=True))
+    portrait = (Path(__file__).parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg").read_bytes()
+    for index in range(4):  # a full backlog: each real face takes the worker milliseconds
+        session.submit(FrameInput(index=index, timestamp_us=index * 33_333, received_at=time.monotonic(),
+                                  image=EncodedImage(encoding=ImageEncoding.JPEG, data=portrait)))
+    session.cancel()
+    started = time.monotonic()
+    list(session.events())
+    assert time.monotonic() - started < 2.0
+    assert session.backlog_depth == 0
+    session._worker.join(timeout=2.0)
+    assert not session._worker.is_alive()
+
+
+def test_a_client_that_does_not_read_its_answers_stops_the_reader() -> None:
+    """A live stream's answers (an ack and a result a frame) queue for the client; one that sends
+    without reading them must meet flow control, not grow the server's memory frame by frame."""
+    session = _session(SessionOptions(acknowledge_frames=True))
+    submitted: list[int] = []
+
+    def send() -> None:
+        for index in range(2_000):
+            session.submit(_undecodable(index))
+            submitted.append(index)
+        session.finish()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    assert len(submitted) <= session_module.UNREAD_ANSWERS_HIGH_WATER  # at least one answer a frame
+    answers = [event for event in session.events() if isinstance(event, FramePrediction)]
+    sender.join(timeout=10.0)
+    assert len(submitted) == 2_000 and sorted(a.index for a in answers) == list(range(2_000))  # each answered once
