@@ -140,6 +140,9 @@ def _declared_size(data: bytes, encoding: ImageEncoding) -> tuple[int, int]:
         if data[offset] != 0xFF:
             break
         marker = data[offset + 1]
+        if marker == 0xFF:  # a fill byte before a marker (ITU T.81 B.1.1.2)
+            offset += 1
+            continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             offset += 2
             continue

@@ -364,3 +364,18 @@ def test_rate_limited_stream_analyses_the_sharpest_frame_of_each_interval(portra
     finally:
         running.stop(grace_s=1.0)
 
+
+
+def test_frames_a_few_pixels_high_and_jpegs_with_fill_bytes(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
+    """A 4096×4 frame is within the pixel limit: its detection copy was 0 pixels high, so it failed
+    as an internal error (logged, counted as an inference failure) instead of having no face. Fill
+    bytes before a JPEG marker are legal (T.81 B.1.1.2), and the header check rejected them."""
+    stripe = np.full((4, 4096, 3), 128, np.uint8)
+    good = jpeg_bytes(portrait_bgr)
+    frames = [FrameData(stripe.tobytes(), ImageKind.RAW_BGR24, index=0, width=4096, height=4),
+              FrameData(png_bytes(stripe.transpose(1, 0, 2).copy()), ImageKind.PNG, index=1),
+              FrameData(good[:2] + b"\xff\xff" + good[2:], ImageKind.JPEG, index=2)]
+    events = list(client.screen_stream(frames, ScreenOptions(analyze_every_frame=True)))
+    by_index = {e.index: e for e in events if isinstance(e, FrameResult)}
+    assert [by_index[i].reject_reason for i in (0, 1)] == ["no_face", "no_face"]
+    assert by_index[2].status == "analyzed"
