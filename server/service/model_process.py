@@ -42,8 +42,10 @@ from .pipeline import Probabilities
 log = logging.getLogger(__name__)
 
 _REQUEST = struct.Struct("<IQ")  # request id, owner key (the stream, as the worker knows it)
-_RESULT = struct.Struct("<I3f")  # request id, P(1), P(2), P(3)
-_FAILURE = struct.Struct("<I?")  # request id, overloaded? (else a model error); the message follows
+# A reply says what it is in its fifth byte, never by its length (a failure's words could be any length).
+_REPLY = struct.Struct("<IB")  # request id, what follows
+_SCORED, _OVERLOADED, _FAILED = 0, 1, 2  # P(1), P(2), P(3) follow; or an Overloaded's or a ModelError's words
+_RESULT = struct.Struct("<IB3f")
 _CANCEL = struct.Struct("<I")  # request id (a message of this size on the requests pipe is a cancel)
 MODEL_PROCESS_GONE = "the model process is gone"  # what waiting crops fail with; the cause is logged
 
@@ -178,18 +180,17 @@ class ModelProcessClient:
         try:
             while True:
                 message = self._link.results_in.recv_bytes()
-                request_id = struct.unpack_from("<I", message)[0]
+                request_id, kind = _REPLY.unpack_from(message)
                 with self._lock:
                     future = self._pending.pop(request_id, None)
                 if future is None:
                     continue
                 try:
-                    if len(message) == _RESULT.size:
-                        future.set_result(tuple(map(float, _RESULT.unpack(message)[1:])))  # type: ignore[arg-type]
+                    if kind == _SCORED:
+                        future.set_result(tuple(map(float, _RESULT.unpack(message)[2:])))  # type: ignore[arg-type]
                     else:
-                        _, overloaded = _FAILURE.unpack_from(message)
-                        text = message[_FAILURE.size :].decode("utf-8", "replace")
-                        future.set_exception(Overloaded(text) if overloaded else ModelError(text))
+                        text = message[_REPLY.size :].decode("utf-8", "replace")
+                        future.set_exception(Overloaded(text) if kind == _OVERLOADED else ModelError(text))
                 except InvalidStateError:  # cancelled by its stream meanwhile
                     pass
         except (EOFError, OSError) as error:
@@ -250,7 +251,7 @@ class ModelProcessServer:
         def failure(request_id: int, error: BaseException) -> bytes:
             """Our own errors keep their words; anything else was logged by the batcher and is sent as INFERENCE_FAILED."""
             text = str(error) if isinstance(error, AcroscreenError) else INFERENCE_FAILED
-            return _FAILURE.pack(request_id, isinstance(error, Overloaded)) + text.encode()
+            return _REPLY.pack(request_id, _OVERLOADED if isinstance(error, Overloaded) else _FAILED) + text.encode()
 
         queued: dict[int, Future[Probabilities]] = {}  # this worker's crops in the batcher, for cancels
         queued_lock = threading.Lock()
@@ -261,7 +262,7 @@ class ModelProcessServer:
             if done.cancelled():
                 return  # the worker cancelled it and forgot it
             error = done.exception()
-            send(_RESULT.pack(request_id, *done.result()) if error is None else failure(request_id, error))
+            send(_RESULT.pack(request_id, _SCORED, *done.result()) if error is None else failure(request_id, error))
 
         try:
             while True:
