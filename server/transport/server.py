@@ -102,9 +102,6 @@ class GrpcServer:
     def stop(self, grace_s: float) -> None:
         self._server.stop(grace_s).wait()
 
-    def wait(self) -> None:
-        self._server.wait_for_termination()
-
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             self._health.set(name, status)
