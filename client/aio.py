@@ -244,7 +244,8 @@ class AsyncScreeningClient:
         As in the sync client, no frame is taken from `frames` before the server has accepted the
         stream (its initial metadata): UNAVAILABLE before that is retried with backoff, a failure
         after it is raised, so no frame is ever lost or sent twice. A server that sends no early
-        metadata (older than this client) gets the frames after `ACCEPTANCE_WAIT_S`."""
+        metadata (older than this client) gets the frames after `ACCEPTANCE_WAIT_S`. An exception
+        raised by `frames` cancels the call and is raised as it is, not retried."""
         source = _aiter(frames)
         last_subject: SubjectResult | None = None
         for attempt in range(self._retry.attempts):
@@ -263,12 +264,20 @@ class AsyncScreeningClient:
                         yield event
                     return
                 except grpc.aio.AioRpcError as error:
-                    failure = stream_failure(_client_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject)
-                    if failure is not None:
-                        raise failure from error
+                    if gate.source_error is None:
+                        failure = stream_failure(
+                            _client_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject
+                        )
+                        if failure is not None:
+                            raise failure from error
+                except asyncio.CancelledError:  # what a read raises once the source's failure cancelled the call
+                    if gate.source_error is None:
+                        raise
                 finally:
                     call.cancel()  # a no-op once the call has ended
                     gate.close()
+            if gate.source_error is not None:
+                raise gate.source_error
             await self._backoff(attempt)
 
     async def screen(
@@ -367,6 +376,7 @@ class _AcceptanceGate(_AcceptanceDecision):
     def __init__(self) -> None:
         self._decided = asyncio.Event()
         super().__init__(self._decided.set)
+        self.source_error: Exception | None = None
 
     async def requests(self, options: ScreenOptions, source: AsyncIterator[FrameData]) -> AsyncIterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())
@@ -374,8 +384,18 @@ class _AcceptanceGate(_AcceptanceDecision):
             await asyncio.wait_for(self._decided.wait(), ACCEPTANCE_WAIT_S)
         if not self._decide(opened=True):  # still undecided after the wait: an older server, open
             return
-        async for frame in source:
-            yield pb.ScreenRequest(frame=types.frame_message(frame))
+        while True:
+            try:
+                request = pb.ScreenRequest(frame=types.frame_message(await anext(source)))
+            except StopAsyncIteration:
+                return
+            except Exception as error:
+                # The source failed (a camera that will not open, a corrupt video): kept for
+                # screen_stream to raise, and raised on to grpc.aio, which cancels the call (a
+                # half-close would get a FINAL result for the frames sent so far).
+                self.source_error = error
+                raise
+            yield request
 
 
 async def _then(first: list[FrameData], rest: AsyncIterator[FrameData]) -> AsyncIterator[FrameData]:

@@ -4,9 +4,12 @@ client-only install (no torch, no dlib) can still run `screen` and `model-info`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .client import Credentials, ScreeningClient, ScreenOptions, StreamEvent
@@ -34,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AcroscreenClientError as error:
         print(f"acroscreen: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # the input: a missing file or webcam, an unreadable photo or video
         print(f"acroscreen: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
@@ -56,11 +59,18 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     screen = verbs.add_parser("screen", help="screen a video file, image, folder of images or webcam")
-    screen.add_argument("source", help="video file, image file, folder of images, or webcam index")
+    screen.add_argument(
+        "source",
+        help="video file, image file, folder of images, or webcam index (a webcam is captured until Ctrl-C, "
+        "which ends the stream and prints the result, or until --max-frames frames were analysed)",
+    )
     screen.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
     screen.add_argument("--subject-id", default="", help="your identifier for the subject (echoed back)")
     screen.add_argument("--json", action="store_true", help="print exactly one JSON object: the final subject result")
-    screen.add_argument("--max-frames", type=int, default=0, help="stop analysing after this many frames")
+    screen.add_argument(
+        "--max-frames", type=int, default=0,
+        help="stop analysing after this many frames; a webcam's capture ends there too (0: no limit but the server's)",
+    )
     screen.add_argument(
         "--realtime",
         action="store_true",
@@ -205,10 +215,15 @@ def _screen(args: argparse.Namespace) -> int:
         analyze_every_frame=source.kind == "video" and not args.realtime,
     )
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
+    capture = _WebcamCapture(args.max_frames)
     with _connect(args, args.timeout) as client:
-        frames = sources.frames(source, jpeg_quality=args.jpeg_quality, max_frames=args.max_frames)
+        frames = sources.frames(source, jpeg_quality=args.jpeg_quality, stop=capture.stop)
         if source.kind == "images":  # one request if they fit, else a stream of still images
             result = client.screen_photos(frames, options, on_event=progress.update)
+        elif source.kind == "webcam":
+            print(f"acroscreen: webcam {source.location}: Ctrl-C ends the capture and prints the result", file=sys.stderr)
+            with capture.ended_by_ctrl_c():
+                result = client.screen(frames, options, on_event=capture.counting(progress.update))
         else:
             result = client.screen(frames, options, on_event=progress.update)
     progress.done()
@@ -353,6 +368,39 @@ def _demo(args: argparse.Namespace) -> int:
     from acroscreen.server.demo.run import run_demo
 
     return run_demo(args)
+
+
+class _WebcamCapture:
+    """Ends a webcam's capture, after which the stream gets its FINAL result: at Ctrl-C (a second
+    one interrupts at once), or once `max_frames` frames were answered analysed or rejected, when
+    the stream's analysis cap is reached and the server would skip every later frame."""
+
+    def __init__(self, max_frames: int) -> None:
+        self.stop = threading.Event()
+        self._max_frames = max_frames
+        self._answered = 0
+
+    def counting(self, on_event: Callable[[StreamEvent], None]) -> Callable[[StreamEvent], None]:
+        def seen(event: StreamEvent) -> None:
+            on_event(event)
+            if isinstance(event, FrameResult) and event.status != "skipped":
+                self._answered += 1
+                if self._max_frames and self._answered >= self._max_frames:
+                    self.stop.set()
+
+        return seen
+
+    @contextlib.contextmanager
+    def ended_by_ctrl_c(self) -> Iterator[None]:
+        def interrupted(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGINT, previous)
+            self.stop.set()
+
+        previous = signal.signal(signal.SIGINT, interrupted)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _Progress:

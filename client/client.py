@@ -122,6 +122,11 @@ class Credentials:
 KEEPALIVE_TIME_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
 
+# The server reads messages up to this many times its message limit (server/transport/server.py:
+# OVERSIZE_READ_FACTOR), so that it rejects a frame over the limit by itself. ScreenImages requests
+# are still refused over 1× before sending (`images_request`).
+OVERSIZE_SEND_FACTOR = 4
+
 
 def channel_options(
     max_message_bytes: int,
@@ -130,9 +135,11 @@ def channel_options(
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> list[tuple[str, Any]]:
     """Message limits and a keepalive policy that match the server's, plus caller options
-    (e.g. ("grpc.lb_policy_name", "round_robin") with a dns:/// target)."""
+    (e.g. ("grpc.lb_policy_name", "round_robin") with a dns:/// target). Messages up to
+    OVERSIZE_SEND_FACTOR × the limit are sent: the server reads them and answers a frame over the
+    limit REJECTED (too_large), its stream going on, where gRPC's send limit ended the whole call."""
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes * OVERSIZE_SEND_FACTOR),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
@@ -226,14 +233,34 @@ class _AcceptanceGate(_AcceptanceDecision):
     def __init__(self) -> None:
         self._decided = threading.Event()
         super().__init__(self._decided.set)
+        self.source_error: Exception | None = None
+        self._call: grpc.Call | None = None
+        self._started = threading.Event()
+
+    def start(self, call: grpc.Call) -> None:
+        """The call the requests go to: one the source's failure cancels."""
+        self._call = call
+        self._started.set()
 
     def requests(self, options: ScreenOptions, source: Iterator[FrameData]) -> Iterator[pb.ScreenRequest]:
         yield pb.ScreenRequest(options=options.message())
         self._decided.wait(ACCEPTANCE_WAIT_S)
         if not self._decide(opened=True):  # still undecided after the wait: an older server, open
             return
-        for frame in source:
-            yield pb.ScreenRequest(frame=types.frame_message(frame))
+        while True:
+            try:
+                request = pb.ScreenRequest(frame=types.frame_message(next(source)))
+            except StopIteration:
+                return
+            except Exception as error:  # noqa: BLE001 — the caller's, raised to the caller by screen_stream
+                # The source failed (a camera that will not open, a corrupt video): the call is
+                # cancelled, not half-closed, which would get a FINAL result for the frames sent so
+                # far. Raised here, gRPC would log it and end the call UNKNOWN in its place.
+                self.source_error = error
+                self._started.wait()
+                self._call.cancel()  # type: ignore[union-attr]
+                return
+            yield request
 
 
 def stream_failure(
@@ -420,6 +447,7 @@ class ScreeningClient:
         retried with backoff without losing or repeating a frame. A failure after that is raised,
         never retried: the caller knows exactly which frames it got results for. A server that
         sends no early metadata (older than this client) gets the frames after ACCEPTANCE_WAIT_S.
+        An exception raised by `frames` cancels the call and is raised as it is, not retried.
         """
         source = iter(frames)
         last_subject: SubjectResult | None = None
@@ -427,6 +455,7 @@ class ScreeningClient:
             gate = _AcceptanceGate()
             with self._stream_placed() as (stub, acceptance):
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
+                gate.start(call)
                 try:
                     accepted = call.initial_metadata()  # empty when the call ended without being accepted
                     acceptance(accepted)
@@ -439,12 +468,17 @@ class ScreeningClient:
                         yield event
                     return
                 except grpc.RpcError as error:
-                    failure = stream_failure(from_rpc_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject)
-                    if failure is not None:
-                        raise failure from error
+                    if gate.source_error is None:
+                        failure = stream_failure(
+                            from_rpc_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject
+                        )
+                        if failure is not None:
+                            raise failure from error
                 finally:
                     call.cancel()  # a no-op once the call has ended
                     gate.close()
+            if gate.source_error is not None:
+                raise gate.source_error
             self._backoff(attempt)
 
     def screen(

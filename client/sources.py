@@ -6,6 +6,7 @@ Photo files already in JPEG or PNG are sent byte for byte, without re-encoding.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,15 @@ def describe(spec: str) -> Source:
     raise ValueError(f"unsupported file type {suffix!r}: use a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or JPEG/PNG")
 
 
-def frames(source: Source, jpeg_quality: int = 85, max_frames: int = 0) -> Iterator[FrameData]:
+def frames(
+    source: Source, jpeg_quality: int = 85, max_frames: int = 0, stop: threading.Event | None = None
+) -> Iterator[FrameData]:
+    """The source's frames; a webcam's until `stop` is set or `max_frames` were captured (0: no cap)."""
     if source.kind == "video":
         return video_frames(Path(source.location), jpeg_quality)
     if source.kind == "images":
         return image_frames(Path(source.location))
-    return webcam_frames(int(source.location), jpeg_quality, max_frames or 300)
+    return webcam_frames(int(source.location), jpeg_quality, max_frames, stop)
 
 
 def image_paths(path: Path) -> list[Path]:
@@ -104,19 +108,30 @@ def video_frame_count(path: Path) -> int:
 
 
 def video_frames(path: Path, jpeg_quality: int = 85) -> Iterator[FrameData]:
-    """Decode with PyAV; timestamps come from the stream's presentation times."""
+    """Decode with PyAV; timestamps come from the stream's presentation times. Frames are sent as
+    displayed: turned by the video's display rotation (a phone's portrait recording is stored
+    sideways, with a display matrix saying how to turn it upright)."""
     import av
     import cv2
+    import numpy as np
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         for index, frame in enumerate(container.decode(stream)):
             pixels = frame.to_ndarray(format="bgr24")
+            # `rotation`: degrees counter-clockwise (as np.rot90 turns for a positive k); older PyAV lacks it.
+            if quarter_turns := round(getattr(frame, "rotation", 0) / 90) % 4:
+                pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
             timestamp_us = int(frame.time * 1_000_000) if frame.time is not None else 0
             yield FrameData(_jpeg(cv2, pixels, jpeg_quality), ImageKind.JPEG, index=index, timestamp_us=timestamp_us)
 
 
-def webcam_frames(device: int, jpeg_quality: int = 85, max_frames: int = 300) -> Iterator[FrameData]:
+def webcam_frames(
+    device: int, jpeg_quality: int = 85, max_frames: int = 0, stop: threading.Event | None = None
+) -> Iterator[FrameData]:
+    """Captures until `stop` is set, the camera gives no more frames, or `max_frames` were
+    captured (0: no cap). OSError when the camera cannot be opened."""
+    import itertools
     import time
 
     import cv2
@@ -126,7 +141,9 @@ def webcam_frames(device: int, jpeg_quality: int = 85, max_frames: int = 300) ->
         raise OSError(f"cannot open webcam {device}")
     started = time.monotonic()
     try:
-        for index in range(max_frames):
+        for index in range(max_frames) if max_frames else itertools.count():
+            if stop is not None and stop.is_set():
+                return
             ok, pixels = capture.read()
             if not ok:
                 return

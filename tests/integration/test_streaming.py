@@ -250,23 +250,6 @@ def test_frames_above_the_pixel_limit_are_rejected(portrait_bgr: np.ndarray) -> 
         running.stop(grace_s=1.0)
 
 
-def test_a_frame_over_the_message_limit_is_rejected_alone(server: RunningServer, portrait_bgr: np.ndarray) -> None:
-    """A 9 MiB frame (the limit is 8 MiB) is answered too_large and the stream goes on to its FINAL
-    result; gRPC's own receive limit at 8 MiB ended the whole call with RESOURCE_EXHAUSTED."""
-    good = jpeg_bytes(portrait_bgr)
-    oversized = b"\xff\xd8" + bytes(9 * 1024 * 1024)
-    frames = [FrameData(good, ImageKind.JPEG, index=0), FrameData(oversized, ImageKind.JPEG, index=1)]
-    frames += [FrameData(good, ImageKind.JPEG, index=index) for index in (2, 3, 4)]
-    with ScreeningClient(f"127.0.0.1:{server.port}", timeout_s=120, max_message_bytes=16 * 1024 * 1024) as sender:
-        events = list(sender.screen_stream(frames, ScreenOptions(analyze_every_frame=True)))
-    by_index = {e.index: e for e in events if isinstance(e, FrameResult)}
-    assert by_index[1].status == "rejected" and by_index[1].reject_reason == "too_large"
-    assert "exceeds the limit" in by_index[1].detail
-    final = events[-1]
-    assert isinstance(final, SubjectResult) and final.status == "final"
-    assert final.frames_received == 5 and final.frames_analyzed == 4 and final.rejected == {"too_large": 1}
-
-
 def test_acknowledged_frames_get_an_ack_before_their_result(client: ScreeningClient, portrait_bgr: np.ndarray) -> None:
     good = jpeg_bytes(portrait_bgr)
     frames = [FrameData(good, ImageKind.JPEG, index=i) for i in range(4)]

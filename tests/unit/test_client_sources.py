@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from acroscreen.client.sources import PHOTO_MAX_BYTES, describe, image_frames
+from acroscreen.client.sources import PHOTO_MAX_BYTES, describe, image_frames, video_frames
 from acroscreen.client.types import ImageKind
 
 from tests.helpers import write_camera_photos
@@ -39,3 +39,39 @@ def test_a_folder_without_jpeg_or_png_photos_is_refused_with_what_it_holds(tmp_p
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"not read")
     with pytest.raises(ValueError, match=r"1 other file\(s\), e.g. IMG_0001.HEIC: convert"):
         describe(str(tmp_path))
+
+
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_a_video_stored_turned_is_sent_as_its_display_rotation_shows_it(
+    rotation: int, portrait_bgr: np.ndarray, tmp_path: Path
+) -> None:
+    """A phone records portrait video sideways, with a display matrix saying how to turn it upright
+    (frame.rotation: degrees counter-clockwise, -90 for a phone held upright). Frames were sent as
+    stored, the face lying on its side."""
+    import av
+
+    upright = cv2.resize(portrait_bgr[:, 64:448], (192, 256), interpolation=cv2.INTER_AREA)  # 256 high, 192 wide
+    stored = np.ascontiguousarray(np.rot90(upright, k=-rotation // 90))  # turned clockwise by `rotation`
+    clip = tmp_path / f"turned{rotation}.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        stream.set_display_rotation(rotation)  # shown turned counter-clockwise by `rotation`: upright
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="bgr24")))
+        container.mux(stream.encode())
+
+    def difference(pixels: np.ndarray, picture: np.ndarray) -> float:
+        return float(np.abs(pixels.astype(int) - picture.astype(int)).mean()) if pixels.shape == picture.shape else 255.0
+
+    # The clip is made as players see it: OpenCV's FFmpeg reader turns it by its metadata, upright.
+    capture = cv2.VideoCapture(str(clip))
+    ok, shown = capture.read()
+    capture.release()
+    assert ok and difference(shown, upright) < 8
+    frames = list(video_frames(clip))
+    assert len(frames) == 2
+    for frame in frames:
+        pixels = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_COLOR)
+        assert difference(pixels, upright) < 8
+        assert difference(pixels, np.rot90(upright, 2)) > 30  # not upside down either

@@ -96,8 +96,8 @@ class ScreeningServicer:
         Every image is analysed; the answer is the FINAL subject result. Each image
         may be up to --max-message-bytes (8 MiB by default; a larger one is rejected
         as too_large), the whole request up to 4x that (beyond, the call fails with
-        RESOURCE_EXHAUSTED before it is read; a client's own send limit may be
-        lower: the Python clients' is 8 MiB). A few phone photos exceed that, so send
+        RESOURCE_EXHAUSTED before it is read; the Python clients refuse a request
+        over 8 MiB before sending it). A few phone photos exceed that, so send
         such sets through ScreenStream with still_images, a message a photo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
