@@ -198,10 +198,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from acroscreen.server.config import Settings, with_overrides
+    from acroscreen.server.config import Settings
     from acroscreen.server.main import serve
 
-    return serve(with_overrides(Settings.load(), args))
+    return serve(Settings.load(namespace=args))
 
 
 def _screen(args: argparse.Namespace) -> int:

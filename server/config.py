@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -98,8 +99,12 @@ class Settings:
     log_json: bool = _setting(True, "structured JSON logs, one object a line")
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] = os.environ, argv: list[str] | None = None) -> Settings:
-        """Defaults ← ACROSCREEN_* environment ← flags in argv (already-parsed namespaces too)."""
+    def load(
+        cls, environ: Mapping[str, str] = os.environ, argv: list[str] | None = None,
+        namespace: argparse.Namespace | None = None,
+    ) -> Settings:
+        """Defaults ← ACROSCREEN_* environment ← flags (in argv, or a namespace the CLI already
+        parsed), merged before the one check: TLS from the environment and its key from a flag work."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
@@ -109,6 +114,7 @@ class Settings:
             parser = argparse.ArgumentParser(add_help=False)
             add_flags(parser)
             namespace = parser.parse_args(argv)
+        if namespace is not None:
             values.update(overrides_from(namespace))
         return cls(**values)
 
@@ -129,9 +135,25 @@ class Settings:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("workers", "max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity"):
+        for name in ("workers", "max_streams", "analysis_backlog", "max_batch_size", "batch_queue_capacity",
+                     "max_message_bytes", "max_frame_pixels", "max_frames_per_stream", "update_every_frames",
+                     "min_frames_for_score"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        # 0 means "no limit" or "the library's default" for these, so only a negative value is nonsense.
+        for name in ("max_streams_per_token", "max_analysis_fps", "torch_threads", "opencv_threads", "malloc_arenas",
+                     "max_batch_delay_ms", "grace_period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("max_stream_duration_s", "idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0 to 65535, not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be -1 (off) or 0 to 65535, not {self.metrics_port}")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
 
     def quality_thresholds(self) -> dict[str, float]:
         """The quality_* settings without their prefix: the fields of runtime.quality.QualitySettings."""
@@ -162,10 +184,6 @@ def overrides_from(namespace: argparse.Namespace) -> dict[str, Any]:
         if raw is not None:
             values[f.name] = raw if isinstance(raw, bool) else _parse(f, str(raw))
     return values
-
-
-def with_overrides(settings: Settings, namespace: argparse.Namespace) -> Settings:
-    return dataclasses.replace(settings, **overrides_from(namespace))
 
 
 def parse_annotated(type_name: str, raw: str) -> Any:

@@ -62,7 +62,7 @@ def handler(json_format: bool, stream: TextIO | None = None) -> logging.Handler:
 def configure(level: str, json_format: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler(json_format)]
-    root.setLevel(level)
+    root.setLevel(level.upper())
 
 
 def new_request_id() -> str:

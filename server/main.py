@@ -75,7 +75,7 @@ def start(
     metrics_port = -1
     closers: list = []
     if settings.metrics_port >= 0:
-        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        httpd, _thread = start_http_server(settings.metrics_port, addr=http_address(settings.host), registry=metrics.registry)
         metrics_port = httpd.server_port
         closers.append(httpd.shutdown)
         closers.append(httpd.server_close)
@@ -321,18 +321,19 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     from .service.model_process import ModelProcessServer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which drain first
-    stop_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while loading there is nothing to drain: a stop ends it
     metrics = Metrics()
     metrics_port = -1
     if settings.metrics_port >= 0:
-        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        httpd, _thread = start_http_server(settings.metrics_port, addr=http_address(settings.host), registry=metrics.registry)
         metrics_port = httpd.server_port
     try:
         served, batcher = _load_model(settings, metrics)
     except AcroscreenError as error:
         log.error("cannot start the model process: %s", error)
         return 1
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     size = served.card.preprocessing.input_size
     server = ModelProcessServer(links, batcher, (size, size, 3))
     server.start()
@@ -349,7 +350,18 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
 def _supervise(settings: Settings) -> int:
     """Fork the model process, then the workers on one concrete port; serve every process's
     metrics added up on `metrics_port`; forward SIGTERM/SIGINT to the workers, let the model
-    process end once they have drained; exit 0 when all ended cleanly."""
+    process end once they have drained; exit 0 when all ended cleanly. A stop asked for while the
+    model loads ends the model process there (a container's PID 1 without a handler ignores SIGTERM)."""
+    stopping = threading.Event()
+    workers: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for pid in workers:
+            _signal(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
     port = settings.port or _free_port(settings.host)
     cores = os.cpu_count() or 1
     links = [ModelLink.create() for _ in range(settings.workers)]
@@ -362,10 +374,10 @@ def _supervise(settings: Settings) -> int:
     model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
                       close=[ready_in, reports_in, reports_out, *(end for link in links for end in link.worker_ends)])
     ready_out.close()
-    report = _wait_ready(ready_in, model_pid)
+    report = _wait_ready(ready_in, model_pid, stopping)
     ready_in.close()
     if report is None:
-        return 1
+        return 0 if stopping.is_set() else 1
     served, model_metrics = report
     # The workers' landmark model, loaded once here (no thread or gRPC runs yet): forked, they
     # share its pages, which dlib only reads, instead of holding a copy each (~10 MB private a
@@ -373,7 +385,6 @@ def _supervise(settings: Settings) -> int:
     from .runtime.preprocess import shared_fitter
 
     shared_fitter(_landmark_points(settings, served.card))
-    workers = []
     run = WorkerIdentity.new_instance(settings.workers)
     for index in range(settings.workers):
         worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
@@ -382,22 +393,14 @@ def _supervise(settings: Settings) -> int:
         identity = dataclasses.replace(run, index=index)
         workers.append(_fork(lambda: _serve_one(worker, remote, reports_out, identity),
                              close=[reports_in, *links[index].model_ends, *others]))
+        if stopping.is_set():  # asked before this one existed
+            _signal(workers[-1], signal.SIGTERM)
     for link in links:
         for end in (*link.worker_ends, *link.model_ends):
             end.close()
     reports_out.close()
     if settings.metrics_port >= 0:
         _serve_metrics_sum(settings, model_metrics, reports_in)
-
-    stopping = threading.Event()
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping.set()
-        for pid in workers:
-            _signal(pid, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
     codes = {}
     running = set(workers)
     while running:
@@ -413,6 +416,7 @@ def _supervise(settings: Settings) -> int:
         running.discard(pid)
         codes[pid] = code
         if code != 0:  # one worker failed: stop the others rather than serve at part strength silently
+            log.error("worker %d (pid %d) ended with exit %d: stopping the others", workers.index(pid), pid, code)
             forward(signal.SIGTERM, None)
     if model_pid:
         _signal(model_pid, signal.SIGTERM)
@@ -432,6 +436,10 @@ def _fork(body: Callable[[], int], close: list[Connection]) -> int:
             for end in close:
                 end.close()
             code = body()
+        except SystemExit as stop:
+            log.error("%s", stop)
+        except BaseException:  # noqa: BLE001 — os._exit below would end the process without a word
+            log.exception("process %d failed", os.getpid())
         finally:
             os._exit(code)
     return pid
@@ -453,7 +461,8 @@ def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connecti
     """The supervisor's /metrics: the sum over every process (see `ProcessesSum`), workers added as they report."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::", "[::]") else settings.host.strip("[]")
+    listening = http_address(settings.host)
+    host = "127.0.0.1" if listening in ("", "0.0.0.0", "::") else f"[{listening}]" if ":" in listening else listening
     urls = [f"http://{host}:{model_metrics}/metrics"]
 
     def collect_reports() -> None:
@@ -466,13 +475,18 @@ def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connecti
     threading.Thread(target=collect_reports, name="acroscreen-metrics-ports", daemon=True).start()
     registry = CollectorRegistry()
     registry.register(ProcessesSum(lambda: tuple(urls), expected=settings.workers + 1))
-    httpd, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    httpd, _thread = start_http_server(settings.metrics_port, addr=listening, registry=registry)
     _announce(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)")
 
 
-def _wait_ready(ready: Connection, pid: int) -> tuple[ServedModel, int] | None:
-    """Until the model process reports its model and metrics port; None if it ended first."""
+def _wait_ready(ready: Connection, pid: int, stopping: threading.Event) -> tuple[ServedModel, int] | None:
+    """Until the model process reports its model and metrics port; None if it ended first or
+    a stop was asked for (then it is ended: it stops on SIGTERM while loading)."""
     while not ready.poll(0.2):
+        if stopping.is_set():
+            _signal(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            return None
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             log.error("the model process failed to start (exit %d)", os.waitstatus_to_exitcode(status))
@@ -489,6 +503,11 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def http_address(host: str) -> str:
+    """The listening host as an HTTP server takes it: an IPv6 literal without gRPC's brackets ([::] → ::)."""
+    return host.strip("[]")
 
 
 def _free_port(host: str) -> int:

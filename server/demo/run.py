@@ -14,7 +14,7 @@ from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.cli import describe_result
 from acroscreen.client.sources import video_frames
 
-from ..config import Settings, with_overrides
+from ..config import Settings
 from ..main import start
 from ..training.phantom import make_phantom_video
 
@@ -23,7 +23,7 @@ SEED = 20240611
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    settings = with_overrides(Settings.load(), args)
+    settings = Settings.load(namespace=args)
     settings = dataclasses.replace(settings, host="127.0.0.1", port=0, metrics_port=0)
     portrait = cv2.imread(str(PORTRAIT))
     print(f"starting a server ({settings.device})…", flush=True)

@@ -35,6 +35,10 @@ def load_tokens(settings: Settings) -> tuple[str, ...]:
         except OSError as error:
             raise ConfigurationError(f"cannot read tokens file {settings.auth_tokens_file}: {error.strerror}") from error
         tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not tokens and (settings.auth_tokens.strip() or settings.auth_tokens_file is not None):
+        # A file whose last token was commented out must not turn authentication off.
+        raise ConfigurationError("tokens were configured but none was given: name at least one, or neither the "
+                                 "tokens file nor ACROSCREEN_AUTH_TOKENS to serve without authentication")
     if any(len(token) < 16 for token in tokens):
         raise ConfigurationError("bearer tokens must be at least 16 characters")
     return tuple(tokens)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..config import Settings
+from ..errors import ConfigurationError
 from ..service.screening import ScreeningService
 from .auth import (
     TokenAuthInterceptor,
@@ -79,12 +80,13 @@ class GrpcServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         address = f"{settings.host}:{settings.port}"
-        if credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as error:  # grpcio's "Failed to bind"
+            raise ConfigurationError(f"cannot listen on {address} (in use, or not an address of this host)") from error
         warn_about_exposure(settings.host, self.port, encrypted=credentials is not None, tokens=bool(tokens))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -43,7 +43,7 @@ def serving(
 
 def _ports(process: subprocess.Popen) -> tuple[int, int]:
     for line in process.stdout:
-        match = re.search(r"serving on [\d.]+:(\d+) \(metrics :(-?\d+)\)", line)
+        match = re.search(r"serving on \S+:(\d+) \(metrics :(-?\d+)\)", line)
         if match:
             return int(match.group(1)), int(match.group(2))
     raise AssertionError("the server did not report its ports")

@@ -365,22 +365,66 @@ def test_workers_stop_when_the_model_process_dies_and_nothing_outlives_the_super
         assert not any(_running(pid) for pid in children)
 
 
+def test_a_stop_while_the_model_loads_ends_every_process_at_once(tmp_path: Path) -> None:
+    """The supervisor handled SIGTERM only once the model had loaded and the workers were forked:
+    before that it had no handler, and a container's PID 1 without one ignores SIGTERM, so a pod
+    stopped while loading waited its whole grace period for SIGKILL. A FIFO as the weights file
+    holds the load for as long as the test likes."""
+    weights = tmp_path / "loading.safetensors"
+    os.mkfifo(weights)
+    process = subprocess.Popen([ACROSCREEN, "serve", "--workers", "2", "--port", "0", "--metrics-port", "-1",
+                                "--model", str(weights)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opens once the model process reads the file: the handlers are in place
+            try:
+                writer = os.open(weights, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert time.monotonic() < deadline, "the model process never opened the weights file"
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_workers_that_cannot_start_say_why(tmp_path: Path) -> None:
+    """A worker's failure other than the server's own errors (here gRPC's bind, a RuntimeError) ended
+    it through os._exit without a word, and the supervisor did not say which one ended."""
+    with socket.socket() as taken:  # no SO_REUSEPORT: the workers cannot share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([ACROSCREEN, "serve", "--workers", "2", "--port", str(port), "--metrics-port", "-1"],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "ACROSCREEN_ALLOW_UNTRAINED": "1"})
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "ended with exit 1" in result.stderr
+
+
 def test_the_supervisor_serves_every_process_metrics_added_up(portrait_jpeg: bytes) -> None:
-    """One scrape target with `--workers`: frames counted by the workers, batches by the model process."""
+    """One scrape target with `--workers`: frames counted by the workers, batches by the model process.
+    On IPv6's loopback where the machine has one: an IPv6 literal in gRPC's brackets ([::1], [::])
+    made the metrics servers fail to start."""
     from acroscreen.client import FrameData, ImageKind, ScreenOptions
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+    host = "[::1]" if socket.has_ipv6 and _can_bind(socket.AF_INET6, "::1") else "127.0.0.1"
+    with socket.socket(socket.AF_INET6 if host == "[::1]" else socket.AF_INET) as probe:
+        probe.bind((host.strip("[]"), 0))
         metrics_port = probe.getsockname()[1]
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
-    with serving("--workers", "2", "--metrics-port", str(metrics_port), env=env) as (process, port, _):
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with serving("--workers", "2", "--host", host, "--metrics-port", str(metrics_port), env=env) as (process, port, _):
+        url = f"http://{host}:{metrics_port}/metrics"
         deadline = time.monotonic() + 60
         while _ready(url) != 1.0:  # 1 once both workers have reported
             assert time.monotonic() < deadline, "the summed acroscreen_model_ready never became 1"
             time.sleep(0.2)
         for subject in ("m-1", "m-2", "m-3"):  # new connections: the kernel may pick either worker
-            with ScreeningClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+            with ScreeningClient(f"{host}:{port}", timeout_s=60) as client:
                 frames = [FrameData(portrait_jpeg, ImageKind.JPEG, index=i) for i in range(2)]
                 client.screen(frames, ScreenOptions(subject_id=subject, analyze_every_frame=True))
         assert _metric(url, "acroscreen_frames_received_total") == 6.0
@@ -389,6 +433,15 @@ def test_the_supervisor_serves_every_process_metrics_added_up(portrait_jpeg: byt
         assert _metric(url, "acroscreen_active_streams") == 0.0
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def _can_bind(family: socket.AddressFamily, address: str) -> bool:
+    try:
+        with socket.socket(family) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _metric(url: str, name: str) -> float:

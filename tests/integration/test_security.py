@@ -155,6 +155,16 @@ def test_short_tokens_are_refused_at_start() -> None:
         start_server(auth_tokens="short", metrics_port=-1)
 
 
+def test_a_tokens_file_without_a_token_is_refused_at_start(tmp_path: Path) -> None:
+    """Commenting out the last token of the file (rotating it out) served without authentication,
+    with only the open-access warning in the log."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated out: 0123456789abcdef0123\n\n")
+    for configured in ({"auth_tokens_file": tokens}, {"auth_tokens": " , "}):
+        with pytest.raises(ConfigurationError, match="none was given"):
+            start_server(metrics_port=-1, **configured)
+
+
 def _fields(credentials: Credentials) -> dict:
     return {name: getattr(credentials, name) for name in ("tls", "tls_ca", "tls_cert", "tls_key", "token")}
 

@@ -3,7 +3,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from acroscreen.server.config import Settings, add_flags, env_names, with_overrides
+from acroscreen.server.config import Settings, add_flags, env_names
 
 
 def test_environment_then_flags_override_defaults() -> None:
@@ -19,9 +19,35 @@ def test_cli_namespace_overrides() -> None:
     parser = argparse.ArgumentParser()
     add_flags(parser)
     args = parser.parse_args(["--no-allow-untrained", "--max-batch-delay-ms", "2.5"])
-    settings = with_overrides(Settings.load({"ACROSCREEN_ALLOW_UNTRAINED": "1"}), args)
+    settings = Settings.load({"ACROSCREEN_ALLOW_UNTRAINED": "1"}, namespace=args)
     assert settings.allow_untrained is False
     assert settings.max_batch_delay_ms == 2.5
+
+
+def test_settings_from_the_environment_and_flags_are_checked_together() -> None:
+    """mTLS's CA from the environment and the certificate from flags: checking the environment's
+    settings alone first refused them ("needs tls_cert")."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--tls-cert", "server.pem", "--tls-key", "server.key"])
+    settings = Settings.load({"ACROSCREEN_TLS_CLIENT_CA": "ca.pem"}, namespace=args)
+    assert settings.tls_client_ca == Path("ca.pem") and settings.tls_cert == Path("server.pem")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "99999", "port must be 0 to 65535"),
+    ("--metrics-port", "-7", "metrics_port must be -1"),
+    ("--log-level", "loud", "log_level must be"),
+    ("--idle-timeout-s", "0", "idle_timeout_s must be positive"),
+    ("--max-streams-per-token", "-1", "must not be negative"),
+    ("--max-frames-per-stream", "0", "must be at least 1"),
+])
+def test_settings_that_cannot_work_are_refused_at_start(flag: str, value: str, message: str) -> None:
+    """Each started a server that refused every stream, quietly dropped a cap, or crashed with a
+    traceback (a port past 65535, an unknown log level)."""
+    with pytest.raises(ValueError, match=message):
+        Settings.load({}, [flag, value])
+    assert Settings.load({}, ["--log-level", "debug"]).log_level == "debug"  # the level's case does not matter
 
 
 def test_bad_values_name_the_variable() -> None:
