@@ -362,7 +362,11 @@ def _supervise(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    port = settings.port or _free_port(settings.host)
+    try:
+        port = _port_nobody_serves(settings.host, settings.port)
+    except ConfigurationError as error:
+        log.error("cannot start: %s", error)
+        return 1
     cores = os.cpu_count() or 1
     links = [ModelLink.create() for _ in range(settings.workers)]
     ready_in, ready_out = multiprocessing.Pipe(duplex=False)
@@ -510,7 +514,14 @@ def http_address(host: str) -> str:
     return host.strip("[]")
 
 
-def _free_port(host: str) -> int:
+def _port_nobody_serves(host: str, port: int) -> int:
+    """The workers' port: a free one for 0, else `port` once a bind without SO_REUSEPORT shows that no
+    other server listens there (the workers' SO_REUSEPORT would share it with that one, the kernel
+    splitting connections between two servers without a word)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host.strip("[]"), 0))
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: connections closing there are no obstacle
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as error:
+            raise ConfigurationError(f"cannot listen on {host}:{port} ({error.strerror})") from error
         return probe.getsockname()[1]
