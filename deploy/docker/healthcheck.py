@@ -8,8 +8,10 @@ Used by the images' HEALTHCHECK and, where the gRPC port serves TLS, by Kubernet
 
 The port is ACROSCREEN_PORT (default 50051). When ACROSCREEN_TLS_CERT is set, the check uses TLS,
 trusting --tls-ca (default: the server's own certificate chain, which suffices for a self-signed
-certificate) and checking the certificate against --server-name. Exit codes: 0 SERVING,
-1 NOT_SERVING or unknown service, 2 no answer.
+certificate) and checking the certificate against --server-name. Where the server has bearer
+tokens (ACROSCREEN_AUTH_TOKENS_FILE or ACROSCREEN_AUTH_TOKENS), the check sends the first one, so it
+passes with ACROSCREEN_HEALTH_REQUIRES_AUTH too. Exit codes: 0 SERVING, 1 NOT_SERVING or unknown
+service, 2 no answer (or refused).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def main() -> int:
     else:
         channel = grpc.insecure_channel(target)
     with channel:
+        token = _servers_token()
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,
+                metadata=(("authorization", f"Bearer {token}"),) if token else None,
             )
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else None
@@ -55,6 +59,14 @@ def main() -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _servers_token() -> str | None:
+    """The first of the server's own bearer tokens, read as the server reads them (file lines, # comments)."""
+    path = os.environ.get("ACROSCREEN_AUTH_TOKENS_FILE")
+    candidates = _read(path).decode().splitlines() if path else []
+    candidates += os.environ.get("ACROSCREEN_AUTH_TOKENS", "").split(",")
+    return next((t.strip() for t in candidates if t.strip() and not t.lstrip().startswith("#")), None)
 
 
 def _read(path: str) -> bytes:

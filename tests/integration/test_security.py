@@ -7,6 +7,9 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -269,6 +272,24 @@ def test_tokens_from_the_environment_and_from_the_tokens_file_are_accepted(
         with _plain(configured_server.running.port, token) as client, pytest.raises(AuthenticationError) as refused:
             client.model_info()
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_images_healthcheck_sends_the_servers_own_token(configured_server: _Configured, tmp_path: Path) -> None:
+    """With --health-requires-auth the image's HEALTHCHECK (deploy/docker/healthcheck.py) always failed:
+    it sent no token. It reads the server's own settings, as the server does."""
+    script = Path(__file__).parents[2] / "deploy" / "docker" / "healthcheck.py"
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"# rotated out:\n# {RETIRED_TOKEN}\n{FILE_TOKEN}\n")
+
+    def check(environ: dict[str, str]) -> subprocess.CompletedProcess:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ACROSCREEN_")} | environ
+        return subprocess.run([sys.executable, str(script), "--port", str(configured_server.running.port)],
+                              capture_output=True, text=True, timeout=30, env=environ)
+
+    assert check({}).returncode == 2  # refused: UNAUTHENTICATED
+    for environ in ({"ACROSCREEN_AUTH_TOKENS_FILE": str(tokens_file)}, {"ACROSCREEN_AUTH_TOKENS": ENV_TOKEN}):
+        answer = check(environ)
+        assert answer.returncode == 0 and answer.stdout.strip() == "SERVING", answer.stderr
 
 
 def test_health_requires_a_token_when_configured(configured_server: _Configured) -> None:
