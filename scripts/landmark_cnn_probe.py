@@ -13,7 +13,10 @@ distils dlib into a 46-MFLOP CNN and measures how far the two disagree, on data 
    dlib's, over the interocular distance (IOD), and the frame-to-frame jitter of both (the mean
    second difference of the eye centres in frame pixels, over the IOD).
 
-    .venv/bin/python scripts/landmark_cnn_probe.py [--epochs 18] [--out report.json]
+    .venv/bin/python scripts/landmark_cnn_probe.py [--epochs 18] [--out report.json] [--save net.pt]
+
+`landmark_cnn_serving_check.py` then screens the holdout phantom clips with the saved network in
+place of dlib's fit.
 
 A feasibility check only: nothing in the server uses this network.
 """
@@ -186,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--out", type=Path, help="also write the report here")
+    parser.add_argument("--save", type=Path, help="also save the trained network's state dict here")
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -198,6 +202,8 @@ def main() -> None:
     log: list[str] = []
     train(net, as_input(train_x), torch.from_numpy(train_y), args.epochs, log)
     net.eval()
+    if args.save:
+        torch.save(net.state_dict(), args.save)
     with torch.no_grad():
         error = eye_error(net(as_input(test_x)).numpy().reshape(-1, 5, 2), test_y.reshape(-1, 5, 2))
     videos = video_rows(patches, net)
