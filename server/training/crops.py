@@ -175,13 +175,32 @@ def build_crops(
     )
 
 
-def save_crops(crops: CropSet, path: Path, jpeg_quality: int | None = None) -> None:
-    """Write an .npz: raw pixels compressed losslessly, or JPEG-encoded (small enough to ship to a GPU box)."""
+def source_key(samples: list[Sample]) -> str:
+    """What a cache of these samples was made from: per sample its path, score, subject id and the
+    file's size and mtime (ns; -1 for a missing file), in order, as JSON. Any change makes it differ."""
+    rows = []
+    for s in samples:
+        try:
+            stat = os.stat(s.path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size = mtime = -1
+        rows.append([str(s.path), s.score, s.subject_id, size, mtime])
+    return json.dumps(rows)
+
+
+def save_crops(crops: CropSet, path: Path, jpeg_quality: int | None = None, sources: str | None = None) -> None:
+    """Write an .npz: raw pixels compressed losslessly, or JPEG-encoded (small enough to ship to a GPU box).
+
+    ``sources`` is the `source_key` of the samples the crops were built from (kept to tell a stale cache).
+    """
     arrays: dict[str, np.ndarray] = {
         "format": np.array(CACHE_FORMAT), "scores": crops.scores, "subjects": crops.subjects, "paths": crops.paths,
         "preprocessing": np.array(json.dumps(crops.preprocessing, sort_keys=True)),
         "rejected": np.array(crops.rejected),
     }
+    if sources is not None:
+        arrays["sources"] = np.array(sources)
     if jpeg_quality is None:
         arrays["pixels"] = crops.pixels
     else:
@@ -224,9 +243,10 @@ def load_or_build_crops(
 ) -> CropSet:
     """Crops for DATA: DATA itself if it is a cache (.npz), else the cache if it matches, else built (and cached).
 
-    A cache matches when it lists the same images with the same preprocessing; any
-    change rebuilds it, so a stale cache is never used silently. A crop cache given as
-    DATA must have been made with ``preprocessing`` (when given): it cannot be rebuilt.
+    A cache matches when it was built from exactly DATA's samples (same paths in the same
+    order, same scores and subject ids, files of the same size and mtime) with the same
+    preprocessing; any change rebuilds it, so a stale cache is never used silently. A crop
+    cache given as DATA must have been made with ``preprocessing`` (when given): it cannot be rebuilt.
     """
     data = Path(data)
     wanted_preprocessing = preprocessing or training_preprocessing()
@@ -236,15 +256,20 @@ def load_or_build_crops(
             raise ValueError(f"{data} holds crops made with {crops.preprocessing}, not {preprocessing}")
         return crops
     samples = read_samples(data)
+    sources = source_key(samples)  # before building: a file changed meanwhile makes the next run rebuild
     if cache is not None and Path(cache).is_file():
-        cached = load_crops(cache)
-        wanted = {str(s.path) for s in samples}
-        if set(cached.paths.tolist()) <= wanted and len(cached) + cached.rejected == len(samples) \
-                and cached.preprocessing == wanted_preprocessing:
+        with np.load(cache, allow_pickle=False) as z:
+            cached_sources = str(z["sources"]) if "sources" in z else None
+            cached_preprocessing = json.loads(str(z["preprocessing"]))
+        if cached_sources == sources and cached_preprocessing == wanted_preprocessing:
+            cached = load_crops(cache)
             print(f"using cached crops {cache} ({len(cached)} crops)", file=sys.stderr, flush=True)
             return cached
-        print(f"crop cache {cache} is stale; rebuilding", file=sys.stderr, flush=True)
+        why = ("other preprocessing" if cached_preprocessing != wanted_preprocessing
+               else "no record of its sources" if cached_sources is None
+               else "images, files, scores or subject ids differ from DATA's")
+        print(f"crop cache {cache} is stale ({why}); rebuilding", file=sys.stderr, flush=True)
     crops = build_crops(samples, workers, wanted_preprocessing)
     if cache is not None:
-        save_crops(crops, cache)
+        save_crops(crops, cache, sources=sources)
     return crops
