@@ -5,6 +5,9 @@ is launch-bound: ~1.4-1.8k images/s whatever the GPU), so variants run side by s
 each in its own process. The one with the best accuracy on the validation crops of
 the full training data (whole identities, never in any variant's training split) is
 kept; holdout phantoms and holdout phantom clips are only reported, never used to choose.
+Those validation people are drawn once, from --train, and passed to every variant
+(TrainConfig.val_groups), so a variant trained on other caches (more people) keeps them out
+of its training split too.
 
 Called by scripts/device_train.sh (which sets up imports on a machine without an
 acroscreen install). A variant is NAME:key=value,key=value with TrainConfig fields,
@@ -39,8 +42,8 @@ def load_all(paths: list[Path]):
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, rest = text.partition(":")
     fields = dict(item.split("=", 1) for item in rest.split(",") if item)
-    if {"seed", "val_fraction"} & fields.keys():
-        raise ValueError(f"{name}: variants share one validation split; seed and val_fraction are fixed")
+    if {"seed", "val_fraction", "val_groups"} & fields.keys():
+        raise ValueError(f"{name}: variants share one validation split; seed, val_fraction and val_groups are fixed")
     return name, fields
 
 
@@ -53,17 +56,33 @@ def train_one(args: argparse.Namespace, name: str, fields: dict[str, str]) -> No
                  for k, v in fields.items()}
     config = TrainConfig(data=files[0], out=args.work / name / "phantom-demo.safetensors", max_minutes=args.minutes,
                          max_samples=args.max_samples, batch_size=args.batch, patience=args.patience,
-                         log_every=args.log_every, int8_calibration_crops=0, **overrides)  # calibrate the one kept, on a CPU
+                         log_every=args.log_every, int8_calibration_crops=0,  # calibrate the one kept, on a CPU
+                         val_groups=validation_people(args.train), **overrides)
     train(config, load_all(files))
 
 
-def validation_crops(args: argparse.Namespace):
-    """Validation rows of the full training data, as every variant's split chose them (same seed, same people)."""
-    from acroscreen.server.training.train import TrainConfig, split_by_group
+def validation_people(paths: list[Path]) -> tuple[str, ...]:
+    """The shared validation people: TrainConfig's default split (seed, val_fraction) of the --train caches."""
+    from acroscreen.server.training.train import TrainConfig, split_by_group, split_group
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    subjects = np.concatenate([_subjects(p) for p in paths])
+    mask = split_by_group(subjects, defaults["val_fraction"], defaults["seed"])
+    return tuple(sorted({split_group(s) for s in subjects[mask].tolist()}))
+
+
+def _subjects(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:  # the subjects only: no pixels decoded
+        return z["subjects"]
+
+
+def validation_crops(args: argparse.Namespace):
+    """Validation rows of the full training data: the people every variant validated on and never trained on."""
+    from acroscreen.server.training.train import split_group
+
     crops = load_all(args.train)
-    return crops.subset(split_by_group(crops.subjects, defaults["val_fraction"], defaults["seed"]))
+    people = validation_people(args.train)
+    return crops.subset(np.isin([split_group(s) for s in crops.subjects.tolist()], people))
 
 
 def accuracy(weights: Path, crops) -> float:

@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 96
     max_samples: int = 300_000  # training samples seen (epochs × crops), before early stopping
-    max_minutes: float = 0.0  # wall-clock cap for the loop; 0 = none. The LR schedule shrinks to fit.
+    max_minutes: float = 0.0  # wall-clock cap for the loop; 0 = none. The LR schedule shrinks to fit (resumes keep it)
     lr: float = 1e-3
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.03
@@ -80,6 +80,7 @@ class TrainConfig:
     distill: Path | None = None  # dlib face descriptors of the training crops (training.descriptors); None = off
     distill_weight: float = 1.0  # weight of 1 − cosine(head(embedding), descriptor) in the loss
     val_fraction: float = 0.15  # share of identities held out for early stopping and temperature
+    val_groups: tuple[str, ...] | None = None  # the validation people (split_group names); None: drawn by seed
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     patience: int = 10  # validations without improvement before stopping
     brightness: float = 0.2  # ± fraction of the full range
@@ -135,6 +136,21 @@ def split_by_group(subjects: np.ndarray, val_fraction: float, seed: int) -> np.n
     count = max(1, round(val_fraction * len(names))) if len(names) > 1 else 0
     val_names = rng.choice(names, size=count, replace=False)
     return np.isin(groups, val_names)
+
+
+def validation_mask(subjects: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Validation rows: those of the people in ``config.val_groups`` when given, else `split_by_group`
+    of these subjects with the config's val_fraction and seed.
+
+    Given people stay out of training whoever else is in the data, so runs on different data
+    (scripts/device_train.py's variants) can share one validation set without leaking it.
+    """
+    if config.val_groups is None:
+        return split_by_group(subjects, config.val_fraction, config.seed)
+    mask = np.isin([split_group(s) for s in subjects.tolist()], list(config.val_groups))
+    if not mask.any():
+        raise ValueError("none of the val_groups people are in the data")
+    return mask
 
 
 def augment(batch: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -237,7 +253,7 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     out.with_suffix(".config.json").write_text(config_json(config) + "\n", encoding="utf-8")
     prep = Preprocessing(**crops.preprocessing)  # type: ignore[arg-type]
 
-    val_mask = split_by_group(crops.subjects, config.val_fraction, config.seed)
+    val_mask = validation_mask(crops.subjects, config)
     train_set, val_set = crops.subset(~val_mask), crops.subset(val_mask)
     if len(train_set) == 0:
         raise ValueError("no training crops left after the validation split")
@@ -276,13 +292,15 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     planned = max(1, config.max_samples // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
-    state = {"step": 0, "best_acc": -1.0, "best_loss": math.inf, "stale": 0, "planned": planned}
+    # fitted: the schedule was shrunk to the wall-clock cap (a resumed run keeps it).
+    state = {"step": 0, "best_acc": -1.0, "best_loss": math.inf, "stale": 0, "planned": planned, "fitted": 0}
     best_state = copy.deepcopy(net.state_dict())
     averaged = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
                 if config.ema_decay else None)
     judged = averaged.module if averaged is not None else net  # the weights validated and saved
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order_rng = np.random.default_rng(config.seed)
+    order = np.empty(0, dtype=np.int64)  # the rest of the current epoch's order, then the next epoch's
 
     if config.checkpoint is not None and Path(config.checkpoint).is_file():
         saved = torch.load(config.checkpoint, map_location=device, weights_only=True)
@@ -294,9 +312,16 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
         optimizer.load_state_dict(saved["optimizer"])
         best_state = saved["best"]
         state.update({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in saved["state"].items()})
-        order_rng = np.random.default_rng([config.seed, int(state["step"])])
-        generator.manual_seed(config.seed + int(state["step"]))
+        if "rng" in saved:  # a continuation: the same batches, augmentation and dropout as without the stop
+            order = saved["order"].cpu().numpy()
+            if len(order) and order.max() >= len(train_set):
+                raise ValueError(f"{config.checkpoint} was made with other training data")
+            _restore_rng(saved["rng"], order_rng, generator, device)
+        else:  # an older checkpoint, without random states
+            order_rng = np.random.default_rng([config.seed, int(state["step"])])
+            generator.manual_seed(config.seed + int(state["step"]))
         print(f"resumed from {config.checkpoint} at step {state['step']}", file=sys.stderr, flush=True)
+    refit = bool(config.max_minutes) and not state["fitted"]
 
     def lr_at(step: int) -> float:
         warm = max(1, int(config.warmup_fraction * state["planned"]))
@@ -310,7 +335,6 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
     stop_reason = "sample budget"
     losses: list[float] = []
     steady_from = loop_start
-    order = np.empty(0, dtype=np.int64)
     while state["step"] < state["planned"]:
         if len(order) < config.batch_size:
             order = np.concatenate([order, order_rng.permutation(len(train_set))])
@@ -349,12 +373,13 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
                   file=sys.stderr, flush=True)
             if config.max_minutes and step - start_step == config.log_every:
                 steady_from = time.monotonic()  # after cuDNN autotuning and warm-up
-            if config.max_minutes and (step - start_step) in (config.log_every * 3, config.log_every * 10):
+            if refit and (step - start_step) in (config.log_every * 3, config.log_every * 10):
                 # Twice: early, and again once cuDNN autotuning of the validation shapes is over.
                 state["planned"] = _fit_schedule(config, planned, step, started,
                                                  (time.monotonic() - steady_from) / (step - start_step
                                                                                      - config.log_every),
                                                  _eval_share(len(val_set), config.batch_size, eval_every))
+                state["fitted"] = 1
         if step % eval_every == 0 or step == state["planned"]:
             logits = evaluate_logits(judged, val_pixels, prep, device, config.amp)
             if len(val_labels):
@@ -377,10 +402,12 @@ def train(config: TrainConfig, crops: CropSet) -> TrainResult:
             stop_reason = "wall-clock cap"
             break
         if config.checkpoint is not None and step % config.checkpoint_every == 0:
-            _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state)
+            _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state,
+                             _rng_state(order_rng, generator, device), order)
     print(f"stopped at step {state['step']}: {stop_reason}", file=sys.stderr, flush=True)
     if config.checkpoint is not None:
-        _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state)
+        _save_checkpoint(config.checkpoint, net, averaged, head, optimizer, best_state, state,
+                         _rng_state(order_rng, generator, device), order)
 
     net.load_state_dict(best_state)
     val_logits = evaluate_logits(net, val_pixels, prep, device, config.amp)
@@ -448,14 +475,37 @@ def _eval_share(val_count: int, batch_size: int, eval_every: int) -> float:
     return (val_count / batch_size) / 3.0 / max(1, eval_every)
 
 
+def _rng_state(order_rng: np.random.Generator, generator: torch.Generator,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Every random state the loop draws from, as byte tensors: batch order (numpy's state as JSON),
+    augmentation, and torch's global generator (dropout; on CUDA, the device's)."""
+    order_state = json.dumps(order_rng.bit_generator.state).encode()
+    states = {"order": torch.tensor(list(order_state), dtype=torch.uint8),
+              "augment": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor], order_rng: np.random.Generator, generator: torch.Generator,
+                 device: torch.device) -> None:
+    order_rng.bit_generator.state = json.loads(bytes(states["order"].cpu().tolist()))
+    generator.set_state(states["augment"].cpu())
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
 def _save_checkpoint(path: Path, net: SeverityNet, averaged: AveragedModel | None, head: torch.nn.Module | None,
                      optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor],
-                     state: dict[str, float]) -> None:
-    """Everything needed to resume (weights_only-loadable); written atomically."""
+                     state: dict[str, float], rng: dict[str, torch.Tensor], order: np.ndarray) -> None:
+    """Everything needed to resume as if never stopped (weights_only-loadable): weights, optimiser,
+    loop state, random states and the rest of the batch order; written atomically."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     saved = {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "best": best_state,
-             "state": {k: torch.tensor(v) for k, v in state.items()}}
+             "state": {k: torch.tensor(v) for k, v in state.items()}, "rng": rng,
+             "order": torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))}
     if averaged is not None:
         saved["averaged"] = averaged.state_dict()
     if head is not None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
 IDENTITIES = ("Eileen_Collins", "Akbar_Hashemi_Rafsanjani", "Alberto_Ruiz_Gallardon")
 needs_data = pytest.mark.skipif(not (DATA / "faces" / "identities").is_dir(),
                                 reason=f"shared test data not found at {DATA}")
@@ -32,6 +33,42 @@ def test_split_keeps_people_together() -> None:
     val_people = {s.split("-")[0] for s in subjects[val]}
     train_people = {s.split("-")[0] for s in subjects[~val]}
     assert len(val_people) == 3 and not val_people & train_people
+
+
+def test_device_train_variants_never_train_on_the_shared_validation_people(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant trained on more caches (more people) keeps the common validation people out of training."""
+    import argparse
+    import importlib.util
+
+    from acroscreen.server.training import train as train_module
+    from acroscreen.server.training.crops import CropSet, save_crops, training_preprocessing
+    from acroscreen.server.training.train import split_group
+
+    spec = importlib.util.spec_from_file_location("device_train", ROOT / "scripts" / "device_train.py")
+    assert spec is not None and spec.loader is not None
+    device_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_train)
+
+    def cache(path: Path, people: list[str]) -> Path:
+        subjects = np.array([f"{person}-L{k}" for person in people for k in (1, 2, 3)])
+        save_crops(CropSet(np.zeros((len(subjects), 2, 2, 3), np.uint8), np.array([int(s[-1]) for s in subjects]),
+                           subjects, subjects, training_preprocessing()), path)
+        return path
+
+    common = cache(tmp_path / "a.npz", [f"p{i:02d}" for i in range(40)])
+    more = cache(tmp_path / "b.npz", [f"q{i:02d}" for i in range(10)])
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda config, crops: calls.append((config, crops)))
+    args = argparse.Namespace(train=[common], work=tmp_path, minutes=1.0, max_samples=8, batch=4, patience=1,
+                              log_every=1)
+    device_train.train_one(args, "more", {"train": f"{common}+{more}"})
+    (config, crops), = calls
+    assert len(crops) == 150
+    shared = {split_group(s) for s in device_train.validation_crops(args).subjects.tolist()}
+    trained = {split_group(s) for s in crops.subjects[~train_module.validation_mask(crops.subjects, config)].tolist()}
+    assert len(shared) == 6 and not shared & trained
+    assert len(trained) == 44  # every other person, the new ones included, is trained on
 
 
 def test_temperature_fit_recovers_a_known_temperature() -> None:
