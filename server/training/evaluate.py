@@ -8,7 +8,10 @@ checked by hand; plots are drawn with OpenCV, not matplotlib.
 Conventions: scores are 1..3; confusion matrices have rows = actual score and
 columns = predicted score. A subject's prediction is the argmax of its frames'
 mean probabilities, or, without probabilities, the majority vote (ties go to the
-higher score: a screen should rather over- than under-call).
+higher score: a screen should rather over- than under-call). Macro-F1 averages over
+the scores that occur in actual or predicted (scikit-learn's convention); quadratic
+kappa is None (null in JSON) where it is undefined, when every actual and predicted
+score is one and the same (scikit-learn gives NaN), rather than a misleading 0.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class Metrics:
     confusion: list[list[int]]  # rows = actual score 1..3, columns = predicted score 1..3
     per_class: list[ClassMetrics]
     accuracy: float
-    macro_f1: float
-    quadratic_kappa: float
+    macro_f1: float  # over the scores present in actual or predicted
+    quadratic_kappa: float | None  # None: undefined (one score only, in actual and predicted alike)
     false_negative_rate: float  # actual 2 or 3 predicted 1, over all actual 2 or 3
     expected_score_mae: float | None
     expected_calibration_error: float | None
@@ -83,15 +86,19 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def quadratic_weighted_kappa(matrix: np.ndarray) -> float:
-    """Cohen's kappa with weights (i - j)² / (K - 1)²; 1 is perfect, 0 is chance."""
+def quadratic_weighted_kappa(matrix: np.ndarray) -> float | None:
+    """Cohen's kappa with weights (i - j)² / (K - 1)²; 1 is perfect, 0 is chance.
+
+    None when chance disagreement is 0 (0/0: all actual and predicted scores are one and the
+    same, or there are none), where kappa is undefined.
+    """
     matrix = np.asarray(matrix, dtype=np.float64)
     k = matrix.shape[0]
     i, j = np.indices((k, k))
     weights = (i - j) ** 2 / (k - 1) ** 2
     expected = np.outer(matrix.sum(1), matrix.sum(0)) / max(matrix.sum(), 1.0)
     denominator = (weights * expected).sum()
-    return 1.0 - _ratio((weights * matrix).sum(), denominator) if denominator else 0.0
+    return float(1.0 - (weights * matrix).sum() / denominator) if denominator else None
 
 
 def expected_calibration_error(probabilities: np.ndarray, actual: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -125,6 +132,8 @@ def compute_metrics(actual: np.ndarray, predicted: np.ndarray, probabilities: np
         recall = _ratio(matrix[k, k], matrix[k, :].sum())
         f1 = _ratio(2 * precision * recall, precision + recall)
         per_class.append(ClassMetrics(score, precision, recall, f1, int(matrix[k, :].sum())))
+    present = (matrix.sum(0) + matrix.sum(1)) > 0  # scores in actual or predicted: macro-F1 averages these
+    present_f1 = [c.f1 for c, p in zip(per_class, present, strict=True) if p]
     diseased = actual >= 2
     mae = ece = None
     if probabilities is not None:
@@ -138,7 +147,7 @@ def compute_metrics(actual: np.ndarray, predicted: np.ndarray, probabilities: np
         confusion=matrix.tolist(),
         per_class=per_class,
         accuracy=_ratio(np.trace(matrix), matrix.sum()),
-        macro_f1=float(np.mean([c.f1 for c in per_class])),
+        macro_f1=float(np.mean(present_f1)) if present_f1 else 0.0,
         quadratic_kappa=quadratic_weighted_kappa(matrix),
         false_negative_rate=_ratio((predicted[diseased] == 1).sum(), diseased.sum()),
         expected_score_mae=mae,
@@ -187,7 +196,10 @@ def evaluate_predictions(predictions: Predictions, source: str) -> EvaluationRep
 
 
 def read_predictions_csv(path: Path) -> Predictions:
-    """Columns actual, predicted; optional subject_id and p1, p2, p3 (all three or none)."""
+    """Columns actual, predicted; optional subject_id and p1, p2, p3 (all three or none).
+
+    A subject_id column that is blank in every row means no subject ids (not one subject '').
+    """
     with Path(path).open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or ())
@@ -199,6 +211,8 @@ def read_predictions_csv(path: Path) -> Predictions:
     actual = np.array([int(r["actual"]) for r in rows], dtype=np.int64)
     predicted = np.array([int(r["predicted"]) for r in rows], dtype=np.int64)
     subjects = np.array([r["subject_id"] for r in rows]) if "subject_id" in columns else None
+    if subjects is not None and not any(s.strip() for s in subjects.tolist()):
+        subjects = None
     probs = np.array([[float(r[f"p{k}"]) for k in SCORES] for r in rows]).reshape(-1, 3) if has_probs else None
     return Predictions(actual=actual, predicted=predicted, subjects=subjects, probabilities=probs)
 
@@ -251,8 +265,8 @@ def format_report(report: EvaluationReport, *, row: str = "frame") -> str:
         lines.append("score  precision  recall    f1  support")
         for c in metrics.per_class:
             lines.append(f"{c.score:>5}  {c.precision:>9.3f}  {c.recall:>6.3f}  {c.f1:.3f}  {c.support:>7}")
-        lines.append(f"accuracy {metrics.accuracy:.3f}   macro-F1 {metrics.macro_f1:.3f}   "
-                     f"quadratic kappa {metrics.quadratic_kappa:.3f}")
+        kappa = "undefined" if metrics.quadratic_kappa is None else f"{metrics.quadratic_kappa:.3f}"
+        lines.append(f"accuracy {metrics.accuracy:.3f}   macro-F1 {metrics.macro_f1:.3f}   quadratic kappa {kappa}")
         lines.append(f"false-negative rate (actual 2/3 called 1) {metrics.false_negative_rate:.3f}")
         if metrics.expected_score_mae is not None:
             lines.append(f"expected-score MAE {metrics.expected_score_mae:.3f}   "
@@ -343,15 +357,17 @@ def write_plots(report: EvaluationReport, predictions: Predictions, folder: Path
 
 
 def write_predictions_csv(predictions: Predictions, path: Path) -> None:
-    """The CSV that `--predictions` reads back."""
+    """The CSV that `--predictions` reads back (a subject_id column only when there are subject ids)."""
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         has_probs = predictions.probabilities is not None
-        writer.writerow(["actual", "predicted", "subject_id"] + (["p1", "p2", "p3"] if has_probs else []))
+        has_subjects = predictions.subjects is not None
+        writer.writerow(["actual", "predicted"] + (["subject_id"] if has_subjects else [])
+                        + (["p1", "p2", "p3"] if has_probs else []))
         for i in range(len(predictions.actual)):
-            subject = "" if predictions.subjects is None else predictions.subjects[i]
+            subject = [predictions.subjects[i]] if predictions.subjects is not None else []
             probs = [f"{p:.6f}" for p in predictions.probabilities[i]] if has_probs else []
-            writer.writerow([int(predictions.actual[i]), int(predictions.predicted[i]), subject, *probs])
+            writer.writerow([int(predictions.actual[i]), int(predictions.predicted[i]), *subject, *probs])
 
 
 def run_evaluate(

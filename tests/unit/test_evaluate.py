@@ -10,14 +10,18 @@ import cv2
 import numpy as np
 import pytest
 from acroscreen.server.training.evaluate import (
+    EvaluationReport,
     Predictions,
     aggregate_subjects,
     compute_metrics,
     confusion_matrix,
     expected_calibration_error,
     quadratic_weighted_kappa,
+    format_report,
     read_predictions_csv,
+    report_dict,
     run_evaluate,
+    write_predictions_csv,
 )
 
 # Rows = actual: actual 1 → (2, 1, 0), actual 2 → (1, 1, 0), actual 3 → (0, 1, 2).
@@ -48,6 +52,21 @@ def test_kappa_extremes() -> None:
     assert quadratic_weighted_kappa(np.diag([3, 2, 4])) == pytest.approx(1.0)
     # Predictions independent of the truth: observed equals expected disagreement.
     assert quadratic_weighted_kappa(np.ones((3, 3))) == pytest.approx(0.0)
+
+
+def test_scores_absent_from_actual_and_predicted_do_not_count() -> None:
+    """Macro-F1 averages the scores present (scikit-learn's convention); kappa of one score alone is undefined."""
+    assert compute_metrics(np.array([1, 1, 2, 2]), np.array([1, 1, 2, 2])).macro_f1 == pytest.approx(1.0)
+    # Score 1: precision 1, recall 1/2; score 2: precision 2/3, recall 1; score 3 appears nowhere.
+    assert compute_metrics(np.array([1, 1, 2, 2]), np.array([1, 2, 2, 2])).macro_f1 == pytest.approx((2 / 3 + 0.8) / 2)
+    # Score 3 predicted but never actual still counts (its F1 is 0).
+    assert compute_metrics(np.array([1, 2]), np.array([1, 3])).macro_f1 == pytest.approx(1 / 3)
+    single = compute_metrics(np.array([2, 2, 2]), np.array([2, 2, 2]))
+    assert single.macro_f1 == pytest.approx(1.0) and single.quadratic_kappa is None
+    assert quadratic_weighted_kappa(np.diag([0, 5, 0])) is None
+    report = EvaluationReport(frames=single, subjects=None, source="one score")
+    assert json.loads(json.dumps(report_dict(report)))["frames"]["quadratic_kappa"] is None
+    assert "quadratic kappa undefined" in format_report(report)
 
 
 def test_calibration_metrics() -> None:
@@ -117,3 +136,20 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     bad.write_text("actual\n1\n")
     with pytest.raises(ValueError, match="predicted"):
         read_predictions_csv(bad)
+
+
+def test_predictions_csv_round_trip_with_and_without_subjects(tmp_path: Path) -> None:
+    """No subject ids are written as no column, and read back as none (not one subject '' of every row)."""
+    path = tmp_path / "p.csv"
+    write_predictions_csv(Predictions(actual=np.array([1, 2, 3]), predicted=np.array([1, 2, 2])), path)
+    assert path.read_text().splitlines()[0] == "actual,predicted"
+    back = read_predictions_csv(path)
+    assert back.subjects is None and back.predicted.tolist() == [1, 2, 2]
+    path.write_text("actual,predicted,subject_id\n1,1,\n2,2, \n")  # an all-blank column from older files
+    assert read_predictions_csv(path).subjects is None
+    write_predictions_csv(Predictions(actual=np.array([1, 2]), predicted=np.array([1, 2]),
+                                      subjects=np.array(["a", "b"]),
+                                      probabilities=np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])), path)
+    back = read_predictions_csv(path)
+    assert back.subjects is not None and back.subjects.tolist() == ["a", "b"]
+    assert back.probabilities is not None and back.probabilities[1, 1] == pytest.approx(0.8)
