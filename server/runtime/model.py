@@ -284,8 +284,9 @@ class SeverityNet(nn.Module):
 def center_loss(embedding: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Wen et al. (2016): half the squared distance to the own class center, batch mean.
 
-    ``labels`` are class indices (0..2, i.e. score - 1). Gradients reach both the embedding
-    and ``centers`` (an ``nn.Parameter``), so an ordinary optimiser moves the centers.
+    ``labels`` are class indices (0..2, i.e. score - 1). Training passes ``centers`` detached,
+    so the gradient reaches the embedding only: as in Wen et al., the centers are moved by
+    their own update rule (`training.train.update_centers`, rate α), not by the optimiser.
     """
     if embedding.ndim != 2 or labels.shape != (embedding.shape[0],):
         raise ValueError(

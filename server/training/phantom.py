@@ -301,9 +301,11 @@ def _motion(t: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.nda
 def make_phantom_video(
     image_bgr: np.ndarray, level: int, path: Path, rng: np.random.Generator, *,
     frames: int = 48, fps: float = 12.0, size: tuple[int, int] = (480, 480), crf: int = 26,
-    landmarks: np.ndarray | None = None,
+    landmarks: np.ndarray | None = None, phantom: PhantomImage | None = None,
 ) -> PhantomVideo:
     """A short H.264 clip of one phantom with head motion, lighting drift and compression.
+
+    ``phantom``: the still to film (made with ``rng``); default: a new one of ``image_bgr`` at ``level``.
 
     Motion is in-plane rotation, scale, translation and a small perspective tilt;
     the light drifts in gain, gamma and colour balance; x264 at the given CRF
@@ -314,7 +316,8 @@ def make_phantom_video(
     """
     import av
 
-    phantom = make_phantom(image_bgr, level, rng, landmarks)
+    if phantom is None:
+        phantom = make_phantom(image_bgr, level, rng, landmarks)
     width, height = size
     src_h, src_w = phantom.pixels.shape[:2]
     base_scale = max(width / src_w, height / src_h)
@@ -402,7 +405,10 @@ def run_phantom(
     video: bool = False, split: Literal["train", "holdout", "all"] = "train",
     split_file: Path | None = None, seed: int = 0, video_frames: int = 48, video_fps: float = 12.0,
 ) -> Path:
-    """Write OUT/<score>/<identity>-L<score>/<image>-<k>.png (and .mp4 with video) plus OUT/manifest.csv.
+    """Write OUT/<score>/<identity>-L<score>/<image>-<k>.png plus OUT/manifest.csv, which lists the PNGs.
+
+    With ``video``, a clip of each phantom with head motion is also written beside its PNG, as
+    <image>-<k>.mp4 (the same morph; the PNGs are kept).
 
     `split` picks identities by SPLIT.md (default: identities_dir/../SPLIT.md), so
     phantoms for training never come from holdout people. Returns the manifest path.
@@ -437,17 +443,13 @@ def run_phantom(
                     folder = out / str(level) / subject_id(person.name, level)
                     folder.mkdir(parents=True, exist_ok=True)
                     for k in range(per_image):
-                        if video:
-                            target = folder / f"{source.stem}-{k}.mp4"
-                            result = make_phantom_video(
-                                image, level, target, rng, frames=video_frames, fps=video_fps, landmarks=landmarks,
-                            )
-                            magnitudes = result.magnitudes
-                        else:
-                            target = folder / f"{source.stem}-{k}.png"
-                            phantom = make_phantom(image, level, rng, landmarks)
-                            cv2.imwrite(str(target), phantom.pixels)
-                            magnitudes = phantom.magnitudes
+                        target = folder / f"{source.stem}-{k}.png"
+                        phantom = make_phantom(image, level, rng, landmarks)
+                        cv2.imwrite(str(target), phantom.pixels)
+                        magnitudes = phantom.magnitudes
+                        if video:  # a clip of the same morph, beside its PNG
+                            make_phantom_video(image, level, target.with_suffix(".mp4"), rng, frames=video_frames,
+                                               fps=video_fps, landmarks=landmarks, phantom=phantom)
                         writer.writerow({
                             "path": target.relative_to(out).as_posix(), "score": level,
                             "subject_id": subject_id(person.name, level), "identity": person.name,

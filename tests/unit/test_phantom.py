@@ -133,16 +133,19 @@ def test_video_phantom_is_reproducible(face: tuple[np.ndarray, np.ndarray], tmp_
 
 @needs_data
 def test_run_phantom_writes_tree_and_manifest(tmp_path: Path) -> None:
+    """With video, each phantom's PNG is kept (and listed) and its clip written beside it."""
     identities = tmp_path / "identities"
     (identities / "Eileen_Collins").mkdir(parents=True)
     (identities / "Eileen_Collins" / "1.jpg").write_bytes(FACE.read_bytes())
-    manifest = ph.run_phantom(identities, tmp_path / "out", levels=(1, 3), per_image=2, split="all")
+    manifest = ph.run_phantom(identities, tmp_path / "out", levels=(1, 3), per_image=2, split="all", video=True,
+                              video_frames=2)
     with manifest.open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["score"], r["subject_id"]) for r in rows] == [
         ("1", "Eileen_Collins-L1")] * 2 + [("3", "Eileen_Collins-L3")] * 2
     for row in rows:
-        assert cv2.imread(str(tmp_path / "out" / row["path"])) is not None
+        assert row["path"].endswith(".png") and cv2.imread(str(tmp_path / "out" / row["path"])) is not None
+        assert (tmp_path / "out" / row["path"]).with_suffix(".mp4").stat().st_size > 0
     assert (tmp_path / "out" / "3" / "Eileen_Collins-L3" / "1-1.png").is_file()
 
 
