@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import shutil
 import statistics
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from acroscreen.client import (
     FrameData,
@@ -36,6 +38,10 @@ from acroscreen.client import (
 from acroscreen.client.sources import video_frames
 from acroscreen.client.types import FrameAck
 from acroscreen.client.workers import OWN_CONNECTION
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+    from multiprocessing.synchronize import Event, Semaphore
 
 
 REPLAYS = ("ping-pong", "wrap")
@@ -106,6 +112,7 @@ class _Load:
 
     streams: list[_StreamStats]
     cpu_s: float
+    started: float  # time.monotonic() when the measured window began: every load process ready
 
 
 def load_clips(config: BenchConfig) -> list[list[FrameData]]:
@@ -236,37 +243,93 @@ def _stream_threads(
             thread.start()
         for thread in threads:
             thread.join()
-    return _Load(streams=stats, cpu_s=time.process_time() - cpu_before)
+    return _Load(streams=stats, cpu_s=time.process_time() - cpu_before, started=started)
 
 
-def _stream_group(target: str, config: BenchConfig, indices: list[int], deadline: float) -> _Load:
-    """A load-generator process of its own: loads the clips, then streams `indices`."""
-    return _stream_threads(target, load_clips(config), config, indices, deadline)
+def _stream_group(
+    clips: list[list[FrameData]], started: float, target: str, config: BenchConfig, indices: list[int]
+) -> _Load:
+    """A load-generator process of its own (see `_started_together`): streams `indices`."""
+    return _stream_threads(target, clips, config, indices, started + config.duration_s)
 
 
-def _run_load(target: str, clips: list[list[FrameData]], config: BenchConfig, deadline: float) -> _Load:
+def _run_load(
+    target: str, clips: list[list[FrameData]], config: BenchConfig, start_clock: Callable[[], float]
+) -> _Load:
     """One Python process sends and receives about 250 frames/s, so many streams are spread over
-    several load processes (`load_processes`; 8 streams each by default). The monotonic clock
-    is system-wide on Linux, so every process shares the deadline."""
+    several load processes (`load_processes`; 8 streams each by default). The measured window
+    starts (`start_clock`, which returns its time.monotonic()) once they are all ready to send."""
     processes = config.load_processes or max(1, min((os.cpu_count() or 1) // 2, -(-config.streams // 8)))
     if processes == 1:
-        return _stream_threads(target, clips, config, list(range(config.streams)), deadline)
+        started = start_clock()
+        return _stream_threads(target, clips, config, list(range(config.streams)), started + config.duration_s)
     groups = [list(range(config.streams))[k::processes] for k in range(processes)]
+    loads, started = _started_together(_stream_group, [(target, config, group) for group in groups], clips, start_clock)
+    return _Load(streams=[stat for load in loads for stat in load.streams], cpu_s=sum(load.cpu_s for load in loads),
+                 started=started)
+
+
+_load_process: dict = {}  # in a load process of `_started_together`: what `_init_load_process` was given
+
+
+def _init_load_process(
+    clips: list[list[FrameData]], ready: Semaphore, go: Event, started: Synchronized
+) -> None:
+    _load_process.update(clips=clips, ready=ready, go=go, started=started)
+
+
+def _when_started(task: Callable[..., object], *args: object) -> object:
+    """In a load process: says it is ready, waits for the clock, then runs `task(clips, started, *args)`."""
+    _load_process["ready"].release()
+    _load_process["go"].wait()
+    started = _load_process["started"].value
+    if not started:
+        raise RuntimeError("the run was called off before it started")
+    return task(_load_process["clips"], started, *args)
+
+
+def _started_together(
+    task: Callable[..., object],
+    arguments: Sequence[tuple],
+    clips: list[list[FrameData]],
+    start_clock: Callable[[], float],
+) -> tuple[list, float]:
+    """`task(clips, started, *args)` for each `args` of `arguments`, each in a spawned process of its
+    own, and the `started` they were given: `start_clock()`, called once every process has started,
+    imported this module and holds the clips, so none of that is in anybody's measured window. The
+    monotonic clock is system-wide on Linux, so every process shares it."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        loads = list(pool.map(_stream_group, [target] * processes, [config] * processes, groups, [deadline] * processes))
-        return _Load(streams=[stat for load in loads for stat in load.streams], cpu_s=sum(load.cpu_s for load in loads))
+    ready, go, started = context.Semaphore(0), context.Event(), context.Value("d", 0.0)
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=len(arguments), mp_context=context,
+        initializer=_init_load_process, initargs=(clips, ready, go, started),
+    ) as pool:
+        try:  # one task per process: each holds its process until the clock starts
+            futures = [pool.submit(_when_started, task, *args) for args in arguments]
+            for _ in futures:
+                while not ready.acquire(timeout=0.5):
+                    for future in futures:
+                        if future.done():  # a process that could not start raises here
+                            future.result()
+                            raise RuntimeError("a load process ended before the run started")
+            started.value = start_clock()
+        finally:
+            go.set()  # with `started` still 0 after a failure: the run is called off
+        return [future.result() for future in futures], started.value
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 by the nearest-rank definition: the p-th percentile of n values is the
+    ceil(p/100 · n)-th smallest (1-based), a value that was measured; p99 of 100 values is the 99th."""
     if not values:
         return {"p50": None, "p95": None, "p99": None}
     ordered = sorted(values)
 
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+    def at(percent: int) -> float:
+        rank = -(-percent * len(ordered) // 100)  # ceil in integers: no 0.95 * 100 = 95.00000000000001
+        return round(ordered[max(0, rank - 1)], 2)
 
-    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}
+    return {"p50": at(50), "p95": at(95), "p99": at(99)}
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -376,19 +439,74 @@ def _start_server(config: BenchConfig) -> tuple[subprocess.Popen, str, list[str]
                "--log-json", *config.server_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        return process, *_read_ports(process, workers, SERVER_START_TIMEOUT_S)
+    except BaseException:
+        _stop([process])
+        raise
+
+
+# How long a started server may take to say it is serving (loading the model included).
+SERVER_START_TIMEOUT_S = 300.0
+# What server/main.py prints on stdout: a worker `serving on HOST:PORT (metrics :PORT)`, the model
+# process (--workers > 1) `model process ready (metrics :PORT)`; metrics :-1 with --metrics-port -1.
+# HOST as given to --host: 127.0.0.1, localhost, ::, [::1], …
+_SERVING = re.compile(r"serving on (\S*):(\d+) \(metrics :(-?\d+)\)")
+_MODEL_READY = re.compile(r"model process ready \(metrics :(-?\d+)\)")
+
+
+def _read_ports(process: subprocess.Popen, workers: int, timeout_s: float) -> tuple[str, list[str], list[str]]:
+    """The gRPC target, the workers' /metrics URLs and the model process's, as the started server
+    prints them on stdout, once each of its `workers` has; an error naming what it printed if it ends
+    or `timeout_s` passes first."""
+    lines = _lines_of(process)
+    printed: list[str] = []
+    target, metrics_urls, model_ports, serving = "", [], [], 0
+    deadline = time.monotonic() + timeout_s
+    while serving < workers:  # each worker reports the shared port and a metrics port of its own
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"the benchmark server did not say it was serving within {timeout_s:g} s; "
+                               f"it printed {printed!r} (try `acroscreen serve` by hand)") from None
+        if line is None:
+            raise RuntimeError(f"the benchmark server ended (exit status {process.poll()}) before it was serving; "
+                               f"it printed {printed!r} (try `acroscreen serve` by hand)")
+        printed.append(line.rstrip("\n"))
+        if model := _MODEL_READY.search(line):
+            if int(model.group(1)) >= 0:
+                model_ports.append(model.group(1))
+        elif match := _SERVING.search(line):
+            host, port, metrics = _reachable(match.group(1)), match.group(2), int(match.group(3))
+            target, serving = f"{host}:{port}", serving + 1
+            if metrics >= 0:
+                metrics_urls.append(f"http://{host}:{metrics}/metrics")
+    host = target.rsplit(":", 1)[0]
+    return target, metrics_urls, [f"http://{host}:{port}/metrics" for port in model_ports]
+
+
+def _lines_of(process: subprocess.Popen) -> queue.Queue[str | None]:
+    """The process's stdout line by line, then None: read by a thread, so that a wait for a line can
+    time out, until the process closes it (a pipe nobody reads would block the server once full)."""
     assert process.stdout is not None
-    metrics_urls, model_ports = [], []
-    for line in process.stdout:  # each worker reports the shared port and a metrics port of its own
-        model = re.search(r"model process ready \(metrics :(\d+)\)", line)  # with --workers > 1
-        if model:
-            model_ports.append(model.group(1))
-        match = re.search(r"serving on ([\d.]+):(\d+) \(metrics :(\d+)\)", line)
-        if match:
-            host, port, metrics = match.groups()
-            metrics_urls.append(f"http://{host}:{metrics}/metrics")
-            if len(metrics_urls) == workers:
-                return process, f"{host}:{port}", metrics_urls, [f"http://{host}:{p}/metrics" for p in model_ports]
-    raise RuntimeError("the benchmark server did not start (try `acroscreen serve` by hand)")
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stdout: TextIO) -> None:
+        with stdout:
+            for line in stdout:
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, args=(process.stdout,), name="acroscreen-bench-server-stdout", daemon=True).start()
+    return lines
+
+
+def _reachable(host: str) -> str:
+    """Where to reach a server listening on `host`, as a URL or gRPC target writes it: a wildcard
+    address as the loopback (as the supervisor's /metrics does), an IPv6 address in brackets."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
@@ -418,14 +536,20 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
                 model = info.model
         before_each = [_scrape(url) for url in metrics_urls + model_urls]
         before = _sum_scrapes(before_each)
-        cpu_before = probe.cpu_seconds() if probe else 0.0
-        if probe:
-            probe.start_gpu_sampling()
-        started = time.monotonic()
-        deadline = started + config.duration_s
-        load = _run_load(target, clips, config, deadline)
+        cpu_before = 0.0
+
+        def start_clock() -> float:  # when every load process is ready to send
+            nonlocal cpu_before
+            if probe:
+                cpu_before = probe.cpu_seconds()
+                probe.start_gpu_sampling()
+            return time.monotonic()
+
+        load = _run_load(target, clips, config, start_clock)
         stats = load.streams
-        elapsed = time.monotonic() - started
+        # From the clock's start (the first stream's start) to the last answer: like the naive
+        # baseline's window, which starts with its first frame, nothing of the setup.
+        elapsed = time.monotonic() - load.started
         after_each = [_scrape(url) for url in metrics_urls + model_urls]
         after = _sum_scrapes(after_each)
         report = {
@@ -503,7 +627,7 @@ def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) ->
     frames = [clip[i] for i in range(max(map(len, clips))) for clip in clips if i < len(clip)]
     processed = analyzed = 0
     latencies: list[float] = []
-    started = time.monotonic()
+    started = time.monotonic()  # as the server's window, from the first frame: the model loaded and warm
     while time.monotonic() - started < config.baseline_duration_s:
         frame = frames[processed % len(frames)]
         t0 = time.monotonic()
