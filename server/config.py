@@ -51,7 +51,7 @@ class Settings:
         32, "concurrent streams per worker, and as many ScreenImages calls besides; more get RESOURCE_EXHAUSTED"
     )
     max_streams_per_token: int = _setting(
-        0, "concurrent streams one bearer token may hold, and as many ScreenImages calls besides (0 = no quota)"
+        0, "concurrent streams one bearer token may hold, and as many ScreenImages calls besides (0 = no quota; needs tokens)"
     )
     max_frames_per_stream: int = _setting(108_000, "frames one stream may send (an hour at 30 fps)")
     max_stream_duration_s: float = _setting(3600.0, "longest a stream may stay open")

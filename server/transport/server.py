@@ -56,6 +56,8 @@ class GrpcServer:
         # The error mapping is outermost, so it also maps what the authentication refuses.
         interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor()]
         tokens = load_tokens(settings)
+        if settings.max_streams_per_token and not tokens:  # callers claim unchecked tokens: a fresh one, a fresh quota
+            raise ConfigurationError("max_streams_per_token is a quota per bearer token: it needs tokens to check")
         if tokens:
             interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
         # No maximum_concurrent_rpcs: it would refuse health checks too (a flood of calls would fail the

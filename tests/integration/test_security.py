@@ -168,6 +168,12 @@ def test_a_tokens_file_without_a_token_is_refused_at_start(tmp_path: Path) -> No
             start_server(metrics_port=-1, **configured)
 
 
+def test_a_per_token_quota_without_tokens_is_refused_at_start() -> None:
+    """Without tokens nothing checks the one a caller sends: a new made-up token was a new quota."""
+    with pytest.raises(ConfigurationError, match="needs tokens"):
+        start_server(metrics_port=-1, max_streams_per_token=2)
+
+
 def _fields(credentials: Credentials) -> dict:
     return {name: getattr(credentials, name) for name in ("tls", "tls_ca", "tls_cert", "tls_key", "token")}
 
