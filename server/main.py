@@ -372,13 +372,17 @@ def _supervise(settings: Settings) -> int:
     ready_in, ready_out = multiprocessing.Pipe(duplex=False)
     reports_in, reports_out = multiprocessing.Pipe(duplex=False)  # workers → here: their metrics ports
     own_metrics = -1 if settings.metrics_port < 0 else 0  # each process on a port of its own; the sum here
+    # Scraped from the start, so a pod still loading shows acroscreen_model_ready 0 rather than no target.
+    metrics = _MetricsSum(settings) if settings.metrics_port >= 0 else None
+    listening = [metrics.socket] if metrics is not None else []  # the children leave it to this process
 
     model_settings = dataclasses.replace(settings, metrics_port=own_metrics,
                                          torch_threads=settings.torch_threads or max(1, cores // 2))
     model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
-                      close=[ready_in, reports_in, reports_out, *(end for link in links for end in link.worker_ends)])
+                      close=[ready_in, reports_in, reports_out, *listening,
+                             *(end for link in links for end in link.worker_ends)])
     ready_out.close()
-    report = _wait_ready(ready_in, model_pid, stopping)
+    report = _wait_ready(ready_in, model_pid, stopping, metrics.answer_waiting if metrics is not None else None)
     ready_in.close()
     if report is None:
         return 0 if stopping.is_set() else 1
@@ -396,15 +400,15 @@ def _supervise(settings: Settings) -> int:
         remote = RemoteModel(links[index], served)
         identity = dataclasses.replace(run, index=index)
         workers.append(_fork(lambda: _serve_one(worker, remote, reports_out, identity),
-                             close=[reports_in, *links[index].model_ends, *others]))
+                             close=[reports_in, *listening, *links[index].model_ends, *others]))
         if stopping.is_set():  # asked before this one existed
             _signal(workers[-1], signal.SIGTERM)
     for link in links:
         for end in (*link.worker_ends, *link.model_ends):
             end.close()
     reports_out.close()
-    if settings.metrics_port >= 0:
-        _serve_metrics_sum(settings, model_metrics, reports_in)
+    if metrics is not None:
+        metrics.serve(model_metrics, reports_in)
     codes = {}
     running = set(workers)
     while running:
@@ -461,32 +465,61 @@ def _stop_with_parent(parent: int) -> None:
         raise SystemExit("the supervisor ended before this process could ask to be stopped with it")
 
 
-def _serve_metrics_sum(settings: Settings, model_metrics: int, reports: Connection) -> None:
-    """The supervisor's /metrics: the sum over every process (see `ProcessesSum`), workers added as they report."""
-    from prometheus_client import CollectorRegistry, start_http_server
+class _MetricsSum:
+    """The supervisor's /metrics: the sum over every process (see `ProcessesSum`), each added as it
+    reports its port. Listening from the start, served without a thread while the model loads (the
+    workers are forked after that, and a fork must not copy a thread's half-held locks), then by one."""
 
-    listening = http_address(settings.host)
-    host = "127.0.0.1" if listening in ("", "0.0.0.0", "::") else f"[{listening}]" if ":" in listening else listening
-    urls = [f"http://{host}:{model_metrics}/metrics"]
+    def __init__(self, settings: Settings) -> None:
+        import wsgiref.simple_server
 
-    def collect_reports() -> None:
-        while True:
-            try:
-                urls.append(f"http://{host}:{int(reports.recv_bytes())}/metrics")
-            except (EOFError, OSError):
-                return
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
-    threading.Thread(target=collect_reports, name="acroscreen-metrics-ports", daemon=True).start()
-    registry = CollectorRegistry()
-    registry.register(ProcessesSum(lambda: tuple(urls), expected=settings.workers + 1))
-    httpd, _thread = start_http_server(settings.metrics_port, addr=listening, registry=registry)
-    _announce(f"acroscreen supervisor metrics :{httpd.server_port} (all {settings.workers + 1} processes added up)")
+        class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 — the stdlib's name
+                pass
+
+        listening = http_address(settings.host)
+        server_class = type("Server", (wsgiref.simple_server.WSGIServer,),
+                            {"address_family": socket.AF_INET6 if ":" in listening else socket.AF_INET})
+        self._host = "127.0.0.1" if listening in ("", "0.0.0.0", "::") else f"[{listening}]" if ":" in listening else listening
+        self._urls: list[str] = []
+        registry = CollectorRegistry()
+        registry.register(ProcessesSum(lambda: tuple(self._urls), expected=settings.workers + 1))
+        self._server = wsgiref.simple_server.make_server(listening, settings.metrics_port, make_wsgi_app(registry),
+                                                         server_class=server_class, handler_class=Quiet)
+        self._server.timeout = 0.0  # answer_waiting never blocks
+        self.socket = self._server.socket
+        _announce(f"acroscreen supervisor metrics :{self._server.server_port} (all {settings.workers + 1} processes added up)")
+
+    def answer_waiting(self) -> None:
+        """Answer a scrape that is waiting, if one is (on this thread)."""
+        self._server.handle_request()
+
+    def serve(self, model_metrics: int, reports: Connection) -> None:
+        """From now on from a thread, the model process's metrics included and the workers' as they report."""
+        self._urls.append(f"http://{self._host}:{model_metrics}/metrics")
+
+        def collect_reports() -> None:
+            while True:
+                try:
+                    self._urls.append(f"http://{self._host}:{int(reports.recv_bytes())}/metrics")
+                except (EOFError, OSError):
+                    return
+
+        threading.Thread(target=collect_reports, name="acroscreen-metrics-ports", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, name="acroscreen-metrics", daemon=True).start()
 
 
-def _wait_ready(ready: Connection, pid: int, stopping: threading.Event) -> tuple[ServedModel, int] | None:
-    """Until the model process reports its model and metrics port; None if it ended first or
-    a stop was asked for (then it is ended: it stops on SIGTERM while loading)."""
+def _wait_ready(
+    ready: Connection, pid: int, stopping: threading.Event, meanwhile: Callable[[], None] | None
+) -> tuple[ServedModel, int] | None:
+    """Until the model process reports its model and metrics port, calling `meanwhile` every 0.2 s
+    at most; None if it ended first or a stop was asked for (then it is ended: it stops on SIGTERM
+    while loading)."""
     while not ready.poll(0.2):
+        if meanwhile is not None:
+            meanwhile()
         if stopping.is_set():
             _signal(pid, signal.SIGTERM)
             os.waitpid(pid, 0)

@@ -365,14 +365,17 @@ def test_workers_stop_when_the_model_process_dies_and_nothing_outlives_the_super
         assert not any(_running(pid) for pid in children)
 
 
-def test_a_stop_while_the_model_loads_ends_every_process_at_once(tmp_path: Path) -> None:
-    """The supervisor handled SIGTERM only once the model had loaded and the workers were forked:
-    before that it had no handler, and a container's PID 1 without one ignores SIGTERM, so a pod
-    stopped while loading waited its whole grace period for SIGKILL. A FIFO as the weights file
-    holds the load for as long as the test likes."""
+def test_while_the_model_loads_metrics_say_so_and_a_stop_ends_every_process_at_once(tmp_path: Path) -> None:
+    """With --workers the supervisor opened /metrics and handled SIGTERM only once the model had
+    loaded and the workers were forked. So a loading pod was a target down, not a model not ready;
+    and a container's PID 1 without a handler ignores SIGTERM, so a pod stopped while loading waited
+    its whole grace period for SIGKILL. A FIFO as the weights file holds the load as long as needed."""
     weights = tmp_path / "loading.safetensors"
     os.mkfifo(weights)
-    process = subprocess.Popen([ACROSCREEN, "serve", "--workers", "2", "--port", "0", "--metrics-port", "-1",
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    process = subprocess.Popen([ACROSCREEN, "serve", "--workers", "2", "--port", "0", "--metrics-port", str(metrics_port),
                                 "--model", str(weights)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     writer = None
     try:
@@ -383,6 +386,7 @@ def test_a_stop_while_the_model_loads_ends_every_process_at_once(tmp_path: Path)
             except OSError:
                 assert time.monotonic() < deadline, "the model process never opened the weights file"
                 time.sleep(0.05)
+        assert _metric(f"http://127.0.0.1:{metrics_port}/metrics", "acroscreen_model_ready") == 0.0
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
