@@ -45,8 +45,9 @@ from .types import (
 StreamEvent = FrameAck | FramePrediction | SubjectResult
 _END = object()
 # Answers (acks, results, updates) queued for a client that does not read them: the batcher's
-# deliveries never wait, but past this many the reader stops reading, and flow control slows the sender.
-UNREAD_ANSWERS_HIGH_WATER = 256
+# deliveries never wait, but past this many the reader stops reading, and flow control slows the
+# sender. Generous (~1 MB a stream), so a client that reads late but does read is not held up.
+UNREAD_ANSWERS_HIGH_WATER = 4096
 
 
 class StreamLimitReached(Overloaded):

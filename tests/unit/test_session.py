@@ -89,9 +89,10 @@ def test_a_cancelled_stream_with_a_full_backlog_stops_at_once() -> None:
     assert not session._worker.is_alive()
 
 
-def test_a_client_that_does_not_read_its_answers_stops_the_reader() -> None:
+def test_a_client_that_does_not_read_its_answers_stops_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     """A live stream's answers (an ack and a result a frame) queue for the client; one that sends
     without reading them must meet flow control, not grow the server's memory frame by frame."""
+    monkeypatch.setattr(session_module, "UNREAD_ANSWERS_HIGH_WATER", 256)  # the test's 2,000 frames pass it
     session = _session(SessionOptions(acknowledge_frames=True))
     submitted: list[int] = []
 

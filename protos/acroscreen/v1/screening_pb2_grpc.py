@@ -86,6 +86,9 @@ class ScreeningServicer:
         (the Python clients do, on the report of a GetModelInfo call made just
         before the stream, plus their own streams placed since: a long-lived
         client's last call may be minutes old, and other clients placed streams).
+        Read the answers while sending: past 4,096 answers the client has not
+        read, the server stops reading its frames (flow control then holds the
+        sender), so a client that reads only after sending everything stalls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
