@@ -296,6 +296,7 @@ def _serve_one(
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
+    _accept_stops()
     try:
         running = start(settings, remote_model, worker)
     except AcroscreenError as error:
@@ -322,6 +323,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which drain first
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while loading there is nothing to drain: a stop ends it
+    _accept_stops()
     metrics = Metrics()
     metrics_port = -1
     if settings.metrics_port >= 0:
@@ -433,24 +435,37 @@ def _supervise(settings: Settings) -> int:
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
+_STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _fork(body: Callable[[], int], close: list[Connection]) -> int:
-    """A child process that closes the pipe ends it must not hold, runs `body` and exits with its code."""
+    """A child process that closes the pipe ends it must not hold, runs `body` and exits with its code.
+
+    It starts with SIGTERM and SIGINT blocked (`_accept_stops` unblocks them once its own handlers
+    are in place): until then it runs the supervisor's handler, which would swallow a stop."""
     parent = os.getpid()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _stop_with_parent(parent)
-            for end in close:
-                end.close()
-            code = body()
-        except SystemExit as stop:
-            log.error("%s", stop)
-        except BaseException:  # noqa: BLE001 — os._exit below would end the process without a word
-            log.exception("process %d failed", os.getpid())
-        finally:
-            os._exit(code)
-    return pid
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return pid
+    code = 1
+    try:
+        _stop_with_parent(parent)
+        for end in close:
+            end.close()
+        code = body()
+    except SystemExit as stop:
+        log.error("%s", stop)
+    except BaseException:  # noqa: BLE001 — os._exit below would end the process without a word
+        log.exception("process %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+def _accept_stops() -> None:
+    """SIGTERM and SIGINT reach this process's handlers (blocked in a child until they are set: `_fork`)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -476,6 +491,8 @@ class _MetricsSum:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+            timeout = 2.0  # a connection that says nothing must not hold the supervisor (served inline at first)
+
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 — the stdlib's name
                 pass
 

@@ -120,6 +120,7 @@ class StreamSession:
 
     def _wait_for_the_client_to_read(self) -> None:
         while self._events.qsize() >= UNREAD_ANSWERS_HIGH_WATER and not (self._cancelled.is_set() or self._finishing.is_set()):
+            self._last_frame_at = time.monotonic()  # the server holds the frames back: the client is not idle
             time.sleep(0.01)
 
     def _take(self, frame: FrameInput) -> None:
@@ -207,12 +208,13 @@ class StreamSession:
 
     def finish(self) -> None:
         """Analyse what is queued, then send the final result (idempotent)."""
-        if not self._finishing.is_set():
-            self._finishing.set()
-            held = self._take_held()
-            if held is not None:
-                self._select(held, acknowledged=self.options.acknowledge_frames)
-            self._backlog.put(_END)
+        with self._submit_lock:  # not while the worker ends the stream for idling (it takes the held frame then)
+            if not self._finishing.is_set():
+                self._finishing.set()
+                held = self._take_held()
+                if held is not None:
+                    self._select(held, acknowledged=self.options.acknowledge_frames)
+                self._backlog.put(_END)
 
     def cancel(self) -> None:
         """The client went away: stop at once and free everything."""

@@ -109,3 +109,29 @@ def test_a_client_that_does_not_read_its_answers_stops_the_reader(monkeypatch: p
     answers = [event for event in session.events() if isinstance(event, FramePrediction)]
     sender.join(timeout=10.0)
     assert len(submitted) == 2_000 and sorted(a.index for a in answers) == list(range(2_000))  # each answered once
+
+
+def test_a_stream_the_server_holds_back_is_not_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the reader waits for the client to read its answers, no frame arrives: the stream
+    looked idle, was finished, and every later frame went unanswered under an OK FINAL result."""
+    monkeypatch.setattr(session_module, "UNREAD_ANSWERS_HIGH_WATER", 50)
+    metrics = Metrics()
+    analyzer = FrameAnalyzer(preprocessor=FacePreprocessor(PreprocessSettings()),
+                             batcher=DynamicBatcher(lambda crops: [], BatcherConfig(), metrics),
+                             decode_limits=DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 22), metrics=metrics)
+    session = StreamSession(options=SessionOptions(acknowledge_frames=True), analyzer=analyzer,
+                            aggregator=SubjectAggregator("s", ModelRef(name="m", version="0", kind="test", sha256=""), 1),
+                            backlog_size=4, update_every_frames=1, limits=StreamLimits(idle_timeout_s=1.0),
+                            metrics=metrics, on_close=lambda session: None)
+
+    def send() -> None:
+        for index in range(200):
+            session.submit(_undecodable(index))
+        session.finish()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    time.sleep(2.5)  # the client reads only now: longer than the idle timeout
+    answered = {event.index for event in session.events() if isinstance(event, FramePrediction)}
+    sender.join(timeout=10.0)
+    assert answered == set(range(200))
