@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -48,7 +49,7 @@ def _stage_seconds(metrics: Metrics) -> dict[str, float]:
     }
 
 
-def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.Event, out: multiprocessing.Queue) -> None:
+def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue) -> None:
     clips = load_clips(BenchConfig(videos=(Path(clips_path),)))
     metrics = Metrics()
     analyzer = FrameAnalyzer(
@@ -70,7 +71,7 @@ def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.
                 frames += 1
 
     one_round()  # warm: trackers found their faces, caches filled
-    start.wait()
+    start.wait(timeout=300)  # every process warm: their windows overlap
     frames, analysed[:] = 0, []
     stages_before = _stage_seconds(metrics)
     cpu, wall = time.process_time(), time.monotonic()
@@ -83,12 +84,20 @@ def _replay(clips_path: str, seconds: float, start: multiprocessing.synchronize.
 
 def measure(clips_path: str, processes: int, seconds: float) -> dict:
     context = multiprocessing.get_context("fork")
-    start, out = context.Event(), context.Queue()
+    start, out = context.Barrier(processes), context.Queue()
     workers = [context.Process(target=_replay, args=(clips_path, seconds, start, out)) for _ in range(processes)]
     for worker in workers:
         worker.start()
-    start.set()
-    results = [out.get() for _ in workers]
+    results = []
+    deadline = time.monotonic() + seconds + 600
+    while len(results) < processes:  # a process that failed sends nothing: its exit code says so
+        try:
+            results.append(out.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers) or time.monotonic() > deadline:
+                for worker in workers:
+                    worker.terminate()
+                raise SystemExit("a frame-path process failed or hung (its traceback, if any, is above)") from None
     for worker in workers:
         worker.join()
     frames = sum(r[0] for r in results)

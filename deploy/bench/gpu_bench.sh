@@ -22,7 +22,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 STREAMS=${STREAMS:-64,112}  # 64: the p99 <= 150 ms target's load; 112 x 30 fps = 3,360 frames/s offered
-DURATION=${DURATION:-30}
+DURATION=${DURATION:-30}  # seconds a load runs; more than RAMP_S
+RAMP_S=${RAMP_S:-2}  # seconds over which the streams of a load start
 BASELINE=${BASELINE:-15}  # seconds of the naive baseline (with the last load); 0: none
 FRAME_PATH_PROCESSES=${FRAME_PATH_PROCESSES-1,8,16}  # empty: skip that probe; CHECKS=0 skips the gpu tests and graphs check
 WORKERS=${WORKERS:-16}  # a worker a core: 16 beat 12 on the H100 node (2026-11-28); the load generator and the model process take ~1.5 cores
@@ -44,7 +45,9 @@ ln -s "$PWD/protos/acroscreen/v1" "$SHIM/acroscreen/v1"
 touch "$SHIM/face_recognition_models/__init__.py"
 cp .carry/bench/shape_predictor_5_face_landmarks.dat "$SHIM/face_recognition_models/models/"
 export PYTHONPATH="$SHIM:/tmp/site2:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
+# OpenCV 5 (the machine's own, when /tmp/site is gone: the machine was handed back since the
+# INSTALL_OPENCV_ONLY call) has no CascadeClassifier: every frame would fail and the runs report zeros.
+"$PYTHON" -c "import cv2, dlib, grpc, google.protobuf as p, torch; assert hasattr(cv2, 'CascadeClassifier'), 'OpenCV ' + cv2.__version__ + ' has no CascadeClassifier: run INSTALL_OPENCV_ONLY=1 first, on the same warm machine'; print('opencv', cv2.__version__, 'grpc', grpc.__version__, 'protobuf', p.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee -a "$OUT/bench.log" || true
 if [ "$DEVICE" = cuda ] && [ "${CHECKS:-1}" = 1 ]; then
 # The tests no CPU machine runs (the bench goes on either way, the log says how they went), then
@@ -78,7 +81,7 @@ for N in ${STREAMS//,/ }; do
     BASE_ARGS=()
     if [ "$N" = "$LAST" ] && [ "$BASELINE" != 0 ]; then BASE_ARGS=(--baseline naive --baseline-duration "$BASELINE"); fi
     "$PYTHON" -m acroscreen.client.cli bench .carry/bench/clips.npz --device "$DEVICE" --streams "$N" \
-        --duration "$DURATION" --ramp-s "${RAMP_S:-2}" --pace realtime --every-frame "${BASE_ARGS[@]}" \
+        --duration "$DURATION" --ramp-s "$RAMP_S" --pace realtime --every-frame "${BASE_ARGS[@]}" \
         --server-arg=--max-streams=160 --server-arg=--max-batch-size=128 --server-arg=--batch-queue-capacity=4096 \
         --server-arg=--analysis-backlog=4 --server-arg=--max-batch-delay-ms=4 --server-arg=--workers="$WORKERS" --servers "$SERVERS" \
         --out "$OUT/bench_gpu_$N.json" 2>>"$OUT/bench.log" >/dev/null
