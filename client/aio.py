@@ -271,7 +271,7 @@ class AsyncScreeningClient:
                         if failure is not None:
                             raise failure from error
                 except asyncio.CancelledError:  # what a read raises once the source's failure cancelled the call
-                    if gate.source_error is None:
+                    if gate.source_error is None or _cancelled_by_its_owner():
                         raise
                 finally:
                     call.cancel()  # a no-op once the call has ended
@@ -396,6 +396,14 @@ class _AcceptanceGate(_AcceptanceDecision):
                 self.source_error = error
                 raise
             yield request
+
+
+def _cancelled_by_its_owner() -> bool:
+    """Whether the current task itself is being cancelled (Python 3.11+; on 3.10 it cannot tell, and
+    a source that failed at that very moment is raised in the cancellation's place)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())
 
 
 async def _then(first: list[FrameData], rest: AsyncIterator[FrameData]) -> AsyncIterator[FrameData]:
