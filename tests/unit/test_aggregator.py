@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from acroscreen.server.runtime.types import RejectReason
-from acroscreen.server.service.aggregator import SubjectAggregator, integrated_autocorrelation_time
+from acroscreen.server.service.aggregator import SubjectAggregator, _t95, integrated_autocorrelation_time
 from acroscreen.server.service.types import ModelRef, SubjectStatus
 
 MODEL = ModelRef(name="m", version="1", kind="untrained", sha256="")
@@ -125,3 +125,13 @@ def test_a_long_stream_re_estimates_its_autocorrelation_rarely(monkeypatch: pyte
     assert estimates == sorted(estimates) and estimates[-1] >= 20_000 / 1.1
     aggregator.result(final=True)
     assert estimates[-1] == 20_000  # the final result estimates on every frame
+
+
+def test_the_t_quantile_is_the_exact_one_within_a_percent_and_falls_with_the_degrees_of_freedom() -> None:
+    """The expansion gave 11.30 at 1 degree of freedom (exact 12.71): an interval too narrow for a
+    subject whose frames count as fewer than two."""
+    exact = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 10: 2.228, 30: 2.042}  # Student's t, 97.5th percentile
+    for degrees, quantile in exact.items():
+        assert abs(_t95(degrees) - quantile) / quantile < 0.01, degrees
+    values = [_t95(nu / 10) for nu in range(10, 400)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
