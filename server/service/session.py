@@ -94,11 +94,13 @@ class StreamSession:
             options.min_analysis_interval_ms * 1000, round(1e6 / limits.max_analysis_fps) if limits.max_analysis_fps else 0
         )
         self._picker = BestFramePicker(interval_us) if interval_us else None
-        self._picker_lock = threading.Lock()  # the reader offers, finish() or an idle worker releases
         self._outstanding = 0
         self._max_in_flight = 2 * backlog_size  # enough for the batcher to fill batches across streams
         self._pending: set[Future] = set()
         self._outstanding_done = threading.Condition()
+        # Held by the reader handing over a frame, by finish(), and by the worker ending an idle stream:
+        # so the worker never ends a stream mid hand-over, and the picker (the reader offers, the other
+        # two release) never releases a held frame before its ack is queued.
         self._submit_lock = threading.Lock()
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
@@ -138,10 +140,9 @@ class StreamSession:
             self._select(frame, acknowledged=False)
             return
         score = self._analyzer.preview_score(frame, self._tracker)
-        with self._picker_lock:  # held, the frame cannot be released (and answered) before its ack is queued
-            offered = self._picker.offer(frame, score)
-            if offered.held and self.options.acknowledge_frames:
-                self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
+        offered = self._picker.offer(frame, score)  # under the submit lock: see __init__
+        if offered.held and self.options.acknowledge_frames:
+            self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
         if offered.passed_over is not None:
             self._skip(offered.passed_over, "analysis_interval")
         if offered.released is not None:
@@ -200,11 +201,8 @@ class StreamSession:
                     return
 
     def _take_held(self) -> FrameInput | None:
-        """The frame held as the best of the last interval, when the stream ends."""
-        if self._picker is None:
-            return None
-        with self._picker_lock:
-            return self._picker.release()
+        """The frame held as the best of the last interval, when the stream ends (submit lock held)."""
+        return self._picker.release() if self._picker is not None else None
 
     def finish(self) -> None:
         """Analyse what is queued, then send the final result (idempotent)."""
