@@ -459,6 +459,8 @@ def _read_ports(process: subprocess.Popen, workers: int, timeout_s: float) -> tu
     """The gRPC target, the workers' /metrics URLs and the model process's, as the started server
     prints them on stdout, once each of its `workers` has; an error naming what it printed if it ends
     or `timeout_s` passes first."""
+    from .config import reachable_host
+
     lines = _lines_of(process)
     printed: list[str] = []
     target, metrics_urls, model_ports, serving = "", [], [], 0
@@ -477,7 +479,7 @@ def _read_ports(process: subprocess.Popen, workers: int, timeout_s: float) -> tu
             if int(model.group(1)) >= 0:
                 model_ports.append(model.group(1))
         elif match := _SERVING.search(line):
-            host, port, metrics = _reachable(match.group(1)), match.group(2), int(match.group(3))
+            host, port, metrics = reachable_host(match.group(1)), match.group(2), int(match.group(3))
             target, serving = f"{host}:{port}", serving + 1
             if metrics >= 0:
                 metrics_urls.append(f"http://{host}:{metrics}/metrics")
@@ -499,14 +501,6 @@ def _lines_of(process: subprocess.Popen) -> queue.Queue[str | None]:
 
     threading.Thread(target=read, args=(process.stdout,), name="acroscreen-bench-server-stdout", daemon=True).start()
     return lines
-
-
-def _reachable(host: str) -> str:
-    """Where to reach a server listening on `host`, as a URL or gRPC target writes it: a wildcard
-    address as the loopback (as the supervisor's /metrics does), an IPv6 address in brackets."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:

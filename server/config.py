@@ -161,6 +161,20 @@ class Settings:
         return {f.name.removeprefix(prefix): getattr(self, f.name) for f in fields(self) if f.name.startswith(prefix)}
 
 
+def http_address(host: str) -> str:
+    """The listening host as an HTTP server takes it: an IPv6 literal without gRPC's brackets ([::] → ::)."""
+    return host.strip("[]")
+
+
+def reachable_host(host: str) -> str:
+    """Where to reach a server listening on `host`, as a URL or gRPC target writes it: a wildcard
+    address as the loopback, an IPv6 address in brackets."""
+    bare = http_address(host)
+    if bare in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{bare}]" if ":" in bare else bare
+
+
 def env_names() -> list[str]:
     """Every environment variable the server reads."""
     return [ENV_PREFIX + f.name.upper() for f in fields(Settings)]

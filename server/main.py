@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from . import logs
-from .config import Settings
+from .config import Settings, http_address, reachable_host
 from .errors import AcroscreenError, ConfigurationError, ModelError
 from .metrics import Metrics, ProcessesSum
 from .runtime.card import ModelCard
@@ -499,7 +499,7 @@ class _MetricsSum:
         listening = http_address(settings.host)
         server_class = type("Server", (wsgiref.simple_server.WSGIServer,),
                             {"address_family": socket.AF_INET6 if ":" in listening else socket.AF_INET})
-        self._host = "127.0.0.1" if listening in ("", "0.0.0.0", "::") else f"[{listening}]" if ":" in listening else listening
+        self._host = reachable_host(settings.host)
         self._urls: list[str] = []
         registry = CollectorRegistry()
         registry.register(ProcessesSum(lambda: tuple(self._urls), expected=settings.workers + 1))
@@ -559,11 +559,6 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def http_address(host: str) -> str:
-    """The listening host as an HTTP server takes it: an IPv6 literal without gRPC's brackets ([::] → ::)."""
-    return host.strip("[]")
-
-
 def _port_nobody_serves(host: str, port: int) -> int:
     """The workers' port: a free one for 0, else `port` once a bind without SO_REUSEPORT shows that no
     other server listens there (the workers' SO_REUSEPORT would share it with that one, the kernel
@@ -571,7 +566,7 @@ def _port_nobody_serves(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: connections closing there are no obstacle
         try:
-            probe.bind((host.strip("[]"), port))
+            probe.bind((http_address(host), port))
         except OSError as error:
             raise ConfigurationError(f"cannot listen on {host}:{port} ({error.strerror})") from error
         return probe.getsockname()[1]
