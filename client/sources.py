@@ -49,15 +49,13 @@ def describe(spec: str) -> Source:
     raise ValueError(f"unsupported file type {suffix!r}: use a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or JPEG/PNG")
 
 
-def frames(
-    source: Source, jpeg_quality: int = 85, max_frames: int = 0, stop: threading.Event | None = None
-) -> Iterator[FrameData]:
-    """The source's frames; a webcam's until `stop` is set or `max_frames` were captured (0: no cap)."""
+def frames(source: Source, jpeg_quality: int = 85, stop: threading.Event | None = None) -> Iterator[FrameData]:
+    """The source's frames; a webcam's until `stop` is set."""
     if source.kind == "video":
         return video_frames(Path(source.location), jpeg_quality)
     if source.kind == "images":
         return image_frames(Path(source.location))
-    return webcam_frames(int(source.location), jpeg_quality, max_frames, stop)
+    return webcam_frames(int(source.location), jpeg_quality, stop=stop)
 
 
 def image_paths(path: Path) -> list[Path]:
