@@ -57,32 +57,34 @@ def train_one(args: argparse.Namespace, name: str, fields: dict[str, str]) -> No
     config = TrainConfig(data=files[0], out=args.work / name / "phantom-demo.safetensors", max_minutes=args.minutes,
                          max_samples=args.max_samples, batch_size=args.batch, patience=args.patience,
                          log_every=args.log_every, int8_calibration_crops=0,  # calibrate the one kept, on a CPU
-                         val_groups=validation_people(args.train), **overrides)
+                         val_groups=validation_people(_subjects(args.train)), **overrides)
     train(config, load_all(files))
 
 
-def validation_people(paths: list[Path]) -> tuple[str, ...]:
-    """The shared validation people: TrainConfig's default split (seed, val_fraction) of the --train caches."""
+def validation_people(subjects: np.ndarray) -> tuple[str, ...]:
+    """The shared validation people: TrainConfig's default split (seed, val_fraction) of the --train subjects."""
     from acroscreen.server.training.train import TrainConfig, split_by_group, split_group
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    subjects = np.concatenate([_subjects(p) for p in paths])
     mask = split_by_group(subjects, defaults["val_fraction"], defaults["seed"])
     return tuple(sorted({split_group(s) for s in subjects[mask].tolist()}))
 
 
-def _subjects(path: Path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as z:  # the subjects only: no pixels decoded
-        return z["subjects"]
+def _subjects(paths: list[Path]) -> np.ndarray:
+    """The caches' subjects only: no pixels decoded."""
+    subjects = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:
+            subjects.append(z["subjects"])
+    return np.concatenate(subjects)
 
 
 def validation_crops(args: argparse.Namespace):
     """Validation rows of the full training data: the people every variant validated on and never trained on."""
-    from acroscreen.server.training.train import split_group
+    from acroscreen.server.training.train import rows_of
 
     crops = load_all(args.train)
-    people = validation_people(args.train)
-    return crops.subset(np.isin([split_group(s) for s in crops.subjects.tolist()], people))
+    return crops.subset(rows_of(crops.subjects, validation_people(crops.subjects)))
 
 
 def accuracy(weights: Path, crops) -> float:

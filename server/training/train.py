@@ -38,6 +38,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -138,6 +139,11 @@ def split_by_group(subjects: np.ndarray, val_fraction: float, seed: int) -> np.n
     return np.isin(groups, val_names)
 
 
+def rows_of(subjects: np.ndarray, people: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the rows whose subject belongs to one of `people` (`split_group` names)."""
+    return np.isin([split_group(s) for s in subjects.tolist()], list(people))
+
+
 def validation_mask(subjects: np.ndarray, config: TrainConfig) -> np.ndarray:
     """Validation rows: those of the people in ``config.val_groups`` when given, else `split_by_group`
     of these subjects with the config's val_fraction and seed.
@@ -147,7 +153,7 @@ def validation_mask(subjects: np.ndarray, config: TrainConfig) -> np.ndarray:
     """
     if config.val_groups is None:
         return split_by_group(subjects, config.val_fraction, config.seed)
-    mask = np.isin([split_group(s) for s in subjects.tolist()], list(config.val_groups))
+    mask = rows_of(subjects, config.val_groups)
     if not mask.any():
         raise ValueError("none of the val_groups people are in the data")
     return mask
