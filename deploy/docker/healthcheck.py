@@ -62,11 +62,12 @@ def main() -> int:
 
 
 def _servers_token() -> str | None:
-    """The first of the server's own bearer tokens, read as the server reads them (file lines, # comments)."""
-    path = os.environ.get("ACROSCREEN_AUTH_TOKENS_FILE")
-    candidates = _read(path).decode().splitlines() if path else []
-    candidates += os.environ.get("ACROSCREEN_AUTH_TOKENS", "").split(",")
-    return next((t.strip() for t in candidates if t.strip() and not t.lstrip().startswith("#")), None)
+    """The first of the server's own bearer tokens, read by the server's own code from its settings."""
+    from acroscreen.server.config import Settings
+    from acroscreen.server.transport.auth import load_tokens
+
+    tokens = load_tokens(Settings.load())
+    return tokens[0] if tokens else None
 
 
 def _read(path: str) -> bytes:
