@@ -71,18 +71,29 @@ class Patches:
 
     def cut(self, image: np.ndarray, box: Box, angle_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(patch SIDE×SIDE uint8, dlib's 5 points in patch units, the frame → patch affine)."""
-        cx, cy = box.x + box.width / 2, box.y + box.height / 2
-        affine = cv2.getRotationMatrix2D((cx, cy), angle_deg, SIDE / (SPAN * box.width))
-        affine[:, 2] += (SIDE / 2 - cx, SIDE / 2 - cy)
-        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        large_side = int(SIDE * LABEL_SCALE)
-        large = cv2.warpAffine(grey, affine * LABEL_SCALE, (large_side, large_side), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
+        large, affine = large_patch(image, box, angle_deg)
         width = SIDE / SPAN * LABEL_SCALE  # the box's side in the large patch
-        centre = large_side / 2
+        centre = large.shape[0] / 2
         points = self._fitter.fit(large, Box(centre - width / 2, centre - width / 2, width, width)) / LABEL_SCALE
-        patch = cv2.resize(large, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-        return patch, (points / SIDE).astype(np.float32), affine
+        return as_patch(large), (points / SIDE).astype(np.float32), affine
+
+
+def large_patch(image: np.ndarray, box: Box, angle_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The grey patch of SPAN box sides around `box`, upright by `angle_deg`, at LABEL_SCALE × SIDE
+    pixels (where dlib labels it), and the frame → SIDE-patch affine."""
+    cx, cy = box.x + box.width / 2, box.y + box.height / 2
+    affine = cv2.getRotationMatrix2D((cx, cy), angle_deg, SIDE / (SPAN * box.width))
+    affine[:, 2] += (SIDE / 2 - cx, SIDE / 2 - cy)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    large_side = int(SIDE * LABEL_SCALE)
+    large = cv2.warpAffine(grey, affine * LABEL_SCALE, (large_side, large_side), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
+    return large, affine
+
+
+def as_patch(large: np.ndarray) -> np.ndarray:
+    """The CNN's SIDE×SIDE input from a `large_patch` (area-averaged, as it was trained)."""
+    return cv2.resize(large, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
 
 
 def photo_patches(patches: Patches, names: list[str], copies: int, augment: bool, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:

@@ -28,23 +28,17 @@ from acroscreen.server.runtime.types import Box
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from landmark_cnn_probe import LABEL_SCALE, SIDE, SPAN, landmark_net  # noqa: E402
+from landmark_cnn_probe import SIDE, as_input, as_patch, landmark_net, large_patch  # noqa: E402
 
 
 def cnn_fit(net: torch.nn.Module, image: np.ndarray, box: Box) -> np.ndarray:
     """Five points in frame coordinates, from the patch the probe's training patches were cut like."""
     hog_width = box.width / HOG_TO_HAAR_WIDTH
     cx, cy = box.center
-    cy += HOG_TO_HAAR_RAISE * hog_width
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
-    affine = cv2.getRotationMatrix2D((cx, cy), 0.0, SIDE / (SPAN * hog_width))
-    affine[:, 2] += (SIDE / 2 - cx, SIDE / 2 - cy)
-    large_side = int(SIDE * LABEL_SCALE)
-    large = cv2.warpAffine(grey, affine * LABEL_SCALE, (large_side, large_side), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REPLICATE)
-    patch = cv2.resize(large, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    hog_box = Box(cx - hog_width / 2, cy + HOG_TO_HAAR_RAISE * hog_width - hog_width / 2, hog_width, hog_width)
+    large, affine = large_patch(image, hog_box)
     with torch.no_grad():
-        points = net(torch.from_numpy(patch).float()[None, None] / 255.0 - 0.5).numpy().reshape(5, 2) * SIDE
+        points = net(as_input(as_patch(large)[None])).numpy().reshape(5, 2) * SIDE
     back = cv2.invertAffineTransform(affine)
     return (points @ back[:, :2].T + back[:, 2]).astype(np.float32)
 
