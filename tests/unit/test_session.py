@@ -32,7 +32,7 @@ class _ReaderDescheduledAfterQueueingAFrame(queue.Queue):
             time.sleep(0.05)
 
 
-def _session(options: SessionOptions) -> StreamSession:
+def _session(options: SessionOptions, limits: StreamLimits = StreamLimits()) -> StreamSession:
     metrics = Metrics()
     # Undecodable frames are answered before the model, so the batcher never runs.
     batcher: DynamicBatcher = DynamicBatcher(lambda crops: [], BatcherConfig(), metrics)
@@ -40,7 +40,7 @@ def _session(options: SessionOptions) -> StreamSession:
                              decode_limits=DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 22), metrics=metrics)
     model = ModelRef(name="m", version="0", kind="test", sha256="")
     session = StreamSession(options=options, analyzer=analyzer, aggregator=SubjectAggregator("s", model, 1),
-                            backlog_size=4, update_every_frames=1, limits=StreamLimits(), metrics=metrics,
+                            backlog_size=4, update_every_frames=1, limits=limits, metrics=metrics,
                             on_close=lambda session: None)
     return session
 
@@ -115,14 +115,7 @@ def test_a_stream_the_server_holds_back_is_not_idle(monkeypatch: pytest.MonkeyPa
     """While the reader waits for the client to read its answers, no frame arrives: the stream
     looked idle, was finished, and every later frame went unanswered under an OK FINAL result."""
     monkeypatch.setattr(session_module, "UNREAD_ANSWERS_HIGH_WATER", 50)
-    metrics = Metrics()
-    analyzer = FrameAnalyzer(preprocessor=FacePreprocessor(PreprocessSettings()),
-                             batcher=DynamicBatcher(lambda crops: [], BatcherConfig(), metrics),
-                             decode_limits=DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 22), metrics=metrics)
-    session = StreamSession(options=SessionOptions(acknowledge_frames=True), analyzer=analyzer,
-                            aggregator=SubjectAggregator("s", ModelRef(name="m", version="0", kind="test", sha256=""), 1),
-                            backlog_size=4, update_every_frames=1, limits=StreamLimits(idle_timeout_s=1.0),
-                            metrics=metrics, on_close=lambda session: None)
+    session = _session(SessionOptions(acknowledge_frames=True), StreamLimits(idle_timeout_s=1.0))
 
     def send() -> None:
         for index in range(200):
