@@ -118,6 +118,28 @@ class HaarFaceDetector:
         return Detection(box=box, confidence=confidence, face_count=len(faces))
 
 
+NO_HOG_FACE = -2.0  # the score reported when the HOG detector finds nothing
+# A crop turned round must hold at least this good a face to be called upside down (the HOG
+# detector's scores run from about −1 to 3; the crops below scored 0.12–2.3 turned round).
+UPSIDE_DOWN_MIN_SCORE = -0.5
+
+
+@dataclass(frozen=True, slots=True)
+class CropEvidence:
+    """The HOG detector's opinion of an aligned face crop.
+
+    ``upside_down``: the crop turned 180° holds a better face (anywhere in it) than the crop as it
+    is. The cascade finds some faces standing on their heads, and the landmark fit, which assumes
+    an upright face in its box, then puts the eyes on the mouth: the crop is aligned, and upside
+    down. Anywhere, not centred: such a fit also moves and scales the face. Over 217 photographs
+    the gate took upright, every crop scored better as it was (margin p5 1.29); all 10 the gate took
+    turned 180° scored better turned round (margin ≥ 0.49).
+    """
+
+    face: float  # best score of a face centred in the crop (≈ −1 … 3); NO_HOG_FACE when none
+    upside_down: bool
+
+
 class HogFaceDetector:
     """dlib's HOG face detector: a second, differently trained opinion on what is a face.
 
@@ -137,17 +159,19 @@ class HogFaceDetector:
         self._settings = settings
         self._lock = threading.Lock()
 
-    def evidence(self, crop_grey: np.ndarray) -> float:
-        """Best HOG score of a face centred in an aligned crop (≈ −1 … 3); −2 when none is found."""
+    def evidence(self, crop_grey: np.ndarray) -> CropEvidence:
+        """How much an aligned crop looks like a face centred in it, and whether it stands on its head."""
         size = crop_grey.shape[0]
         with self._lock:
             boxes, scores, _ = self._detector.run(crop_grey, 0, -1.0)
-        best = -2.0
+            turned = max(self._detector.run(cv2.rotate(crop_grey, cv2.ROTATE_180), 0, -1.0)[1], default=NO_HOG_FACE)
+        centred = NO_HOG_FACE
         for box, score in zip(boxes, scores):
             cx, cy = (box.left() + box.right()) / 2.0, (box.top() + box.bottom()) / 2.0
             if abs(cx - size / 2.0) < 0.1 * size and abs(cy - size / 2.0) < 0.125 * size:
-                best = max(best, float(score))
-        return best
+                centred = max(centred, float(score))
+        anywhere = max(scores, default=NO_HOG_FACE)
+        return CropEvidence(face=centred, upside_down=turned > anywhere and turned > UPSIDE_DOWN_MIN_SCORE)
 
     def detect_all(self, image_bgr: np.ndarray, min_face_px: float = 0.0) -> list[tuple[Box, float]]:
         """Every face as (box in frame coordinates and the cascade's convention, confidence in [0, 1]),

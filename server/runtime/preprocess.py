@@ -379,10 +379,10 @@ class FacePreprocessor:
                 detail=analysis.detail or "the followed face does not pass as a frontal face now",
             )
         if not verified:
-            small = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL]
-            # Too few pixels to verify, and too few to use: say so rather than "no face".
+            # Too few pixels to verify and to use, or a face on its head: say so rather than "no face".
+            explained = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL or a.detail == UPSIDE_DOWN]
             detail = "no face found" if not faces else f"{len(faces)} detector hit(s), none is a face when aligned"
-            missed = small[0] if small else _rejected(RejectReason.NO_FACE, detail)
+            missed = explained[0] if explained else _rejected(RejectReason.NO_FACE, detail)
             if tracker is not None:
                 assert missed.rejection is not None
                 tracker.missed(SearchMiss(missed.rejection, missed.detail), scene())
@@ -529,7 +529,10 @@ class FacePreprocessor:
         with _stage("quality"):
             grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
             if evidence is None:
-                evidence = self._hog.evidence(grey)
+                seen = self._hog.evidence(grey)
+                if seen.upside_down:  # not a face to analyse or follow: the fit sits on the wrong features
+                    return FaceAnalysis(detection, landmarks, pose, None, RejectReason.POSE, UPSIDE_DOWN, None, keyframe), -math.inf
+                evidence = seen.face
             quality, reason, detail = assess(
                 QualityInputs(
                     face_px=detection.box.width * scale,  # in frame pixels
@@ -543,6 +546,9 @@ class FacePreprocessor:
         return FaceAnalysis(
             detection, landmarks, pose, quality, reason, detail, affine, keyframe, aligned=crop
         ), evidence
+
+
+UPSIDE_DOWN = "the face is upside down in the frame (turned about 180°)"
 
 
 # Fit patches span this many face-box sides, by landmark model: dlib's 5-point model reads

@@ -96,6 +96,49 @@ def test_a_face_the_cascade_misses_is_found_by_the_hog_fallback(shared_data: Pat
     assert analysis.rejection is RejectReason.NO_FACE and crop is None
 
 
+# Photographs whose face, turned 180°, the gate took as a face (upside down) before the check.
+TAKEN_UPSIDE_DOWN = ("Alastair_Campbell/1.jpg", "Arnold_Schwarzenegger/3.jpg", "Barbara_Walters/1.jpg",
+                     "Lucy_Liu/1.jpg", "Kit_Harington/1.jpg", "Tom_Harkin/5.jpg")
+
+
+def test_an_aligned_crop_turned_round_is_upside_down(portrait_bgr: np.ndarray) -> None:
+    analysis, _ = FacePreprocessor(PreprocessSettings()).crop_image(portrait_bgr)
+    assert analysis.aligned is not None
+    grey = cv2.cvtColor(analysis.aligned, cv2.COLOR_BGR2GRAY)
+    hog = HogFaceDetector()
+    upright, turned = hog.evidence(grey), hog.evidence(cv2.rotate(grey, cv2.ROTATE_180))
+    assert upright.face > 0.5 and not upright.upside_down
+    assert turned.upside_down and turned.face < upright.face
+
+
+def test_faces_standing_on_their_heads_are_rejected_not_analysed(shared_data: Path) -> None:
+    """The cascade finds some upside-down faces and the fit then puts the eyes on the mouth: those
+    crops went to the model upside down. Now they are rejected (POSE, saying why); upright, the
+    same photographs are still taken."""
+    preprocessor = FacePreprocessor(PreprocessSettings())
+    for name in TAKEN_UPSIDE_DOWN:
+        image = cv2.imread(str(shared_data / "faces" / "identities" / name))
+        assert preprocessor.analyze(image).accepted, name
+        turned = preprocessor.analyze(cv2.rotate(image, cv2.ROTATE_180))
+        assert turned.rejection is RejectReason.POSE and "upside down" in turned.detail, (name, turned.detail)
+
+
+def test_a_stream_turned_upside_down_is_not_analysed(shared_data: Path) -> None:
+    """A keyframe's verdict covers the tracked frames after it: a stream turned round gave the model
+    91 of its first 150 frames upside down; now none."""
+    preprocessor = FacePreprocessor(PreprocessSettings())
+    tracker = preprocessor.settings.new_tracker()
+    reasons = []
+    with av.open(str(shared_data / "videos" / "liveportrait_d3.mp4")) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index == 60:
+                break
+            analysis = preprocessor.analyze(cv2.rotate(frame.to_ndarray(format="bgr24"), cv2.ROTATE_180), tracker)
+            reasons.append(analysis.detail if analysis.rejection is RejectReason.POSE else analysis.rejection)
+    assert None not in reasons  # no frame accepted
+    assert sum("upside down" in str(reason) for reason in reasons) >= 5, reasons
+
+
 def _face_on_canvas(face_image: np.ndarray, face_box: Box, face_px: float, size: tuple[int, int]) -> tuple[np.ndarray, Box]:
     """``face_image`` shrunk so its face is ``face_px`` wide, pasted at the centre-left of a
     width×height canvas of smooth noise (a flat canvas would skew the cascade's histogram
