@@ -58,41 +58,31 @@ def test_preprocess_writes_crops_and_json(tmp_path: Path) -> None:
     assert set(records[0]["pose"]) == {"yaw", "pitch", "roll"}
 
 
-def test_bench_reports_server_and_naive_baseline(shared_data: Path, tmp_path: Path) -> None:
-    """A short bench: two streams from two load processes, the second starting a second after the
-    first, then the naive pipeline on the same frames."""
+def test_bench_reports_every_workers_metrics_and_the_naive_baseline(shared_data: Path, tmp_path: Path) -> None:
+    """A short bench against two servers of --workers 2 (two pods), then the naive pipeline on the
+    same frames. Four streams from two load processes, the second starting a second after the
+    first: the report adds up the four workers' /metrics, and the clients, given one target naming
+    both servers, spread the streams over all four workers."""
     out = tmp_path / "bench.json"
-    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "2", "--duration", "3",
-               "--ramp-s", "2", "--load-processes", "2", "--baseline", "naive", "--baseline-duration", "2",
-               "--out", str(out))
+    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "4", "--duration", "3",
+               "--ramp-s", "2", "--load-processes", "2", "--servers", "2", "--server-arg=--workers=2",
+               "--baseline", "naive", "--baseline-duration", "2", "--out", str(out))
     report = json.loads(run.stdout)
     assert json.loads(out.read_text()) == report
     assert report["config"]["ramp_s"] == 2.0
     server = report["server"]
-    assert server["errors"] == [] and server["final_results"] == 2
+    assert server["servers"] == 2 and server["target"].startswith("ipv4:127.0.0.1:")
+    assert server["errors"] == [] and server["final_results"] == 4
     assert server["frames_acknowledged"] == server["frames_sent"] > 0
     assert server["analyzed_per_s"] > 0 and server["ack_latency_ms"]["p99"] is not None
-    assert report["naive"]["frames_processed"] > 0
-    assert report["machine"]["cpu_count"] >= 1
-    assert server["server_frames_received"] == server["frames_sent"]
-    assert 0 < server["server_cpu_ms_per_frame"] < 1000
-    assert 0 < server["load_cpu_ms_per_frame"] < 1000 and server["load_cpu_cores"] > 0  # both load processes' CPU
-
-
-def test_bench_counts_every_workers_metrics(shared_data: Path) -> None:
-    """Two servers of --workers 2 (two pods): the report adds up the four workers' /metrics; the
-    load process's client, given one target naming both servers, spreads its four streams over
-    all four workers."""
-    run = _run("bench", str(shared_data / "videos" / "retalking_face1.mp4"), "--streams", "4", "--duration", "3",
-               "--load-processes", "1", "--servers", "2", "--server-arg=--workers=2")
-    server = json.loads(run.stdout)["server"]
-    assert server["servers"] == 2 and server["target"].startswith("ipv4:127.0.0.1:")
-    assert server["errors"] == [] and server["frames_sent"] > 0
     assert server["server_frames_received"] == server["frames_sent"]
     per_worker = server["server_frames_received_per_worker"]
     assert len(per_worker) == 4 and min(per_worker) > 0, per_worker
-    assert server["load_cpu_ms_per_frame"] > 0  # the load generator in the bench's own process
+    assert 0 < server["server_cpu_ms_per_frame"] < 1000
+    assert 0 < server["load_cpu_ms_per_frame"] < 1000 and server["load_cpu_cores"] > 0  # both load processes' CPU
     assert server["mean_batch_size"] >= 1 and "infer" in server["server_stage_mean_ms"]
+    assert report["naive"]["frames_processed"] > 0
+    assert report["machine"]["cpu_count"] >= 1
 
 
 def test_frame_path_probe_reports_frames_cpu_and_stages(shared_data: Path, tmp_path: Path) -> None:
