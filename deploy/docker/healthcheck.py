@@ -6,24 +6,32 @@ Used by the images' HEALTHCHECK and, where the gRPC port serves TLS, by Kubernet
 
     acroscreen-healthcheck [--service acroscreen.v1.Screening] [--tls-ca ca.crt --server-name NAME]
 
-The port is ACROSCREEN_PORT (default 50051). When ACROSCREEN_TLS_CERT is set, the check uses TLS,
-trusting --tls-ca (default: the server's own certificate chain, which suffices for a self-signed
-certificate) and checking the certificate against --server-name. Where the server has bearer
-tokens (ACROSCREEN_AUTH_TOKENS_FILE or ACROSCREEN_AUTH_TOKENS), the check sends the first one, so it
+It reads the server's own settings (the ACROSCREEN_ environment, by the server's own code), so
+it finds the server where the server listens: ACROSCREEN_PORT, and ACROSCREEN_HOST (a wildcard
+address as the loopback). When ACROSCREEN_TLS_CERT is set, the check uses TLS, trusting --tls-ca
+(default: the server's own certificate chain, which suffices for a self-signed certificate) and
+checking the certificate against --server-name. Where the server has bearer tokens
+(ACROSCREEN_AUTH_TOKENS_FILE or ACROSCREEN_AUTH_TOKENS), the check sends the first one, so it
 passes with ACROSCREEN_HEALTH_REQUIRES_AUTH too. Exit codes: 0 SERVING, 1 NOT_SERVING or unknown
-service, 2 no answer (or refused).
+service, 2 no answer (or refused, or settings the server would refuse too).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from acroscreen.server.config import Settings, reachable_host
 
 
 def main() -> int:
+    try:
+        settings = Settings.load()
+    except ValueError as error:
+        print(f"health check failed: {error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=int(os.environ.get("ACROSCREEN_PORT", "50051")))
+    parser.add_argument("--port", type=int, default=settings.port)
     parser.add_argument("--service", default="", help='health service name ("" = the whole server)')
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
     parser.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server certificate")
@@ -35,10 +43,9 @@ def main() -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = f"127.0.0.1:{args.port}"
-    server_cert = os.environ.get("ACROSCREEN_TLS_CERT")
-    if server_cert or args.tls_ca:
-        root = _read(args.tls_ca or server_cert)
+    target = f"{reachable_host(settings.host)}:{args.port}"
+    if settings.tls_cert is not None or args.tls_ca:
+        root = _read(args.tls_ca or str(settings.tls_cert))
         key = _read(args.client_key) if args.client_key else None
         chain = _read(args.client_cert) if args.client_cert else None
         credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
@@ -46,7 +53,7 @@ def main() -> int:
     else:
         channel = grpc.insecure_channel(target)
     with channel:
-        token = _servers_token()
+        token = _servers_token(settings)
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,
@@ -61,12 +68,11 @@ def main() -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _servers_token() -> str | None:
+def _servers_token(settings: Settings) -> str | None:
     """The first of the server's own bearer tokens, read by the server's own code from its settings."""
-    from acroscreen.server.config import Settings
     from acroscreen.server.transport.auth import load_tokens
 
-    tokens = load_tokens(Settings.load())
+    tokens = load_tokens(settings)
     return tokens[0] if tokens else None
 
 

@@ -9,6 +9,7 @@ Skips, saying so, where the prometheus binary is absent (`make test` installs it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import yaml
 from acroscreen.client import ScreeningClient, ScreenOptions
 from acroscreen.client.sources import video_frames
 from acroscreen.server.main import RunningServer
+
+from .conftest import start_server
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTHCHECK = REPO / "deploy" / "docker" / "healthcheck.py"
@@ -191,3 +194,21 @@ def test_image_healthcheck_script_answers_like_a_probe(server: RunningServer) ->
     assert unknown.returncode == 1
     nobody = _healthcheck("--timeout", "1", port=_free_port())
     assert nobody.returncode == 2
+
+
+def test_image_healthcheck_finds_the_server_where_its_settings_put_it() -> None:
+    """The check read ACROSCREEN_PORT by itself and always asked 127.0.0.1: a server on IPv6's
+    loopback (or any one address) failed its container's HEALTHCHECK. It reads the server's settings."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    running = start_server(host="[::1]", metrics_port=-1)
+    try:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ACROSCREEN_")}
+        environ |= {"ACROSCREEN_HOST": "[::1]", "ACROSCREEN_PORT": str(running.port)}
+        answer = subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True, timeout=30, env=environ)
+        assert answer.returncode == 0 and answer.stdout.strip() == "SERVING", answer.stderr
+        refused = subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True, timeout=30,
+                                 env=environ | {"ACROSCREEN_PORT": "not-a-port"})
+        assert refused.returncode == 2 and "ACROSCREEN_PORT" in refused.stderr
+    finally:
+        running.stop(grace_s=1.0)
