@@ -16,6 +16,7 @@ import platform
 import queue
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,7 @@ class BenchConfig:
     acknowledge_frames: bool = True  # ask for an immediate ack of queued frames
     server: str | None = None  # HOST:PORT of a running server; None starts one
     # Servers started (each with server_args), streamed to through one target naming them all
-    # (`ipv4:a,b`), as a client reaches the pods of a headless Service.
+    # (`ipv4:a,b` or `ipv6:`), as a client reaches the pods of a headless Service.
     servers: int = 1
     metrics_url: str | None = None  # with `server`: its /metrics URL (comma-separated: one per worker)
     server_args: tuple[str, ...] = ()
@@ -517,7 +518,7 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         except BaseException:
             _stop(processes)
             raise
-        target = targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
+        target = targets[0] if len(targets) == 1 else several_servers_target(targets)
     else:
         target, metrics_urls, model_urls = config.server, [u for u in (config.metrics_url or "").split(",") if u], []
         targets = [target]
@@ -593,11 +594,37 @@ def run_streams(config: BenchConfig, clips: list[list[FrameData]]) -> dict:
         _stop(processes)
 
 
+def several_servers_target(targets: list[str]) -> str:
+    """One gRPC target naming every started server (`host:port` each), as a client reaches the pods
+    of a headless Service: `ipv4:` or `ipv6:` by the address family, a name looked up first."""
+    addresses = []
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        family, *_, sockaddr = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+        addresses.append((family, f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"))
+    families = {family for family, _ in addresses}
+    if len(families) != 1:
+        raise ValueError(f"the servers {targets} are not all of one address family")
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    return f"{scheme}:" + ",".join(address for _, address in addresses)
+
+
+# How long a stopped server may drain before it is killed (its grace period is 30 s by default).
+SERVER_STOP_TIMEOUT_S = 60.0
+
+
 def _stop(processes: list[subprocess.Popen]) -> None:
+    """Stop the started servers: each drains on SIGTERM; one still running after
+    SERVER_STOP_TIMEOUT_S is killed, so the bench never hangs on it or leaves it behind."""
     for process in processes:
         process.terminate()
+    deadline = time.monotonic() + SERVER_STOP_TIMEOUT_S
     for process in processes:
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_naive(config: BenchConfig, clips: list[list[FrameData]], device: str) -> dict:

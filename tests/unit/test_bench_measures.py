@@ -6,6 +6,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -75,6 +78,28 @@ def test_server_ports_are_read_whatever_the_host_and_without_metrics() -> None:
     assert bench._read_ports(process, 1, 10) == ("[::1]:5001", ["http://[::1]:6001/metrics"], ["http://[::1]:7001/metrics"])
     for host, reached in (("[::1]", "[::1]"), ("::", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("10.0.0.2", "10.0.0.2")):
         assert bench._read_ports(_printing(f"acroscreen serving on {host}:1 (metrics :2)\n")[0], 1, 10)[0] == f"{reached}:1"
+
+
+def test_several_servers_are_named_in_one_target_of_their_address_family() -> None:
+    """--servers N named its servers as `ipv4:` whatever their --host: servers on IPv6 or a name
+    were a target the clients could not reach."""
+    assert bench.several_servers_target(["127.0.0.1:1", "127.0.0.1:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert bench.several_servers_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    by_name = bench.several_servers_target(["localhost:1", "localhost:2"])
+    assert by_name in ("ipv4:127.0.0.1:1,127.0.0.1:2", "ipv6:[::1]:1,[::1]:2")
+    with pytest.raises(ValueError, match="address family"):
+        bench.several_servers_target(["127.0.0.1:1", "[::1]:2"])
+
+
+def test_a_server_that_does_not_stop_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "SERVER_STOP_TIMEOUT_S", 0.5)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline()  # its SIGTERM handler is in place
+    started = time.monotonic()
+    bench._stop([stubborn])
+    assert stubborn.returncode == -signal.SIGKILL and time.monotonic() - started < 5
+    stubborn.stdout.close()
 
 
 def test_a_server_that_never_says_it_is_serving_is_an_error_naming_what_it_printed() -> None:
