@@ -444,6 +444,8 @@ def describe_result(result: SubjectResult) -> str:
     )
     if result.rejected:
         lines.append("  rejected: " + ", ".join(f"{reason} {count}" for reason, count in sorted(result.rejected.items())))
+    if changes := result.rejected.get("face_changed", 0):
+        lines.append(f"  CAUTION: the followed face changed {changes} time(s): this result may combine more than one person")
     if result.model:
         lines.append(f"  model {result.model.name} {result.model.version} (kind: {result.model.kind})")
         if result.model.kind != "clinical":

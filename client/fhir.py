@@ -17,7 +17,8 @@ What it holds (see docs/fhir.md for the full mapping):
 - `meta.security`: `AIAST` (HL7 v3 ObservationValue, "artificial intelligence asserted").
 - `effectiveDateTime` and `issued`; `subject` as the caller gives it (e.g. "Patient/123").
 - `note`: results of a model that is not `clinical` (`untrained`, `phantom-demo`) say they are
-  not for clinical use; every result says the software is not a medical device.
+  not for clinical use; a result whose followed face changed says it may combine more than one
+  person; every result says the software is not a medical device.
 
 Only the standard library is used: the builder makes no network call and needs no FHIR package.
 """
@@ -34,6 +35,7 @@ from .types import SubjectResult
 __all__ = [
     "AI_ASSERTED",
     "CODE_SYSTEM",
+    "FACE_CHANGED_NOTE",
     "NOT_A_MEDICAL_DEVICE",
     "NOT_FOR_CLINICAL_USE",
     "to_fhir_observation",
@@ -61,6 +63,11 @@ NOT_A_MEDICAL_DEVICE = (
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE: produced by a model of kind '{kind}' (not a clinically trained model); "
     "for demonstration and pipeline validation only."
+)
+
+FACE_CHANGED_NOTE = (
+    "The followed face changed {count} time(s) during the recording (another person took the "
+    "subject's place): this result may combine more than one person."
 )
 
 SEVERITY_LABELS = {
@@ -121,6 +128,8 @@ def to_fhir_observation(
     kind = result.model.kind if result.model else "unknown"
     if kind != "clinical":
         notes.insert(0, {"text": NOT_FOR_CLINICAL_USE.format(kind=kind)})
+    if changes := result.rejected.get("face_changed", 0):
+        notes.insert(0, {"text": FACE_CHANGED_NOTE.format(count=changes)})
 
     observation: dict[str, Any] = {
         "resourceType": "Observation",

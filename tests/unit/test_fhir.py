@@ -11,6 +11,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from acroscreen.client.cli import describe_result
 from acroscreen.client.fhir import AI_ASSERTED, CODE_SYSTEM, to_fhir_observation
 from acroscreen.client.types import ModelRef, SubjectResult
 
@@ -104,6 +105,16 @@ def test_non_clinical_models_carry_a_not_for_clinical_use_note() -> None:
     notes = [n["text"] for n in clinical["note"]]
     assert not any("NOT FOR CLINICAL USE" in n for n in notes)
     assert any("not a medical device" in n for n in notes)
+
+
+def test_a_result_whose_followed_face_changed_says_it_may_combine_people() -> None:
+    changed = to_fhir_observation(_result(rejected={"no_face": 3, "face_changed": 2}), "Patient/1", effective=EFFECTIVE)
+    _validated(changed)
+    assert "changed 2 time(s)" in changed["note"][0]["text"] and "more than one person" in changed["note"][0]["text"]
+    assert "CAUTION" in describe_result(_result(rejected={"face_changed": 1}))
+    unchanged = to_fhir_observation(_result(), "Patient/1", effective=EFFECTIVE)
+    assert not any("more than one person" in note["text"] for note in unchanged["note"])
+    assert "CAUTION" not in describe_result(_result())
 
 
 def test_insufficient_evidence_has_no_value_but_a_data_absent_reason() -> None:
