@@ -11,8 +11,9 @@ mean at close to its 95 % where a clip spans many correlation times (0.90 for 15
 frames of AR(1) 0.8, 0.96 for independent frames) and less for a clip only a few
 correlation times long (0.72 for 16 frames of AR(1) 0.8), where counting the
 frames as independent covered 0.50 and 0.41. Below 4 frames the autocorrelation
-cannot be estimated and the frames count as independent: right for photographs,
-too narrow for the first few frames of a video (3 frames of AR(1) 0.9: 0.54). A
+cannot be estimated: photographs (``frames_independent``) count as independent,
+the first few frames of a video as one frame's evidence together, so their interval
+spans the scale (counted as independent, 3 frames of AR(1) 0.9 covered 0.54). A
 spread of the evidence, not a clinical bound.
 
 Running sums keep a result O(1) however long the stream (a provisional one is
@@ -58,13 +59,16 @@ def _t95(degrees_of_freedom: float) -> float:
     return z + sum(term / nu ** (power + 1) for power, term in enumerate(terms))
 
 
+MIN_FRAMES_FOR_AUTOCORRELATION = 4
+
+
 def integrated_autocorrelation_time(series: np.ndarray) -> float:
     """τ = 1 + 2 Σ ρ_k of an ordered series, at least 1: how many frames carry one frame's worth
     of independent evidence. The autocorrelations are summed in pairs while a pair stays positive,
     made non-increasing (Geyer 1992's initial monotone sequence, the estimator behind MCMC effective
     sample sizes); noise in the long lags would otherwise swamp the sum."""
     n = len(series)
-    if n < 4:
+    if n < MIN_FRAMES_FOR_AUTOCORRELATION:
         return 1.0
     centred = np.asarray(series, dtype=np.float64) - float(np.mean(series))
     size = 1 << (2 * n - 1).bit_length()  # zero-padded: a linear, not circular, correlation
@@ -82,8 +86,10 @@ def integrated_autocorrelation_time(series: np.ndarray) -> float:
 class SubjectAggregator:
     """Thread-safe: the reader and the analysis workers of a stream all report here."""
 
-    def __init__(self, subject_id: str, model: ModelRef, min_frames_for_score: int) -> None:
+    def __init__(self, subject_id: str, model: ModelRef, min_frames_for_score: int, *, frames_independent: bool = False) -> None:
+        """frames_independent: the frames are separate photographs, not consecutive video frames."""
         self._subject_id = subject_id
+        self._frames_independent = frames_independent
         self._model = model
         self._min_frames = max(1, min_frames_for_score)
         self._lock = threading.Lock()
@@ -176,6 +182,8 @@ class SubjectAggregator:
 
     def _autocorrelation_time(self, *, final: bool) -> float:
         analyzed = self._analyzed
+        if analyzed < MIN_FRAMES_FOR_AUTOCORRELATION and not self._frames_independent:
+            return float(analyzed)  # too few video frames to tell how alike they are: one frame's worth
         if final or analyzed >= _REESTIMATE_GROWTH * self._correlation_frames:
             order = np.argsort(np.array(self._arrivals), kind="stable")
             self._correlation_time = integrated_autocorrelation_time(np.array(self._scores)[order])

@@ -114,7 +114,8 @@ class ScreeningService:
             session = StreamSession(
                 options=options,
                 analyzer=self._analyzer,
-                aggregator=SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames),
+                aggregator=SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames,
+                                             frames_independent=options.still_images),
                 backlog_size=self._backlog,
                 update_every_frames=options.update_every_frames or self._update_every,
                 limits=self._limits,
@@ -173,7 +174,8 @@ class ScreeningService:
         frames: Sequence[FrameInput],
         on_call_end: Callable[[Callable[[], None]], bool],
     ) -> SubjectResult:
-        aggregator = SubjectAggregator(options.subject_id, self._model_info.model, min_frames_for_score=1)
+        aggregator = SubjectAggregator(options.subject_id, self._model_info.model, min_frames_for_score=1,
+                                       frames_independent=True)
         # Released once per answered photograph, and once when the call ends: the wait below
         # wakes for either, so an abandoned call is noticed at once without polling.
         progress = threading.Semaphore(0)

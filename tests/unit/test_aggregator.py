@@ -92,6 +92,22 @@ def test_interval_of_correlated_video_frames_covers_the_mean_as_stated() -> None
     assert 0.85 <= covered / 300 <= 0.99
 
 
+def test_three_video_frames_count_as_one_and_three_photographs_as_three() -> None:
+    """Below 4 frames the autocorrelation cannot be estimated. Counted as independent, the first
+    frames of a video (nearly the same picture) gave an interval that covered the mean about half
+    the time (3 frames of AR(1) 0.9: 0.54); they now count as one frame's evidence together."""
+    video, photos = SubjectAggregator("s", MODEL, 1), SubjectAggregator("s", MODEL, 1, frames_independent=True)
+    for index, score in enumerate((1.9, 2.0, 2.1)):
+        for aggregator in (video, photos):
+            aggregator.add_prediction(_probabilities_scoring(score), 1.0, received_at=index)
+    width = lambda r: r.expected_score_interval.high - r.expected_score_interval.low  # noqa: E731
+    assert width(video.result(final=True)) > 1.9  # the whole scale, near enough: one frame says little
+    assert 0.3 < width(photos.result(final=True)) < 0.6  # t(2 dof) x sd/sqrt(2) of three photographs
+    for index in range(3, 6):  # from 4 frames on the video's own autocorrelation decides
+        video.add_prediction(_probabilities_scoring(2.0 + 0.1 * (-1) ** index), 1.0, received_at=index)
+    assert width(video.result(final=True)) < 1.0
+
+
 def test_frames_are_ordered_by_arrival_whatever_order_their_results_come_in() -> None:
     rng = np.random.default_rng(2)
     scores = 2.0 + _ar1(rng, 200, 0.9, 0.2)
