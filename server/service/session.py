@@ -105,6 +105,9 @@ class StreamSession:
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
+        # Set when the stream's worker ended it for its duration limit while no frame came: the
+        # transport ends the call with it after the final result, as for a limit a frame meets.
+        self.limit_reached: StreamLimitReached | None = None
         self._worker = threading.Thread(target=in_this_call(self._work), name="acroscreen-stream", daemon=True)
         self._worker.start()
 
@@ -130,8 +133,8 @@ class StreamSession:
             return
         if self._received >= self._limits.max_frames:
             raise StreamLimitReached(f"stream limit of {self._limits.max_frames} frames reached")
-        if time.monotonic() - self._opened_at > self._limits.max_duration_s:
-            raise StreamLimitReached(f"stream limit of {self._limits.max_duration_s:.0f} s reached")
+        if self._expired():
+            raise self._duration_limit()
         self._received += 1
         self._last_frame_at = time.monotonic()
         self._aggregator.add_received()
@@ -273,16 +276,23 @@ class StreamSession:
                 if not self._submit_lock.acquire(blocking=False):
                     continue
                 try:
-                    if self._backlog.empty() and self._idle_or_expired():
+                    if self._backlog.empty() and (self._idle() or self._expired()):
+                        if self._expired():  # the client is told, as when a frame arrives past the limit
+                            self.limit_reached = self._duration_limit()
                         self._finishing.set()
                         held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
                         return held if held is not None and self._admit(held) else _END
                 finally:
                     self._submit_lock.release()
 
-    def _idle_or_expired(self) -> bool:
-        now = time.monotonic()
-        return now - self._last_frame_at > self._limits.idle_timeout_s or now - self._opened_at > self._limits.max_duration_s
+    def _idle(self) -> bool:
+        return time.monotonic() - self._last_frame_at > self._limits.idle_timeout_s
+
+    def _expired(self) -> bool:
+        return time.monotonic() - self._opened_at > self._limits.max_duration_s
+
+    def _duration_limit(self) -> StreamLimitReached:
+        return StreamLimitReached(f"stream limit of {self._limits.max_duration_s:.0f} s reached")
 
     def _work(self) -> None:
         lower_current_thread_priority()

@@ -75,12 +75,12 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
                     else:
                         yield pb.ScreenResponse(subject=convert.subject_result(event))
             finally:
-                error = type(reader.error).__name__ if reader.error else None
-                log.info("stream closed", extra={"error": error})
+                ended_by = reader.error or session.limit_reached
+                log.info("stream closed", extra={"error": type(ended_by).__name__ if ended_by else None})
             # No join: a stream finished by a limit or by idling may still have a reader
             # blocked on the client; ending the call releases it.
-            if reader.error is not None:
-                raise reader.error
+            if ended_by is not None:
+                raise ended_by
 
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
         self._send_initial_metadata(context)

@@ -627,7 +627,7 @@ def test_per_token_quota_counts_screen_images_apart_from_streams(monkeypatch: py
 
 def test_a_stream_past_its_longest_duration_gets_its_final_result(portrait_bgr) -> None:
     """max_stream_duration_s = 1: a client still sending after that gets the final result and RESOURCE_EXHAUSTED;
-    a client gone quiet is finished by the server with its final result."""
+    so does a client gone quiet (it used to get an OK end, and frames it sent after were dropped unanswered)."""
     running = start_server(metrics_port=-1, max_stream_duration_s=1.0)
     try:
         good = jpeg_bytes(portrait_bgr)
@@ -655,11 +655,15 @@ def test_a_stream_past_its_longest_duration_gets_its_final_result(portrait_bgr) 
             release.wait(20)
 
         channel, stub = _stub(running)
+        responses = []
         with channel:
             started = time.monotonic()
-            responses = list(stub.ScreenStream(quiet(), timeout=30))
+            with pytest.raises(grpc.RpcError) as ended:
+                for response in stub.ScreenStream(quiet(), timeout=30):
+                    responses.append(response)
             elapsed = time.monotonic() - started
         release.set()
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 s" in ended.value.details()
         assert responses[-1].subject.frames_received == 1 and responses[-1].subject.status != pb.SUBJECT_STATUS_PROVISIONAL
         assert elapsed < 5  # the duration limit, not the 60 s idle timeout, ended it
         _assert_no_state_left(running)

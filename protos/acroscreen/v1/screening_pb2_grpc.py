@@ -89,6 +89,11 @@ class ScreeningServicer:
         Read the answers while sending: past 4,096 answers the client has not
         read, the server stops reading its frames (flow control then holds the
         sender), so a client that reads only after sending everything stalls.
+        Limits (server settings): a stream that has sent --max-frames-per-stream
+        frames (108,000 by default) or stayed open --max-stream-duration-s (3,600)
+        gets its FINAL result for what came before, then RESOURCE_EXHAUSTED; one
+        that sends no frame for --idle-timeout-s (60) gets its FINAL result and
+        ends OK, as if it had half-closed (frames sent after that go unanswered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
