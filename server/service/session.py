@@ -201,7 +201,8 @@ class StreamSession:
                 return
             except queue.Full:
                 if not wait:
-                    return
+                    break
+        self._count_dropped(1)
 
     def _take_held(self) -> FrameInput | None:
         """The frame held as the best of the last interval, when the stream ends (submit lock held)."""
@@ -226,11 +227,20 @@ class StreamSession:
             pending = list(self._pending)
         for future in pending:
             future.cancel()  # the batcher skips cancelled work
+        dropped = 0
         while True:  # what is queued will not be analysed; the worker sees the end at once
             try:
-                self._backlog.get_nowait()
+                dropped += self._backlog.get_nowait() is not _END
             except queue.Empty:
                 break
+        # The frame held as its interval's best so far (under the lock, as the reader offers it; the
+        # reader gives the lock up within 0.1 s of the cancel, so the wait is a bound, not a cost).
+        if self._submit_lock.acquire(timeout=1.0):
+            try:
+                dropped += self._take_held() is not None
+            finally:
+                self._submit_lock.release()
+        self._count_dropped(dropped)
         try:
             self._backlog.put_nowait(_END)
         except queue.Full:
@@ -301,6 +311,7 @@ class StreamSession:
             if frame is _END:
                 break
             if self._cancelled.is_set():
+                self._count_dropped(1)  # taken as the stream was cancelled: never analysed
                 continue
             with self._outstanding_done:
                 # Bound this stream's share of the model queue, so a slow model
@@ -313,6 +324,8 @@ class StreamSession:
                 with self._outstanding_done:
                     self._pending.add(pending)
                 pending.add_done_callback(self._forget)
+                if self._cancelled.is_set():  # cancel() went over the pending ones before this one came
+                    pending.cancel()
         with self._outstanding_done:
             while self._outstanding and not self._cancelled.is_set():
                 self._outstanding_done.wait(timeout=0.1)
@@ -322,6 +335,12 @@ class StreamSession:
         self._metrics.subjects_completed.labels(predicted_score=str(final.predicted_score)).inc()
         self._events.put(final)
         self._events.put(_END)
+
+    def _count_dropped(self, frames: int) -> None:
+        """Received frames a cancelled stream will not answer: skipped as ``stream_ended``, so the
+        server's counters still add up (received = analysed + rejected + skipped)."""
+        if frames:
+            self._metrics.frames_skipped.labels(policy="stream_ended").inc(frames)
 
     def _forget(self, future: Future) -> None:
         with self._outstanding_done:

@@ -89,6 +89,32 @@ def test_a_cancelled_stream_with_a_full_backlog_stops_at_once() -> None:
     assert not session._worker.is_alive()
 
 
+def _sample(session: StreamSession, name: str) -> float:
+    return sum(sample.value for metric in session._metrics.registry.collect() for sample in metric.samples
+               if sample.name == name + "_total")
+
+
+@pytest.mark.parametrize("options", [SessionOptions(analyze_every_frame=True), SessionOptions(min_analysis_interval_ms=300)],
+                         ids=["backlog", "best-frame-per-interval"])
+def test_a_cancelled_streams_frames_are_all_counted(options: SessionOptions) -> None:
+    """The frames a cancel dropped (queued, taken by the worker after it, held as the interval's
+    best) were in no outcome counter: received exceeded analysed + rejected + skipped, and the
+    alerts that divide by received were off by them. They count as skipped (stream_ended)."""
+    session = _session(options)
+    portrait = (Path(__file__).parents[2] / "server" / "demo" / "eileen_collins_nasa.jpg").read_bytes()
+    for index in range(6):
+        session.submit(FrameInput(index=index, timestamp_us=index * 33_333, received_at=time.monotonic(),
+                                  image=EncodedImage(encoding=ImageEncoding.JPEG, data=portrait)))
+    session.cancel()
+    session._worker.join(timeout=5.0)
+    assert not session._worker.is_alive()
+    time.sleep(0.2)  # the last cancelled model requests report on their own threads
+    received = _sample(session, "acroscreen_frames_received")
+    answered = sum(_sample(session, name) for name in
+                   ("acroscreen_frames_analyzed", "acroscreen_frames_rejected", "acroscreen_frames_skipped"))
+    assert received == 6 and answered == received
+
+
 def test_a_client_that_does_not_read_its_answers_stops_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     """A live stream's answers (an ack and a result a frame) queue for the client; one that sends
     without reading them must meet flow control, not grow the server's memory frame by frame."""
