@@ -114,7 +114,9 @@ class ScreeningService:
             session = StreamSession(
                 options=options,
                 analyzer=self._analyzer,
-                aggregator=SubjectAggregator(options.subject_id, self._model_info.model, self._min_frames,
+                # A photo set is scored from one photograph, as ScreenImages scores it.
+                aggregator=SubjectAggregator(options.subject_id, self._model_info.model,
+                                             1 if options.still_images else self._min_frames,
                                              frames_independent=options.still_images),
                 backlog_size=self._backlog,
                 update_every_frames=options.update_every_frames or self._update_every,

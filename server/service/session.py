@@ -82,7 +82,9 @@ class StreamSession:
         self._metrics = metrics
         self._on_close = on_close
         self._update_every = max(1, update_every_frames)
-        self._tracker = analyzer.new_tracker()
+        # Photographs are each analysed on their own, as ScreenImages does: a face's place in one
+        # photograph says nothing about the next, so no face is followed from one to the next.
+        self._tracker = None if options.still_images else analyzer.new_tracker()
         self._backlog: queue.Queue[FrameInput | object] = queue.Queue(maxsize=backlog_size)
         self._events: queue.Queue[StreamEvent | object] = queue.Queue()
         self._opened_at = time.monotonic()
@@ -142,6 +144,7 @@ class StreamSession:
         if self._picker is None or self._cap_reached():  # no choice to make: no preview either
             self._select(frame, acknowledged=False)
             return
+        assert self._tracker is not None  # video streams only: photographs have no analysis interval
         score = self._analyzer.preview_score(frame, self._tracker)
         offered = self._picker.offer(frame, score)  # under the submit lock: see __init__
         if offered.held and self.options.acknowledge_frames:

@@ -316,6 +316,26 @@ def test_screen_photos_sends_a_set_that_fits_in_one_request_and_a_larger_one_as_
         running.stop(grace_s=1.0)
 
 
+def test_the_same_photos_give_the_same_result_in_one_request_or_as_a_stream(client: ScreeningClient, shared_data: Path) -> None:
+    """A photo set too large for one request goes as a still-image stream. That stream scored
+    from 3 photos (the video setting) and followed a face from one photo to the next, so the same
+    photos could come back insufficient_evidence, or with faces "changed", by file size alone."""
+    people = sorted((shared_data / "faces" / "identities").iterdir())
+    sets = {
+        "one person": sorted(people[0].glob("*.jpg"))[:2],
+        "four people": [sorted(person.glob("*.jpg"))[0] for person in people[1:5]],
+    }
+    for name, paths in sets.items():
+        photos = [FrameData(path.read_bytes(), ImageKind.JPEG, index=i) for i, path in enumerate(paths)]
+        options = ScreenOptions(subject_id=name, still_images=True)
+        one_request = client.screen_images(photos, options)
+        stream = client.screen(photos, options)
+        assert stream.status == one_request.status == "final", name
+        assert (stream.frames_analyzed, stream.rejected) == (one_request.frames_analyzed, one_request.rejected), name
+        assert stream.predicted_score == one_request.predicted_score, name
+        assert np.allclose(stream.probabilities, one_request.probabilities, atol=1e-4), name
+
+
 def test_rate_limited_stream_analyses_the_sharpest_frame_of_each_interval(portrait_bgr: np.ndarray) -> None:
     """Five blurred frames and one sharp one per 200 ms interval: the sharp ones are analysed, acked at once."""
     running = start_server(metrics_port=0, max_analysis_fps=5.0)
