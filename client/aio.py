@@ -16,7 +16,8 @@ event loop.
 Known grpc.aio limitation (grpc/grpc#36066, open): when the server ends a stream with an error
 while the client is still writing frames (a stream limit, a malformed frame), grpc.aio may report
 INTERNAL "Internal error from Core" instead of the server's status. This client then raises
-`ServerError` saying so. A stream's refusals (a refused token, too many streams, bad options, the
+`ServerError` saying so, or `DeadlineExceededError` when the call's own `timeout_s` had run out
+(the same loss strikes a deadline met while writing). A stream's refusals (a refused token, too many streams, bad options, the
 model still loading, a draining server) come before the server accepts the stream, when no frame
 is being written, so they keep the server's status, as do all unary calls; the sync client is not
 affected.
@@ -53,7 +54,14 @@ from .client import (
     images_request,
     stream_failure,
 )
-from .errors import AcroscreenClientError, ServerError, UnavailableError, from_rpc_error
+from .errors import (
+    AcroscreenClientError,
+    DeadlineExceededError,
+    ServerError,
+    UnavailableError,
+    from_rpc_error,
+    request_id_of,
+)
 from .types import FrameData, ModelInfo, StreamEvent, SubjectResult
 from .workers import (
     OWN_CONNECTION,
@@ -251,6 +259,7 @@ class AsyncScreeningClient:
         for attempt in range(self._retry.attempts):
             gate = _AcceptanceGate()
             async with self._stream_placed() as (stub, acceptance):
+                deadline = time.monotonic() + self._timeout_s if self._timeout_s else None
                 call = stub.ScreenStream(gate.requests(options, source), timeout=self._timeout_s, metadata=self._metadata)
                 try:
                     accepted = await call.initial_metadata()  # empty when the call ended without being accepted
@@ -266,7 +275,7 @@ class AsyncScreeningClient:
                 except grpc.aio.AioRpcError as error:
                     if gate.source_error is None:
                         failure = stream_failure(
-                            _client_error(error), gate.close(), attempt + 1 < self._retry.attempts, last_subject
+                            _client_error(error, deadline), gate.close(), attempt + 1 < self._retry.attempts, last_subject
                         )
                         if failure is not None:
                             raise failure from error
@@ -469,11 +478,24 @@ class _CallView(grpc.RpcError, grpc.Call):
 _LOST_STATUS_DETAILS = "Internal error from Core"
 
 
-def _client_error(error: grpc.aio.AioRpcError) -> AcroscreenClientError:
+def _client_error(error: grpc.aio.AioRpcError, deadline: float | None = None) -> AcroscreenClientError:
+    """``deadline``: when the call's own timeout ran out (monotonic), for a stream whose status grpc.aio lost."""
     if error.code() == grpc.StatusCode.INTERNAL and error.details() == _LOST_STATUS_DETAILS:
-        return ServerError(
-            "INTERNAL: the server ended the stream while a frame was being sent, and grpc.aio lost its status"
-            " (grpc/grpc#36066); the server's logs say why (often a limit: retry after a pause)",
-            grpc.StatusCode.INTERNAL,
-        )
+        request_id = request_id_of(_CallView(error))
+        named = f" (request id {request_id})" if request_id else ""
+        failure: AcroscreenClientError
+        if deadline is not None and time.monotonic() >= deadline:  # the client's own deadline, not the server
+            failure = DeadlineExceededError(
+                "DEADLINE_EXCEEDED: the stream ran past the client's timeout_s (grpc.aio reported it as INTERNAL,"
+                f" grpc/grpc#36066){named}",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        else:
+            failure = ServerError(
+                "INTERNAL: the server ended the stream while a frame was being sent, and grpc.aio lost its status"
+                f" (grpc/grpc#36066); the server's logs say why (often a limit: retry after a pause){named}",
+                grpc.StatusCode.INTERNAL,
+            )
+        failure.request_id = request_id
+        return failure
     return from_rpc_error(_CallView(error))

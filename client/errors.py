@@ -87,7 +87,7 @@ def from_rpc_error(error: grpc.RpcError) -> AcroscreenClientError:
     details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
     kind = _BY_CODE.get(code, ServerError)
     trailing = _trailing(error)
-    request_id = trailing.get(REQUEST_ID_KEY)
+    request_id = request_id_of(error)
     message = f"{code.name}: {details}" + (f" (request id {request_id})" if request_id else "")
     if kind is ServerBusyError:
         failure: AcroscreenClientError = ServerBusyError(message, code, retry_after_s=_pushback_s(trailing))
@@ -101,6 +101,18 @@ def _trailing(error: grpc.RpcError) -> dict[str, str]:
     if not isinstance(error, grpc.Call):
         return {}
     return {key: value for key, value in error.trailing_metadata() or () if isinstance(value, str)}
+
+
+def request_id_of(error: grpc.RpcError) -> str | None:
+    """The server's id for a failed call. A call that failed after it was accepted (a deadline, a
+    server gone) may end without the server's trailing metadata; the id came with the initial then."""
+    return _trailing(error).get(REQUEST_ID_KEY) or _initial(error).get(REQUEST_ID_KEY)
+
+
+def _initial(error: grpc.RpcError) -> dict[str, str]:
+    if not isinstance(error, grpc.Call):
+        return {}
+    return {key: value for key, value in error.initial_metadata() or () if isinstance(value, str)}
 
 
 def _pushback_s(trailing: dict[str, str]) -> float | None:
