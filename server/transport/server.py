@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Screening"].full_name
 # Handler threads: the service admits up to --max-streams streams and as many ScreenImages calls
-# (refusing the rest at once), each holding one; spare threads keep health checks, model info and
-# those refusals from queueing behind them.
-_CAPPED_CALL_KINDS = 2
+# (refusing the rest at once), each holding one, and as many streams may wait for their options
+# (the servicer refuses more, and cancels a silent one); spare threads keep health checks, model
+# info and those refusals from queueing behind them.
+_CAPPED_CALL_KINDS = 3
 _SPARE_THREADS = 8
 
 
@@ -50,7 +51,7 @@ class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
     def __init__(self, settings: Settings, worker: WorkerIdentity) -> None:
-        self._servicer = ScreeningServicer(worker)
+        self._servicer = ScreeningServicer(worker, max_opening=settings.max_streams)
         self._health = health.HealthServicer()
         credentials = server_credentials(settings)
         # The error mapping is outermost, so it also maps what the authentication refuses.

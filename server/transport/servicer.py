@@ -10,7 +10,7 @@ import grpc
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
-from ..errors import AcroscreenError, InvalidRequest, NotReady
+from ..errors import AcroscreenError, InvalidRequest, NotReady, Overloaded
 from ..logs import current_request_id, in_this_call, subject_hash
 from ..service.screening import ScreeningService
 from ..service.session import StreamSession
@@ -22,12 +22,25 @@ from .workers import WorkerIdentity
 
 log = logging.getLogger(__name__)
 
-class ScreeningServicer(pb_grpc.ScreeningServicer):
-    """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded)."""
+# A stream's first message (its options) comes at once from a working client; a call that sends
+# nothing holds a server thread without a stream slot, so it is cancelled after this long.
+OPTIONS_WAIT_S = 10.0
 
-    def __init__(self, worker: WorkerIdentity) -> None:
+
+class ScreeningServicer(pb_grpc.ScreeningServicer):
+    """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded).
+
+    max_opening: streams that may wait for their options at once (each holds a server thread
+    before the service admits it); more are refused at once, so silent calls cannot take every
+    thread and starve health checks.
+    """
+
+    def __init__(self, worker: WorkerIdentity, *, max_opening: int) -> None:
         self._worker = worker
         self._attached: ScreeningService | None = None
+        self._max_opening = max_opening
+        self._opening = threading.BoundedSemaphore(max_opening)
+        self._options_wait_s = OPTIONS_WAIT_S
 
     def attach(self, service: ScreeningService) -> None:
         self._attached = service
@@ -41,9 +54,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     def ScreenStream(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ScreenResponse]:
-        first = next(request_iterator, None)
-        if first is None:
-            raise InvalidRequest("empty stream: the first message must carry options")
+        first = self._options_message(request_iterator, context)
         principal = principal_of(context.invocation_metadata())
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
@@ -52,6 +63,24 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             yield from self._screen(request_iterator, context, session, principal)
         finally:
             session.close()  # a call that ended before its answers were read gives its slot back too
+
+    def _options_message(self, requests: Iterator[pb.ScreenRequest], context: grpc.ServicerContext) -> pb.ScreenRequest:
+        """The stream's first message; a call that does not send it within options_wait_s is cancelled."""
+        if not self._opening.acquire(blocking=False):
+            raise Overloaded(f"{self._max_opening} streams are already waiting to send their options")
+        silent = threading.Timer(self._options_wait_s, context.cancel)
+        silent.daemon = True
+        silent.start()
+        try:
+            first = next(requests, None)
+        finally:
+            silent.cancel()
+            self._opening.release()
+        if first is None:
+            if not context.is_active():
+                log.info("stream cancelled: no options within %.0f s", self._options_wait_s)
+            raise InvalidRequest("empty stream: the first message must carry options")
+        return first
 
     def _screen(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext, session: StreamSession,

@@ -26,6 +26,7 @@ from acroscreen.client.errors import ServerBusyError
 from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
+from acroscreen.server.transport import servicer as servicer_module
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -539,6 +540,44 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
         assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and the server goes on
         assert len(calls) == settled + 3, "only the next run's three faces reached the model"
     finally:
+        running.stop(grace_s=1.0)
+
+
+def test_streams_that_never_send_their_options_cannot_take_every_server_thread(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """A stream call holds a server thread before its options admit it: 80 calls that sent nothing
+    took every thread of a 32-stream server, and health checks and model info timed out. Now at most
+    --max-streams calls wait for their options (more are refused at once), and one silent for
+    OPTIONS_WAIT_S is cancelled."""
+    monkeypatch.setattr(servicer_module, "OPTIONS_WAIT_S", 2.0)
+    running = start_server(metrics_port=-1, max_streams=2)  # 3 x 2 + 8 handler threads
+    release = threading.Event()
+
+    def silent() -> Iterator[pb.ScreenRequest]:
+        release.wait(30)
+        return
+        yield
+
+    channel, stub = _stub(running)
+    try:
+        with channel:
+            calls = [stub.ScreenStream(silent(), timeout=30) for _ in range(20)]
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(5):
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+                assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=2).model.name
+            codes = []
+            started = time.monotonic()
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as ended:
+                    list(call)
+                codes.append(ended.value.code())
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18, codes  # refused at once
+            assert codes.count(grpc.StatusCode.CANCELLED) == 2, codes  # the two waiting ones, after 2 s
+            assert time.monotonic() - started < 10
+        release.set()
+        assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and streams go on
+    finally:
+        release.set()
         running.stop(grace_s=1.0)
 
 

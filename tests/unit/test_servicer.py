@@ -41,6 +41,12 @@ class _CancelledBeforeTheFirstAnswer:
         self.code = code
         raise Exception(details)  # what grpc's abort() raises
 
+    def cancel(self) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
 
 def test_a_stream_cancelled_before_its_first_answer_gives_its_slot_back(caplog: pytest.LogCaptureFixture) -> None:
     """The slot was given back only by the answer loop, which such a call never reaches: after
@@ -57,7 +63,7 @@ def test_a_stream_cancelled_before_its_first_answer_gives_its_slot_back(caplog: 
     service = ScreeningService(analyzer=analyzer, model_info=info, metrics=metrics, max_streams=2,
                                max_streams_per_principal=0, limits=StreamLimits(), analysis_backlog=2,
                                update_every_frames=10, min_frames_for_score=1)
-    servicer = ScreeningServicer(WorkerIdentity.new_instance())
+    servicer = ScreeningServicer(WorkerIdentity.new_instance(), max_opening=2)
     servicer.attach(service)
     screen_stream = ErrorMappingInterceptor().intercept_service(
         lambda details: grpc.stream_stream_rpc_method_handler(servicer.ScreenStream), None).stream_stream

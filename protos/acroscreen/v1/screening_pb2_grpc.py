@@ -63,7 +63,9 @@ class ScreeningServicer:
         not necessarily in frame order; optionally preceded by a `frame_ack`), sends a provisional `subject` update from
         time to time, and, after the client half-closes, a last message holding
         the FINAL subject result. A stream that does not start with options, or
-        that sends options twice, ends with INVALID_ARGUMENT.
+        that sends options twice, ends with INVALID_ARGUMENT; one that sends no
+        options within 10 s is cancelled, and while --max-streams calls wait for
+        their options, more are refused with RESOURCE_EXHAUSTED.
         The server sends its initial metadata (`x-request-id`) once it has
         accepted the stream; a refusal (UNAVAILABLE while starting or draining,
         RESOURCE_EXHAUSTED, UNAUTHENTICATED, INVALID_ARGUMENT options) comes
