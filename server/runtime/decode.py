@@ -68,7 +68,12 @@ def decode_preview_grey(image: EncodedImage, limits: DecodeLimits) -> np.ndarray
             return np.ascontiguousarray(pixels[:, :, 0])
         code = cv2.COLOR_RGB2GRAY if image.pixel_format is PixelFormat.RGB24 else cv2.COLOR_BGR2GRAY
         return cv2.cvtColor(np.ascontiguousarray(pixels), code)
-    return _imdecode(image, limits, cv2.IMREAD_REDUCED_GRAYSCALE_4)
+    if image.encoding is ImageEncoding.JPEG:
+        return _imdecode(image, limits, cv2.IMREAD_REDUCED_GRAYSCALE_4)
+    # OpenCV's reduced PNG read is a full decode and a resize, which fails below 4 pixels a side.
+    grey = _imdecode(image, limits, cv2.IMREAD_GRAYSCALE)
+    size = (max(1, grey.shape[1] // PREVIEW_SCALE), max(1, grey.shape[0] // PREVIEW_SCALE))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
 
 
 def _check_size(image: EncodedImage, limits: DecodeLimits) -> None:
@@ -123,7 +128,10 @@ def _imdecode(image: EncodedImage, limits: DecodeLimits, flags: int) -> np.ndarr
         raise FrameRejected(
             RejectReason.TOO_LARGE, f"{width}x{height} exceeds the limit of {limits.max_pixels} pixels"
         )
-    pixels = cv2.imdecode(buffer, flags)
+    try:
+        pixels = cv2.imdecode(buffer, flags)
+    except cv2.error:  # OpenCV asserts on some malformed input instead of returning nothing
+        pixels = None
     if pixels is None or pixels.size == 0:
         raise FrameRejected(RejectReason.DECODE_FAILED, f"corrupt or truncated {image.encoding.value.upper()}")
     return pixels

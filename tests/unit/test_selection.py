@@ -18,7 +18,7 @@ from acroscreen.server.runtime.types import (
 from acroscreen.server.service.selection import BestFramePicker
 from acroscreen.server.service.types import FrameInput
 
-from tests.helpers import jpeg_bytes
+from tests.helpers import jpeg_bytes, png_bytes
 
 
 def _frame(index: int, timestamp_us: int) -> FrameInput:
@@ -54,6 +54,16 @@ def test_jpeg_preview_is_grey_and_reduced(portrait_bgr: np.ndarray) -> None:
     preview = decode_preview_grey(EncodedImage(ImageEncoding.JPEG, jpeg_bytes(portrait_bgr)), DecodeLimits())
     height, width = portrait_bgr.shape[:2]
     assert preview.ndim == 2 and preview.shape == (height // PREVIEW_SCALE, width // PREVIEW_SCALE)
+
+
+def test_png_previews_of_any_size_including_a_few_pixels(portrait_bgr: np.ndarray) -> None:
+    """OpenCV's reduced PNG read asserted below 4 pixels a side: a 1×1 or 3×100 PNG was an
+    internal error with a traceback (and INFERENCE_FAILED) instead of a frame without a face."""
+    for height, width in ((1, 1), (100, 3), (3, 100), (480, 640)):
+        image = cv2.resize(portrait_bgr, (width, height), interpolation=cv2.INTER_AREA)
+        preview = decode_preview_grey(EncodedImage(ImageEncoding.PNG, png_bytes(image)), DecodeLimits())
+        assert preview.ndim == 2
+        assert preview.shape == (max(1, height // PREVIEW_SCALE), max(1, width // PREVIEW_SCALE))
 
 
 def test_raw_preview_matches_the_layout_and_bad_bytes_fail_as_in_decoding(portrait_bgr: np.ndarray) -> None:
