@@ -78,6 +78,8 @@ def decode_preview_grey(image: EncodedImage, limits: DecodeLimits) -> np.ndarray
 
 def _check_size(image: EncodedImage, limits: DecodeLimits) -> None:
     if not image.data:
+        if image.encoding is ImageEncoding.RAW:  # no image at all, or raw pixels without their bytes
+            raise FrameRejected(RejectReason.BAD_FORMAT, "no image bytes: a frame carries jpeg, png or raw pixels")
         raise FrameRejected(RejectReason.DECODE_FAILED, "empty image bytes")
     if len(image.data) > limits.max_bytes:
         raise FrameRejected(

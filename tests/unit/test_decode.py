@@ -93,6 +93,8 @@ def test_bad_inputs_are_rejected_with_their_reason() -> None:
     image = _image()
     jpeg = jpeg_bytes(image)
     assert _reason(EncodedImage(ImageEncoding.JPEG, b"")) is RejectReason.DECODE_FAILED
+    assert _reason(EncodedImage(ImageEncoding.RAW, b"")) is RejectReason.BAD_FORMAT  # a frame without an image
+    assert _reason(EncodedImage(ImageEncoding.RAW, b"", 64, 48, PixelFormat.BGR24)) is RejectReason.BAD_FORMAT
     assert _reason(EncodedImage(ImageEncoding.JPEG, b"not a jpeg at all")) is RejectReason.DECODE_FAILED
     assert _reason(EncodedImage(ImageEncoding.JPEG, jpeg[:40])) is RejectReason.DECODE_FAILED
     assert _reason(EncodedImage(ImageEncoding.PNG, jpeg)) is RejectReason.DECODE_FAILED
