@@ -71,32 +71,66 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_streaming(handler.stream_stream, request_streaming=True),
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_streaming(handler.unary_stream, request_streaming=False),
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _Malformed:
+    """Stands for a request message that is not valid protobuf, so the call answers INVALID_ARGUMENT
+    (grpc's own deserialization failure is INTERNAL, logged as an error) and a stream still gets
+    its final result for the frames before it."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 — protobuf's DecodeError and anything a parser raises on bytes
+            return MALFORMED
+
+    return parse
+
+
+def _well_formed(request: Any) -> Any:
+    if request is MALFORMED:
+        raise InvalidRequest("a request message that is not valid protobuf")
+    return request
+
+
+def _checked(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _well_formed(request)
 
 
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         with request_scope(new_request_id()):
             try:
-                return behaviour(request, context)
+                return behaviour(_well_formed(request), context)
             except Exception as error:  # noqa: BLE001 — every error is mapped here, once
                 if _is_abort(error):
                     raise
@@ -106,11 +140,11 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
 
 
 def _wrap_streaming(
-    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], *, request_streaming: bool
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from behaviour(request, context)
+            yield from behaviour(_checked(request) if request_streaming else _well_formed(request), context)
         except Exception as error:  # noqa: BLE001 — every error is mapped here, once
             if _is_abort(error):
                 raise

@@ -110,6 +110,34 @@ def test_fuzzed_streams_get_rejections_or_invalid_argument(fuzz_server: RunningS
     assert final.frames_received == len(frames)
 
 
+def test_bytes_that_are_not_protobuf_are_invalid_argument_and_a_stream_keeps_its_result(
+    fuzz_server: RunningServer, portrait_bgr
+) -> None:
+    """grpc's own deserialization failure was INTERNAL with an ERROR log line, and a stream lost the
+    final result of the frames before the bad message."""
+    garbage = b"\x0a\x05\xff\xfe\xfd\xfc\xfb"  # field 1, length 5, not valid UTF-8 where a string is due
+    channel = grpc.insecure_channel(f"127.0.0.1:{fuzz_server.port}")
+    with channel:
+        info = channel.unary_unary("/acroscreen.v1.Screening/GetModelInfo", request_serializer=bytes,
+                                   response_deserializer=pb.ModelInfo.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            info(b"\xff\xff\xff", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stream = channel.stream_stream("/acroscreen.v1.Screening/ScreenStream", request_serializer=bytes,
+                                       response_deserializer=pb.ScreenResponse.FromString)
+        requests = [pb.ScreenRequest(options=pb.SessionOptions(analyze_every_frame=True)).SerializeToString(),
+                    pb.ScreenRequest(frame=pb.Frame(index=0, jpeg=jpeg_bytes(portrait_bgr))).SerializeToString(),
+                    pb.ScreenRequest(frame=pb.Frame(index=1)).SerializeToString() + garbage]
+        responses = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in stream(iter(requests), timeout=60):
+                responses.append(response)
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in ended.value.details()
+    assert [r.frame_result.index for r in responses if r.WhichOneof("payload") == "frame_result"] == [0]
+    final = responses[-1].subject  # the last answer: no longer provisional (one frame is too few for a score)
+    assert final.status == pb.SUBJECT_STATUS_INSUFFICIENT_EVIDENCE and final.frames_analyzed == 1
+
+
 def test_hostile_frames_then_a_normal_stream_matches_a_fresh_server(fuzz_server: RunningServer, portrait_bgr) -> None:
     good, good_png = jpeg_bytes(portrait_bgr), png_bytes(portrait_bgr)
     hostile = [
