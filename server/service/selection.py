@@ -5,7 +5,9 @@ an interval the frame with the best preview score is held; the others are passed
 over. When a frame of a later interval arrives (or the stream ends), the held frame
 is released for analysis. So the analysed frames stay spread in time, one an
 interval at most, and each is the best of its interval rather than merely the first.
-The cost is a delay of up to one interval before a chosen frame is analysed.
+The cost is a delay of up to one interval before a chosen frame is analysed. A frame
+stamped an interval or more before the current one means the sender's clock started again
+(a restarted camera or recording): intervals are counted from it anew.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class BestFramePicker:
         if self._origin_us is None:
             self._origin_us = frame.timestamp_us
         slot = (frame.timestamp_us - self._origin_us) // self._interval_us
+        if slot < self._slot:  # the capture clock went back (a restarted camera or recording): time starts again
+            self._origin_us, slot, self._slot = frame.timestamp_us, 0, -1
         if slot > self._slot:
             released = self.release()
             self._slot, self._held, self._held_score = slot, frame, score

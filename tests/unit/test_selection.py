@@ -40,6 +40,15 @@ def test_picker_releases_the_best_frame_of_each_interval_when_the_next_begins() 
     assert picker.release().index == 5 and picker.release() is None
 
 
+def test_a_capture_clock_that_starts_again_starts_the_intervals_again() -> None:
+    """Timestamps that went back (a restarted camera) made every later frame lose to the held one
+    of a "later" interval: nothing more was analysed until they passed the old maximum."""
+    picker = BestFramePicker(interval_us=100)
+    released = [picker.offer(_frame(i, i * 50), 1.0).released for i in range(6)]  # 0-250 µs: intervals 0, 1, 2
+    released += [picker.offer(_frame(6 + i, i * 50), 1.0).released for i in range(6)]  # the clock restarts at 0
+    assert [f.index for f in released if f is not None] == [0, 2, 4, 6, 8]
+
+
 def test_picker_keeps_the_first_of_equals_and_prefers_any_readable_frame() -> None:
     picker = BestFramePicker(interval_us=1_000)
     picker.offer(_frame(0, 0), float("-inf"))
