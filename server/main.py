@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import logs
 from .config import Settings, http_address, reachable_host
-from .errors import AcroscreenError, ConfigurationError, ModelError
+from .errors import AcroscreenError, ConfigurationError, ModelError, NotReady
 from .metrics import Metrics, ProcessesSum
 from .runtime.card import ModelCard
 from .service.model_process import ModelLink, RemoteModel, ServedModel
@@ -45,9 +45,12 @@ class RunningServer:
     _closers: tuple
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Drain: refuse new calls, give open streams ``grace_s`` to finish; end the rest with their
+        final result and UNAVAILABLE, which the gRPC server gets ``grace_s`` more to deliver."""
         self.grpc_server.drain()
         self.service.stop_accepting()
-        self.service.wait_idle(grace_s)
+        if not self.service.wait_idle(grace_s):
+            self.service.end_streams(NotReady("the server is shutting down: the stream was ended before its client closed it"))
         self.grpc_server.stop(grace_s)
         for close in self._closers:
             close()

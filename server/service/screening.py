@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from ..errors import Cancelled, InvalidRequest, NotReady, Overloaded
+from ..errors import AcroscreenError, Cancelled, InvalidRequest, NotReady, Overloaded
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
@@ -214,6 +214,13 @@ class ScreeningService:
         result = aggregator.result(final=True)
         self._metrics.subjects_completed.labels(predicted_score=str(result.predicted_score)).inc()
         return result
+
+    def end_streams(self, reason: AcroscreenError) -> None:
+        """End every open stream with its final result, then ``reason`` (a shutdown past its grace)."""
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.end(reason)
 
     def stop_accepting(self) -> None:
         with self._lock:

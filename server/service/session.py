@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from ..errors import Overloaded
+from ..errors import AcroscreenError, Overloaded
 from ..logs import in_this_call
 from ..metrics import Metrics
 from .aggregator import SubjectAggregator
@@ -107,9 +107,9 @@ class StreamSession:
         self._finishing = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
-        # Set when the stream's worker ended it for its duration limit while no frame came: the
-        # transport ends the call with it after the final result, as for a limit a frame meets.
-        self.limit_reached: StreamLimitReached | None = None
+        # Why the server ended the stream before its client closed it (its duration limit met while
+        # no frame came, a shutdown): the transport ends the call with it after the final result.
+        self.ended_by: AcroscreenError | None = None
         self._worker = threading.Thread(target=in_this_call(self._work), name="acroscreen-stream", daemon=True)
         self._worker.start()
 
@@ -221,6 +221,12 @@ class StreamSession:
                     self._select(held, acknowledged=self.options.acknowledge_frames)
                 self._backlog.put(_END)
 
+    def end(self, reason: AcroscreenError) -> None:
+        """End the stream before its client closes it: what was received is analysed, the final
+        result sent, then the call ends with ``reason``."""
+        self.ended_by = reason
+        self.finish()
+
     def cancel(self) -> None:
         """The client went away: stop at once and free everything."""
         if self._cancelled.is_set():
@@ -291,7 +297,7 @@ class StreamSession:
                 try:
                     if self._backlog.empty() and (self._idle() or self._expired()):
                         if self._expired():  # the client is told, as when a frame arrives past the limit
-                            self.limit_reached = self._duration_limit()
+                            self.ended_by = self._duration_limit()
                         self._finishing.set()
                         held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
                         return held if held is not None and self._admit(held) else _END

@@ -104,7 +104,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
                     else:
                         yield pb.ScreenResponse(subject=convert.subject_result(event))
             finally:
-                ended_by = reader.error or session.limit_reached
+                ended_by = reader.error or session.ended_by
                 log.info("stream closed", extra={"error": type(ended_by).__name__ if ended_by else None})
             # No join: a stream finished by a limit or by idling may still have a reader
             # blocked on the client; ending the call releases it.

@@ -22,7 +22,7 @@ from acroscreen.client import (
     ScreenOptions,
     SubjectResult,
 )
-from acroscreen.client.errors import ServerBusyError
+from acroscreen.client.errors import ServerBusyError, UnavailableError
 from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
@@ -569,6 +569,45 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
         assert len(calls) == settled + 3, "only the next run's three faces reached the model"
     finally:
         running.stop(grace_s=1.0)
+
+
+def test_a_stream_that_outlives_the_drains_grace_gets_its_final_result(portrait_bgr) -> None:
+    """A stream still sending when the grace period ran out was cut off by the gRPC server's stop:
+    UNAVAILABLE "Cancelling all calls", no request id, and the result of every frame it had analysed
+    lost. It now gets its final result for those, then UNAVAILABLE saying the server shut down."""
+    running = start_server(metrics_port=-1)
+    frame = jpeg_bytes(portrait_bgr)
+    sent = threading.Event()
+
+    def endless() -> Iterator[FrameData]:
+        for index in range(600):
+            yield FrameData(frame, ImageKind.JPEG, index=index)
+            if index == 5:
+                sent.set()
+            time.sleep(0.05)
+
+    failures: list[Exception] = []
+
+    def screen() -> None:
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            try:
+                client.screen(endless(), ScreenOptions(analyze_every_frame=True))
+            except Exception as error:  # noqa: BLE001 — examined below
+                failures.append(error)
+
+    stream = threading.Thread(target=screen)
+    stream.start()
+    try:
+        assert sent.wait(30)
+        started = time.monotonic()
+        running.stop(grace_s=1.0)
+        assert time.monotonic() - started < 5
+    finally:
+        stream.join(30)
+    (failure,) = failures
+    assert isinstance(failure, UnavailableError) and "shutting down" in str(failure) and failure.request_id
+    final = failure.final_result
+    assert isinstance(final, SubjectResult) and final.status == "final" and final.frames_analyzed >= 5
 
 
 def test_streams_that_never_send_their_options_cannot_take_every_server_thread(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
