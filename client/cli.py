@@ -216,30 +216,46 @@ def _screen(args: argparse.Namespace) -> int:
     )
     progress = _Progress(source.frame_count, enabled=sys.stderr.isatty())
     capture = _WebcamCapture(args.max_frames)
-    with _connect(args, args.timeout) as client:
-        frames = sources.frames(source, jpeg_quality=args.jpeg_quality, stop=capture.stop)
-        if source.kind == "images":  # one request if they fit, else a stream of still images
-            result = client.screen_photos(frames, options, on_event=progress.update)
-        elif source.kind == "webcam":
-            print(f"acroscreen: webcam {source.location}: Ctrl-C ends the capture and prints the result", file=sys.stderr)
-            with capture.ended_by_ctrl_c():
-                result = client.screen(frames, options, on_event=capture.counting(progress.update))
-        else:
-            result = client.screen(frames, options, on_event=progress.update)
+    try:
+        with _connect(args, args.timeout) as client:
+            frames = sources.frames(source, jpeg_quality=args.jpeg_quality, stop=capture.stop)
+            if source.kind == "images":  # one request if they fit, else a stream of still images
+                result = client.screen_photos(frames, options, on_event=progress.update)
+            elif source.kind == "webcam":
+                print(f"acroscreen: webcam {source.location}: Ctrl-C ends the capture and prints the result", file=sys.stderr)
+                with capture.ended_by_ctrl_c():
+                    result = client.screen(frames, options, on_event=capture.counting(progress.update))
+            else:
+                result = client.screen(frames, options, on_event=progress.update)
+    except AcroscreenClientError as error:
+        progress.done()
+        # The server sent its result for what it analysed before the call failed (a stream limit,
+        # a shutdown): print it, then the error (main() says it, and the exit status is 1).
+        if isinstance(error.final_result, SubjectResult):
+            _report(args, error.final_result, source.kind, fhir_started)
+        raise
     progress.done()
+    _report(args, result, source.kind, fhir_started)
+    return 0
+
+
+def _report(args: argparse.Namespace, result: SubjectResult, source_kind: str, fhir_started: object) -> None:
     if args.fhir:
-        _write_fhir(args, result, source.kind, fhir_started)
+        _write_fhir(args, result, source_kind, fhir_started)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     else:
         print(describe_result(result))
-    return 0
 
 
 def _fhir_start(args: argparse.Namespace) -> object:
     """Check the FHIR flags before screening; the capture start time (the Observation's effective time)."""
     from datetime import datetime, timezone
 
+    if args.fhir:
+        folder = Path(args.fhir).resolve().parent
+        if not folder.is_dir():  # found now, not after a screening that could not be written down
+            raise ValueError(f"--fhir {args.fhir}: no folder {folder} to write it in")
     if args.fhir_subject is not None:
         if not args.fhir:
             raise ValueError("--fhir-subject needs --fhir OUT.json")

@@ -342,9 +342,12 @@ def test_cli_screen_writes_a_fhir_observation(
     received = next(c for c in observation["component"] if c["code"]["coding"][0]["code"] == "frames-received")
     assert received["valueInteger"] == printed["frames_received"] == 1
 
-    # a malformed subject is refused before anything is sent
+    # a malformed subject, or a file that cannot be written, is refused before anything is sent
     assert main(["screen", str(photo), "--fhir", str(out), "--fhir-subject", "123", *common]) == 2
     assert "not a FHIR reference" in capsys.readouterr().err
+    assert main(["screen", str(photo), "--fhir", str(tmp_path / "absent" / "o.json"), *common]) == 2
+    refused = capsys.readouterr()
+    assert "no folder" in refused.err and refused.out == ""
 
 
 def test_spreading_over_workers_with_a_one_process_server(aio_server: RunningServer, portrait_bgr: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from acroscreen.client import (
     ScreenOptions,
     SubjectResult,
 )
+from acroscreen.client.cli import main as cli_main
 from acroscreen.client.errors import ServerBusyError, UnavailableError
 from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
@@ -208,7 +210,9 @@ def test_disconnect_storm_leaves_no_state(portrait_bgr, max_analysis_fps: float)
         running.stop(grace_s=1.0)
 
 
-def test_frame_limit_ends_the_stream_with_its_final_result(portrait_bgr) -> None:
+def test_frame_limit_ends_the_stream_with_its_final_result(
+    portrait_bgr, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     running = start_server(metrics_port=-1, max_frames_per_stream=3)
     try:
         frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(5)]
@@ -218,6 +222,12 @@ def test_frame_limit_ends_the_stream_with_its_final_result(portrait_bgr) -> None
         final = caught.value.final_result
         assert isinstance(final, SubjectResult) and final.status == "final"
         assert final.frames_received == 3 and final.frames_analyzed == 3
+
+        # The CLI printed only the error and threw the result away: now the result, then the error.
+        video = shared_data / "videos" / "retalking_face1.mp4"
+        assert cli_main(["screen", str(video), "--json", "--server", f"127.0.0.1:{running.port}"]) == 1
+        printed = capsys.readouterr()
+        assert json.loads(printed.out)["frames_received"] == 3 and "stream limit of 3 frames" in printed.err
     finally:
         running.stop(grace_s=1.0)
 
