@@ -11,7 +11,9 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -120,9 +122,28 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     except OSError as error:
         raise ConfigurationError(f"cannot read TLS file {error.filename}: {error.strerror}") from error
+    _check_tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Refuse at start what gRPC would only fail to bind with ("cannot listen"): files that are not
+    PEM, or a key that does not match the certificate. Checked by the standard library's TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise ConfigurationError(
+            f"TLS certificate {cert} and key {key} cannot be used ({error.reason or error}): "
+            "both must be PEM, and the key the certificate's"
+        ) from error
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as error:
+            raise ConfigurationError(f"TLS client CA {client_ca} cannot be used ({error.reason or error}): it must be PEM") from error
 
 
 def warn_about_exposure(host: str, port: int, *, encrypted: bool, tokens: bool) -> None:

@@ -213,6 +213,21 @@ def test_tls_with_tokens_logs_no_exposure_warning(caplog: pytest.LogCaptureFixtu
     assert warnings == []
 
 
+def test_tls_files_that_cannot_be_used_are_refused_at_start_by_name(pki: _Pki, tmp_path: Path) -> None:
+    """A certificate file that is not PEM, or a key not the certificate's, made the server fail to
+    bind ("cannot listen on …: in use, or not an address of this host"), naming neither file."""
+    not_pem = tmp_path / "tokens.txt"
+    not_pem.write_text("not-a-certificate-0123456789\n")
+    other = _Pki(tmp_path / "other")
+    for cert, key, named in ((not_pem, not_pem, "PEM"), (pki.server_cert, other.server_key, "the key the certificate's")):
+        settings = dataclasses.replace(BASE_SETTINGS, tls_cert=cert, tls_key=key, metrics_port=-1)
+        with pytest.raises(ConfigurationError, match=f"TLS certificate {cert}.*{named}"):
+            start(settings)
+    with pytest.raises(ConfigurationError, match=f"client CA {not_pem}"):
+        start(dataclasses.replace(BASE_SETTINGS, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                                  tls_client_ca=not_pem, metrics_port=-1))
+
+
 # --- tokens and health through the settings the server reads: environment, flags ------------------------
 
 ENV_TOKEN = "token-from-the-environment-0123"
