@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import signal
 import sys
@@ -31,8 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acroscreen: {error} (give --token-file with a token the server accepts)", file=sys.stderr)
         return 1
     except UnavailableError as error:
-        print(f"acroscreen: {error} (is the server up at --server? a TLS server needs --tls-ca, and with mutual TLS"
-              " --tls-cert/--tls-key)", file=sys.stderr)
+        print(f"acroscreen: {error} (is the server up at --server? does it speak TLS, which needs --tls-ca (and"
+              " --tls-cert/--tls-key for mutual TLS), or plaintext, which needs none of them?)", file=sys.stderr)
         return 1
     except AcroscreenClientError as error:
         print(f"acroscreen: {error}", file=sys.stderr)
@@ -76,7 +77,7 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="let the server skip frames it cannot keep up with (default for webcams; videos analyse every frame)",
     )
-    screen.add_argument("--jpeg-quality", type=int, default=85)
+    screen.add_argument("--jpeg-quality", type=_jpeg_quality, default=85, help="1-100, for video and webcam frames")
     screen.add_argument("--timeout", type=float, default=None, help="deadline for the whole call, seconds")
     screen.add_argument("--fhir", metavar="OUT.json", default=None, help="also write the result as a FHIR R4 Observation")
     screen.add_argument("--fhir-subject", metavar="REFERENCE", default=None, help="the Observation's subject, e.g. Patient/123")
@@ -182,11 +183,31 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="file holding the bearer token")
 
 
+def _jpeg_quality(text: str) -> int:
+    quality = int(text)
+    if not 1 <= quality <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality runs from 1 to 100, not {quality}")
+    return quality
+
+
+DEFAULT_PORT = 50051
+
+
+def with_port(target: str) -> str:
+    """`--server HOST` means the server's default port: gRPC would take 443 (HTTPS's) for it."""
+    if target.startswith("["):
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(target).version == 6:
+            return f"[{target}]:{DEFAULT_PORT}"
+    return target if ":" in target else f"{target}:{DEFAULT_PORT}"  # HOST:PORT, or a scheme (dns:, ipv4:)
+
+
 def _connect(args: argparse.Namespace, timeout_s: float | None = None) -> ScreeningClient:
     credentials = Credentials.from_files(
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token_file=args.token_file
     )
-    return ScreeningClient(args.server, timeout_s=timeout_s, credentials=credentials)
+    return ScreeningClient(with_port(args.server), timeout_s=timeout_s, credentials=credentials)
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:

@@ -35,8 +35,9 @@ def describe(spec: str) -> Source:
     if path.is_dir():
         count = len(image_paths(path))
         if count == 0:
-            others = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            found = f"{len(others)} other file(s), e.g. {others[0]}: convert photos (HEIC, RAW) to JPEG" if others else "it is empty"
+            others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+            found = (f"only {len(others)} other file(s) or folder(s), e.g. {others[0]}; photos in other formats"
+                     " (HEIC, RAW) need converting to JPEG") if others else "it is empty"
             raise ValueError(f"no JPEG or PNG images in {spec} ({found})")
         return Source("images", spec, count)
     if not path.is_file():
@@ -99,10 +100,17 @@ def _shrunk_jpeg(path: Path, size: int) -> bytes:
 
 
 def video_frame_count(path: Path) -> int:
+    """The video's frame count as its container states it (0 when it does not); ValueError for a
+    file PyAV cannot read as a video."""
     import av
 
-    with av.open(str(path)) as container:
-        return container.streams.video[0].frames
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} holds no video stream")
+            return container.streams.video[0].frames
+    except av.error.FFmpegError as error:  # not a video at all, or a damaged one: say so, not an errno
+        raise ValueError(f"{path} cannot be read as a video ({error.strerror or 'invalid data'})") from error
 
 
 def video_frames(path: Path, jpeg_quality: int = 85) -> Iterator[FrameData]:

@@ -46,3 +46,21 @@ def test_ctrl_c_ends_the_capture_and_a_second_one_interrupts() -> None:
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
 
+
+
+def test_a_server_named_without_a_port_is_reached_on_the_servers_default_port() -> None:
+    """gRPC takes 443 for a target without a port: `--server 127.0.0.1` reached nothing."""
+    from acroscreen.client.cli import with_port
+
+    assert with_port("127.0.0.1") == "127.0.0.1:50051" and with_port("scanner.local") == "scanner.local:50051"
+    assert with_port("::1") == "[::1]:50051" and with_port("[::1]") == "[::1]:50051"
+    for named in ("127.0.0.1:6000", "[::1]:6000", "dns:///scanner.example:6000", "ipv4:10.0.0.1:1,10.0.0.2:1"):
+        assert with_port(named) == named
+
+
+def test_jpeg_quality_outside_1_to_100_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from acroscreen.client.cli import main
+
+    with pytest.raises(SystemExit) as usage:
+        main(["screen", "clip.mp4", "--jpeg-quality", "500"])
+    assert usage.value.code == 2 and "1 to 100" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def test_a_folder_without_jpeg_or_png_photos_is_refused_with_what_it_holds(tmp_p
     with pytest.raises(ValueError, match="it is empty"):
         describe(str(tmp_path))
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"not read")
-    with pytest.raises(ValueError, match=r"1 other file\(s\), e.g. IMG_0001.HEIC: convert"):
+    with pytest.raises(ValueError, match=r"1 other file\(s\) or folder\(s\), e.g. IMG_0001.HEIC; photos in other"):
         describe(str(tmp_path))
 
 
@@ -75,3 +75,10 @@ def test_a_video_stored_turned_is_sent_as_its_display_rotation_shows_it(
         pixels = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_COLOR)
         assert difference(pixels, upright) < 8
         assert difference(pixels, np.rot90(upright, 2)) > 30  # not upside down either
+
+
+def test_a_file_that_is_not_a_video_is_refused_in_words(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"this is not a video at all" * 10)
+    with pytest.raises(ValueError, match="cannot be read as a video"):
+        describe(str(fake))
