@@ -383,7 +383,7 @@ def _bench(args: argparse.Namespace) -> int:
         pace=args.pace,
         fps=args.fps,
         every_frame=args.every_frame,
-        server=args.server,
+        server=with_port(args.server) if args.server else None,
         servers=args.servers,
         metrics_url=args.metrics_url,
         server_args=("--device", args.device, "--allow-untrained", *args.server_arg),

@@ -96,8 +96,8 @@ def start(
         grpc_server.start()
     grpc_server.attach(service)
     metrics.model_ready.set(1)
-    metrics = f"metrics on port {metrics_port}" if metrics_port >= 0 else "no metrics port"
-    log.info("serving on %s:%d, %s", settings.host, grpc_server.port, metrics)
+    scraped = f"metrics on port {metrics_port}" if metrics_port >= 0 else "no metrics port"
+    log.info("serving on %s:%d, %s", settings.host, grpc_server.port, scraped)
     return RunningServer(grpc_server.port, metrics_port, service, grpc_server, metrics, tuple(closers))
 
 

@@ -13,7 +13,8 @@ correlation times long (0.72 for 16 frames of AR(1) 0.8), where counting the
 frames as independent covered 0.50 and 0.41. Below 4 frames the autocorrelation
 cannot be estimated: photographs (``frames_independent``) count as independent,
 the first few frames of a video as one frame's evidence together, so their interval
-spans the scale (counted as independent, 3 frames of AR(1) 0.9 covered 0.54). A
+is the mean ± 1 score point, clipped to 1–3 (counted as independent, 3 frames of
+AR(1) 0.9 covered 0.54). A
 spread of the evidence, not a clinical bound.
 
 Running sums keep a result O(1) however long the stream (a provisional one is

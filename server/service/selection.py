@@ -34,6 +34,7 @@ class BestFramePicker:
             raise ValueError(f"interval_us must be > 0, got {interval_us}")
         self._interval_us = interval_us
         self._origin_us: int | None = None
+        self._last_us: int | None = None
         self._slot = -1
         self._held: FrameInput | None = None
         self._held_score = float("-inf")
@@ -42,9 +43,11 @@ class BestFramePicker:
         """``score``: higher is better; ``-inf`` for a frame that could not be previewed."""
         if self._origin_us is None:
             self._origin_us = frame.timestamp_us
-        slot = (frame.timestamp_us - self._origin_us) // self._interval_us
-        if slot < self._slot:  # the capture clock went back (a restarted camera or recording): time starts again
-            self._origin_us, slot, self._slot = frame.timestamp_us, 0, -1
+        if self._last_us is not None and frame.timestamp_us <= self._last_us - self._interval_us:
+            self._origin_us, self._slot = frame.timestamp_us, -1  # the capture clock started again
+        self._last_us = frame.timestamp_us
+        # A frame stamped a little before the last (jitter) belongs to the current interval.
+        slot = max((frame.timestamp_us - self._origin_us) // self._interval_us, self._slot)
         if slot > self._slot:
             released = self.release()
             self._slot, self._held, self._held_score = slot, frame, score

@@ -223,8 +223,12 @@ class StreamSession:
 
     def end(self, reason: AcroscreenError) -> None:
         """End the stream before its client closes it: what was received is analysed, the final
-        result sent, then the call ends with ``reason``."""
-        self.ended_by = reason
+        result sent, then the call ends with ``reason``. A stream already finishing (its client
+        half-closed, or a limit ended it) ends as it was going to."""
+        with self._submit_lock:
+            if self._finishing.is_set():
+                return
+            self.ended_by = reason
         self.finish()
 
     def cancel(self) -> None:

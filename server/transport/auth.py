@@ -133,11 +133,13 @@ def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
     PEM, or a key that does not match the certificate. Checked by the standard library's TLS."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as error:
+        # A key under a pass phrase gRPC cannot use either: an empty one fails it, where OpenSSL would prompt.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error.strerror or error
         raise ConfigurationError(
-            f"TLS certificate {cert} and key {key} cannot be used ({error.reason or error}): "
-            "both must be PEM, and the key the certificate's"
+            f"TLS certificate {cert} and key {key} cannot be used ({reason}): "
+            "both must be PEM, the key the certificate's and without a pass phrase"
         ) from error
     if client_ca is not None:
         try:

@@ -620,6 +620,39 @@ def test_a_stream_that_outlives_the_drains_grace_gets_its_final_result(portrait_
     assert isinstance(final, SubjectResult) and final.status == "final" and final.frames_analyzed >= 5
 
 
+def test_a_stream_that_half_closed_before_the_grace_ran_out_ends_as_usual(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """Its client had closed (its frames were still being analysed, 0.5 s each): it was ended like
+    a stream still sending, and the client got UNAVAILABLE after its final result."""
+    running = _start_with_model(monkeypatch, _slow_model(0.5), max_batch_size=1)
+    frame = jpeg_bytes(portrait_bgr)
+    sent_all = threading.Event()
+
+    def three() -> Iterator[FrameData]:
+        for index in range(3):
+            yield FrameData(frame, ImageKind.JPEG, index=index)
+        sent_all.set()
+
+    outcome: list[object] = []
+
+    def screen() -> None:
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            try:
+                outcome.append(client.screen(three(), ScreenOptions(analyze_every_frame=True)))
+            except Exception as error:  # noqa: BLE001 — examined below
+                outcome.append(error)
+
+    stream = threading.Thread(target=screen)
+    stream.start()
+    try:
+        assert sent_all.wait(30)
+        time.sleep(0.2)  # the half-close reaches the server: only analysis is left (1.5 s)
+        running.stop(grace_s=1.0)
+    finally:
+        stream.join(30)
+    (result,) = outcome
+    assert isinstance(result, SubjectResult) and result.status == "final" and result.frames_analyzed == 3, result
+
+
 def test_streams_that_never_send_their_options_cannot_take_every_server_thread(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
     """A stream call holds a server thread before its options admit it: 80 calls that sent nothing
     took every thread of a 32-stream server, and health checks and model info timed out. Now at most

@@ -223,6 +223,12 @@ def test_tls_files_that_cannot_be_used_are_refused_at_start_by_name(pki: _Pki, t
         settings = dataclasses.replace(BASE_SETTINGS, tls_cert=cert, tls_key=key, metrics_port=-1)
         with pytest.raises(ConfigurationError, match=f"TLS certificate {cert}.*{named}"):
             start(settings)
+    locked = tmp_path / "locked.key"  # a key under a pass phrase: OpenSSL would prompt for it at start
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"pass phrase")))
+    with pytest.raises(ConfigurationError, match=f"key {locked}.*without a pass phrase"):
+        start(dataclasses.replace(BASE_SETTINGS, tls_cert=pki.server_cert, tls_key=locked, metrics_port=-1))
     with pytest.raises(ConfigurationError, match=f"client CA {not_pem}"):
         start(dataclasses.replace(BASE_SETTINGS, tls_cert=pki.server_cert, tls_key=pki.server_key,
                                   tls_client_ca=not_pem, metrics_port=-1))

@@ -47,6 +47,11 @@ def test_a_capture_clock_that_starts_again_starts_the_intervals_again() -> None:
     released = [picker.offer(_frame(i, i * 50), 1.0).released for i in range(6)]  # 0-250 µs: intervals 0, 1, 2
     released += [picker.offer(_frame(6 + i, i * 50), 1.0).released for i in range(6)]  # the clock restarts at 0
     assert [f.index for f in released if f is not None] == [0, 2, 4, 6, 8]
+    # A frame stamped a little before the last one (less than an interval) is not a restart.
+    jitter = BestFramePicker(interval_us=100)
+    assert jitter.offer(_frame(0, 0), 1.0).held and jitter.offer(_frame(1, 110), 1.0).released is not None
+    late = jitter.offer(_frame(2, 95), 2.0)  # competes in the current interval instead
+    assert late.released is None and late.passed_over is not None and late.passed_over.index == 1
 
 
 def test_picker_keeps_the_first_of_equals_and_prefers_any_readable_frame() -> None:
