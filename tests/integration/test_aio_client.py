@@ -249,6 +249,12 @@ def test_a_stream_past_the_clients_timeout_is_a_deadline_with_the_calls_request_
         with pytest.raises(DeadlineExceededError) as caught:
             client.screen(frames(), options)
     assert caught.value.request_id
+    # The server ends its side of those calls a moment after the clients gave up (the stream's
+    # worker finishes the frame in hand): the module's server has only 2 stream slots.
+    deadline = time.monotonic() + 10
+    while aio_server.service.active_streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aio_server.service.active_streams == 0
 
 
 def test_streams_beyond_the_limit_get_server_busy_with_a_retry_hint(aio_server: RunningServer) -> None:
