@@ -154,6 +154,7 @@ class ScreeningService:
         _check_options(options)
         if not frames:
             raise InvalidRequest("ScreenImages needs at least one image")
+        check_image_count(len(frames))
         self._admit_image_call(principal)
         try:
             return self._analyze_images(options, frames, on_call_end)
@@ -236,6 +237,20 @@ class ScreeningService:
                     return False
                 self._idle.wait(remaining)
         return True
+
+
+# A few photographs a request: each is analysed before the call answers, so a request of a
+# million empty images (2 bytes each on the wire) held a handler for minutes. Larger sets go as a
+# still-image stream, whose frames count against the stream limits.
+MAX_IMAGES_PER_REQUEST = 64
+
+
+def check_image_count(count: int) -> None:
+    """Refuse a ScreenImages request of more than MAX_IMAGES_PER_REQUEST images (before they are read)."""
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise InvalidRequest(
+            f"{count} images in one request; at most {MAX_IMAGES_PER_REQUEST}: send a larger set as a stream of still images"
+        )
 
 
 def _check_options(options: SessionOptions) -> None:

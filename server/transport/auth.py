@@ -90,12 +90,16 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return _refusing(handler)
 
 
+def _discard(_data: bytes) -> None:
+    return None
+
+
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
         raise Unauthenticated("missing or invalid bearer token")  # mapped to a status in transport/errors.py
 
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _discard,  # a refused caller's bytes are not worth parsing (up to 32 MiB)
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

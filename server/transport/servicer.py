@@ -12,7 +12,7 @@ from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
 from ..errors import AcroscreenError, InvalidRequest, NotReady, Overloaded
 from ..logs import current_request_id, in_this_call, subject_hash
-from ..service.screening import ScreeningService
+from ..service.screening import ScreeningService, check_image_count
 from ..service.session import StreamSession
 from ..service.types import FrameAck, FramePrediction
 from . import convert
@@ -113,6 +113,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
 
     def ScreenImages(self, request: pb.ScreenImagesRequest, context: grpc.ServicerContext) -> pb.SubjectResult:
         self._send_initial_metadata(context)
+        check_image_count(len(request.images))  # before a million of them are converted
         frames = [convert.frame_input(image) for image in request.images]
         principal = principal_of(context.invocation_metadata())
         # The call ends early when the caller cancels, disconnects or runs out of deadline.

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def test_missing_or_wrong_token_is_unauthenticated(mtls_server: RunningServer, p
             with pytest.raises(AuthenticationError):
                 client.screen([FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG)])
             assert client.health() == "SERVING"  # probes need no token
+
+
+def test_a_refused_callers_request_is_not_parsed() -> None:
+    """A 32 MiB request without a token was parsed in full (+1 GB of memory) before the refusal."""
+    from acroscreen.server.transport.auth import TokenAuthInterceptor
+
+    parsed: list[bytes] = []
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: None, request_deserializer=parsed.append)
+    details = types.SimpleNamespace(method="/acroscreen.v1.Screening/ScreenImages", invocation_metadata=())
+    refusing = TokenAuthInterceptor([TOKEN], health_requires_auth=False).intercept_service(lambda _: handler, details)
+    assert refusing.request_deserializer(b"\x0a" * 1000) is None and parsed == []
 
 
 def test_client_without_certificate_is_refused(mtls_server: RunningServer, pki: _Pki) -> None:

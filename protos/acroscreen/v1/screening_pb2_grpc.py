@@ -102,8 +102,10 @@ class ScreeningServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScreenImages(self, request, context):
-        """A few still photographs of one subject (the classic photo use case).
-        Every image is analysed; the answer is the FINAL subject result. Each image
+        """A few still photographs of one subject (the classic photo use case), at
+        most 64 (more: INVALID_ARGUMENT; send a larger set through ScreenStream
+        with still_images). Every image is analysed; the answer is the FINAL
+        subject result. Each image
         may be up to --max-message-bytes (8 MiB by default; a larger one is rejected
         as too_large), the whole request up to 4x that (beyond, the call fails with
         RESOURCE_EXHAUSTED before it is read; the Python clients refuse a request
