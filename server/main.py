@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
@@ -260,6 +261,21 @@ def limit_malloc_arenas(arenas: int) -> None:
         log.debug("mallopt unavailable; malloc arenas left as they are")
 
 
+_PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> None:
+    """A crashing server would write its memory, frames of faces included, to a core file (or a
+    host's crash collector): no patient data at rest. A core size limit of 0 (hard, so nothing
+    raises it again) and a process that is not dumpable (no core even through a crash-collector
+    pipe, and no ptrace by other processes of the user) stop that; children inherit both."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the size limit alone
+        log.debug("prctl unavailable; core dumps stopped by the size limit only")
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new streams, let running ones finish.
 
@@ -271,6 +287,7 @@ def serve(settings: Settings) -> int:
     of its own; the parent serves their sum on `metrics_port`, forwards signals and waits.
     """
     logs.configure(settings.log_level, settings.log_json)
+    forbid_core_dumps()
     limit_malloc_arenas(settings.malloc_arenas)
     if settings.workers > 1:
         return _supervise(settings)

@@ -51,6 +51,9 @@ def test_sigterm_drains_streams_and_leaves_no_files(tmp_path: Path, portrait_bgr
     ) as (process, port, _):
         before = _files(work) | _files(tmp)
         target = f"127.0.0.1:{port}"
+        # A crash must not write the server's memory, frames included, to a core file.
+        core_limit = next(line for line in Path(f"/proc/{process.pid}/limits").read_text().splitlines() if "core" in line)
+        assert core_limit.split()[-3:-1] == ["0", "0"], core_limit
         with ScreeningClient(target, timeout_s=60) as client:
             options = ScreenOptions(subject_id=SUBJECT, analyze_every_frame=True)
             stream = threading.Thread(target=lambda: results.append(client.screen(slow_frames(), options)))

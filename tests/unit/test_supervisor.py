@@ -66,3 +66,17 @@ def test_early_metrics_answer_while_a_silent_connection_is_open() -> None:
     finally:
         metrics.socket.close()
     assert "acroscreen_model_ready 0.0" in scraped[0]  # no process has reported: a model not ready, not a target down
+
+
+def test_the_server_forbids_core_dumps_for_itself_and_its_children() -> None:
+    """A core file of a crashed server holds the frames of faces in its memory: none may be written."""
+    probe = (
+        "import ctypes, resource, subprocess, sys\n"
+        "from acroscreen.server.main import forbid_core_dumps\n"
+        "forbid_core_dumps()\n"
+        "child = subprocess.run([sys.executable, '-c', 'import resource; print(resource.getrlimit(resource.RLIMIT_CORE))'],"
+        " capture_output=True, text=True).stdout.strip()\n"
+        "print(resource.getrlimit(resource.RLIMIT_CORE), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0), child)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split() == ["(0,", "0)", "0", "(0,", "0)"], out
