@@ -51,7 +51,10 @@ class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
     def __init__(self, settings: Settings, worker: WorkerIdentity) -> None:
-        self._servicer = ScreeningServicer(worker, max_opening=settings.max_streams)
+        self._servicer = ScreeningServicer(
+            worker, max_opening=settings.max_streams,
+            max_opening_per_caller=settings.max_streams_per_token or settings.max_streams,
+        )
         self._health = health.HealthServicer()
         credentials = server_credentials(settings)
         # The error mapping is outermost, so it also maps what the authentication refuses.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Iterator
@@ -31,15 +32,18 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded).
 
     max_opening: streams that may wait for their options at once (each holds a server thread
-    before the service admits it); more are refused at once, so silent calls cannot take every
-    thread and starve health checks.
+    before the service admits it), and max_opening_per_caller of them one caller's (its token):
+    more are refused at once, so silent calls cannot take every thread and starve health checks,
+    nor one caller's take the others' turn.
     """
 
-    def __init__(self, worker: WorkerIdentity, *, max_opening: int) -> None:
+    def __init__(self, worker: WorkerIdentity, *, max_opening: int, max_opening_per_caller: int) -> None:
         self._worker = worker
         self._attached: ScreeningService | None = None
         self._max_opening = max_opening
-        self._opening = threading.BoundedSemaphore(max_opening)
+        self._max_opening_per_caller = max_opening_per_caller
+        self._opening: collections.Counter[str] = collections.Counter()
+        self._opening_lock = threading.Lock()
         self._options_wait_s = OPTIONS_WAIT_S
 
     def attach(self, service: ScreeningService) -> None:
@@ -54,8 +58,8 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
     def ScreenStream(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ScreenResponse]:
-        first = self._options_message(request_iterator, context)
         principal = principal_of(context.invocation_metadata())
+        first = self._options_message(request_iterator, context, principal)
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
@@ -64,10 +68,16 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         finally:
             session.close()  # a call that ended before its answers were read gives its slot back too
 
-    def _options_message(self, requests: Iterator[pb.ScreenRequest], context: grpc.ServicerContext) -> pb.ScreenRequest:
+    def _options_message(
+        self, requests: Iterator[pb.ScreenRequest], context: grpc.ServicerContext, principal: str
+    ) -> pb.ScreenRequest:
         """The stream's first message; a call that does not send it within options_wait_s is cancelled."""
-        if not self._opening.acquire(blocking=False):
-            raise Overloaded(f"{self._max_opening} streams are already waiting to send their options")
+        with self._opening_lock:
+            if self._opening.total() >= self._max_opening:
+                raise Overloaded(f"{self._max_opening} streams are already waiting to send their options")
+            if self._opening[principal] >= self._max_opening_per_caller:
+                raise Overloaded(f"{self._max_opening_per_caller} of this caller's streams are already waiting to send their options")
+            self._opening[principal] += 1
         silent = threading.Timer(self._options_wait_s, context.cancel)
         silent.daemon = True
         silent.start()
@@ -75,7 +85,10 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             first = next(requests, None)
         finally:
             silent.cancel()
-            self._opening.release()
+            with self._opening_lock:
+                self._opening[principal] -= 1
+                if not self._opening[principal]:
+                    del self._opening[principal]
         if first is None:
             if not context.is_active():
                 log.info("stream cancelled: no options within %.0f s", self._options_wait_s)

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from acroscreen.client import (
+    Credentials,
     FrameData,
     FrameResult,
     ImageKind,
@@ -686,6 +687,38 @@ def test_streams_that_never_send_their_options_cannot_take_every_server_thread(m
             assert time.monotonic() - started < 10
         release.set()
         assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and streams go on
+    finally:
+        release.set()
+        running.stop(grace_s=1.0)
+
+
+def test_one_callers_silent_streams_do_not_take_another_callers_turn(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
+    """With a per-token quota, one token's streams that never sent options took every waiting place
+    (--max-streams) and another token, holding no stream, was refused."""
+    monkeypatch.setattr(servicer_module, "OPTIONS_WAIT_S", 2.0)
+    first, second = "silent-caller-token-0123456789", "other-caller-token-0123456789a"
+    running = start_server(metrics_port=-1, max_streams=4, auth_tokens=f"{first},{second}", max_streams_per_token=1)
+    release = threading.Event()
+
+    def silent() -> Iterator[pb.ScreenRequest]:
+        release.wait(30)
+        return
+        yield
+
+    channel, stub = _stub(running)
+    try:
+        with channel:
+            calls = [stub.ScreenStream(silent(), timeout=30, metadata=(("authorization", f"Bearer {first}"),))
+                     for _ in range(4)]
+            frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(3)]
+            with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60, credentials=Credentials(token=second)) as other:
+                assert other.screen(frames, ScreenOptions(analyze_every_frame=True)).frames_analyzed == 3
+            codes = []
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as ended:
+                    list(call)
+                codes.append(ended.value.code())
+            assert sorted(code.name for code in codes) == ["CANCELLED"] + ["RESOURCE_EXHAUSTED"] * 3, codes
     finally:
         release.set()
         running.stop(grace_s=1.0)
