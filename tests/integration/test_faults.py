@@ -582,6 +582,22 @@ def test_client_deadlines_end_both_calls_and_free_everything(monkeypatch: pytest
         running.stop(grace_s=1.0)
 
 
+def _screening_in_background(running: RunningServer, frames: Iterator[FrameData]) -> tuple[threading.Thread, list[object]]:
+    """A thread screening `frames` (every frame analysed), and the list that gets its result or its exception."""
+    outcome: list[object] = []
+
+    def screen() -> None:
+        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            try:
+                outcome.append(client.screen(frames, ScreenOptions(analyze_every_frame=True)))
+            except Exception as error:  # noqa: BLE001 — examined by the test
+                outcome.append(error)
+
+    stream = threading.Thread(target=screen)
+    stream.start()
+    return stream, outcome
+
+
 def test_a_stream_that_outlives_the_drains_grace_gets_its_final_result(portrait_bgr) -> None:
     """A stream still sending when the grace period ran out was cut off by the gRPC server's stop:
     UNAVAILABLE "Cancelling all calls", no request id, and the result of every frame it had analysed
@@ -597,17 +613,7 @@ def test_a_stream_that_outlives_the_drains_grace_gets_its_final_result(portrait_
                 sent.set()
             time.sleep(0.05)
 
-    failures: list[Exception] = []
-
-    def screen() -> None:
-        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
-            try:
-                client.screen(endless(), ScreenOptions(analyze_every_frame=True))
-            except Exception as error:  # noqa: BLE001 — examined below
-                failures.append(error)
-
-    stream = threading.Thread(target=screen)
-    stream.start()
+    stream, outcome = _screening_in_background(running, endless())
     try:
         assert sent.wait(30)
         started = time.monotonic()
@@ -615,7 +621,7 @@ def test_a_stream_that_outlives_the_drains_grace_gets_its_final_result(portrait_
         assert time.monotonic() - started < 5
     finally:
         stream.join(30)
-    (failure,) = failures
+    (failure,) = outcome
     assert isinstance(failure, UnavailableError) and "shutting down" in str(failure) and failure.request_id
     final = failure.final_result
     assert isinstance(final, SubjectResult) and final.status == "final" and final.frames_analyzed >= 5
@@ -633,17 +639,7 @@ def test_a_stream_that_half_closed_before_the_grace_ran_out_ends_as_usual(monkey
             yield FrameData(frame, ImageKind.JPEG, index=index)
         sent_all.set()
 
-    outcome: list[object] = []
-
-    def screen() -> None:
-        with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
-            try:
-                outcome.append(client.screen(three(), ScreenOptions(analyze_every_frame=True)))
-            except Exception as error:  # noqa: BLE001 — examined below
-                outcome.append(error)
-
-    stream = threading.Thread(target=screen)
-    stream.start()
+    stream, outcome = _screening_in_background(running, three())
     try:
         assert sent_all.wait(30)
         time.sleep(0.2)  # the half-close reaches the server: only analysis is left (1.5 s)
@@ -652,6 +648,23 @@ def test_a_stream_that_half_closed_before_the_grace_ran_out_ends_as_usual(monkey
         stream.join(30)
     (result,) = outcome
     assert isinstance(result, SubjectResult) and result.status == "final" and result.frames_analyzed == 3, result
+
+
+def _silent(release: threading.Event) -> Iterator[pb.ScreenRequest]:
+    """A stream call that sends nothing, not even its options, until released (at most 30 s)."""
+    release.wait(30)
+    return
+    yield
+
+
+def _end_codes(calls: list) -> list[grpc.StatusCode]:
+    """The status each call ended with (every one must fail)."""
+    codes = []
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as ended:
+            list(call)
+        codes.append(ended.value.code())
+    return codes
 
 
 def test_streams_that_never_send_their_options_cannot_take_every_server_thread(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
@@ -663,25 +676,16 @@ def test_streams_that_never_send_their_options_cannot_take_every_server_thread(m
     running = start_server(metrics_port=-1, max_streams=2)  # 3 x 2 + 8 handler threads
     release = threading.Event()
 
-    def silent() -> Iterator[pb.ScreenRequest]:
-        release.wait(30)
-        return
-        yield
-
     channel, stub = _stub(running)
     try:
         with channel:
-            calls = [stub.ScreenStream(silent(), timeout=30) for _ in range(20)]
+            calls = [stub.ScreenStream(_silent(release), timeout=30) for _ in range(20)]
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(5):
                 assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
                 assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=2).model.name
-            codes = []
             started = time.monotonic()
-            for call in calls:
-                with pytest.raises(grpc.RpcError) as ended:
-                    list(call)
-                codes.append(ended.value.code())
+            codes = _end_codes(calls)
             assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18, codes  # refused at once
             assert codes.count(grpc.StatusCode.CANCELLED) == 2, codes  # the two waiting ones, after 2 s
             assert time.monotonic() - started < 10
@@ -700,24 +704,15 @@ def test_one_callers_silent_streams_do_not_take_another_callers_turn(monkeypatch
     running = start_server(metrics_port=-1, max_streams=4, auth_tokens=f"{first},{second}", max_streams_per_token=1)
     release = threading.Event()
 
-    def silent() -> Iterator[pb.ScreenRequest]:
-        release.wait(30)
-        return
-        yield
-
     channel, stub = _stub(running)
     try:
         with channel:
-            calls = [stub.ScreenStream(silent(), timeout=30, metadata=(("authorization", f"Bearer {first}"),))
+            calls = [stub.ScreenStream(_silent(release), timeout=30, metadata=(("authorization", f"Bearer {first}"),))
                      for _ in range(4)]
             frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(3)]
             with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60, credentials=Credentials(token=second)) as other:
                 assert other.screen(frames, ScreenOptions(analyze_every_frame=True)).frames_analyzed == 3
-            codes = []
-            for call in calls:
-                with pytest.raises(grpc.RpcError) as ended:
-                    list(call)
-                codes.append(ended.value.code())
+            codes = _end_codes(calls)
             assert sorted(code.name for code in codes) == ["CANCELLED"] + ["RESOURCE_EXHAUSTED"] * 3, codes
     finally:
         release.set()
