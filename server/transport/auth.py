@@ -90,8 +90,16 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return _refusing(handler)
 
 
-def _discard(_data: bytes) -> None:
-    return None
+class _Unread:
+    """What a refused caller's request is taken for: its bytes are never parsed. (Not None: to gRPC,
+    a deserializer's None means the bytes could not be parsed, which it answers INTERNAL.)"""
+
+
+_UNREAD = _Unread()
+
+
+def _discard(_data: bytes) -> _Unread:
+    return _UNREAD
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

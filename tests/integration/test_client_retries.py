@@ -128,7 +128,10 @@ def test_a_stream_that_fails_after_it_started_is_raised_not_retried(mode: str, p
             thread.join()
         for running in replacement:
             running.stop(grace_s=1.0)
-    assert failure.value.final_result is None  # no FINAL result came, and none is made up
+    # No result is made up: at most the stopped server's own FINAL for the two frames it had
+    # (a stopping server ends open streams with their result, if gRPC's stop lets it out).
+    final = failure.value.final_result
+    assert final is None or final.frames_received <= 2
     assert restarting, "the server was never stopped mid-stream"
     assert all(event.index in (0, 1) for event in events if isinstance(event, FrameResult))
     assert len(taken) <= 3  # the stream was not resumed against the new server
