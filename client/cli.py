@@ -18,6 +18,9 @@ from .errors import AcroscreenClientError, AuthenticationError, UnavailableError
 from .types import FrameAck, FrameResult, SubjectResult
 
 
+SERVER_PORT = 50051  # the server's default port (not gRPC's default for a target without one: 443)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only `train` needs its config class (and so torch) to build its flags.
@@ -65,7 +68,7 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
         help="video file, image file, folder of images, or webcam index (a webcam is captured until Ctrl-C, "
         "which ends the stream and prints the result, or until --max-frames frames were analysed)",
     )
-    screen.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    screen.add_argument("--server", default=f"127.0.0.1:{SERVER_PORT}", help="HOST:PORT of the server")
     screen.add_argument("--subject-id", default="", help="your identifier for the subject (echoed back)")
     screen.add_argument("--json", action="store_true", help="print exactly one JSON object: the final subject result")
     screen.add_argument(
@@ -85,7 +88,7 @@ def _parser(with_training_flags: bool = False) -> argparse.ArgumentParser:
     screen.set_defaults(run=_screen)
 
     info = verbs.add_parser("model-info", help="show the model the server runs")
-    info.add_argument("--server", default="127.0.0.1:50051")
+    info.add_argument("--server", default=f"127.0.0.1:{SERVER_PORT}")
     _add_connection_flags(info)
     info.set_defaults(run=_model_info)
 
@@ -190,17 +193,16 @@ def _jpeg_quality(text: str) -> int:
     return quality
 
 
-DEFAULT_PORT = 50051
 
 
 def with_port(target: str) -> str:
     """`--server HOST` means the server's default port: gRPC would take 443 (HTTPS's) for it."""
     if target.startswith("["):
-        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+        return target if "]:" in target else f"{target}:{SERVER_PORT}"
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(target).version == 6:
-            return f"[{target}]:{DEFAULT_PORT}"
-    return target if ":" in target else f"{target}:{DEFAULT_PORT}"  # HOST:PORT, or a scheme (dns:, ipv4:)
+            return f"[{target}]:{SERVER_PORT}"
+    return target if ":" in target else f"{target}:{SERVER_PORT}"  # HOST:PORT, or a scheme (dns:, ipv4:)
 
 
 def _connect(args: argparse.Namespace, timeout_s: float | None = None) -> ScreeningClient:

@@ -221,7 +221,7 @@ class ScreeningService:
         with self._lock:
             sessions = list(self._sessions)
         for session in sessions:
-            session.end(reason)
+            session.finish(ended_by=reason)
 
     def stop_accepting(self) -> None:
         with self._lock:

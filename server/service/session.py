@@ -211,25 +211,18 @@ class StreamSession:
         """The frame held as the best of the last interval, when the stream ends (submit lock held)."""
         return self._picker.release() if self._picker is not None else None
 
-    def finish(self) -> None:
-        """Analyse what is queued, then send the final result (idempotent)."""
+    def finish(self, ended_by: AcroscreenError | None = None) -> None:
+        """Analyse what is queued, then send the final result (idempotent). ``ended_by``: the server
+        ends the stream before its client closed it, and the call ends with that error after the
+        result; a stream already finishing (half-closed, or a limit met) ends as it was going to."""
         with self._submit_lock:  # not while the worker ends the stream for idling (it takes the held frame then)
             if not self._finishing.is_set():
                 self._finishing.set()
+                self.ended_by = ended_by
                 held = self._take_held()
                 if held is not None:
                     self._select(held, acknowledged=self.options.acknowledge_frames)
                 self._backlog.put(_END)
-
-    def end(self, reason: AcroscreenError) -> None:
-        """End the stream before its client closes it: what was received is analysed, the final
-        result sent, then the call ends with ``reason``. A stream already finishing (its client
-        half-closed, or a limit ended it) ends as it was going to."""
-        with self._submit_lock:
-            if self._finishing.is_set():
-                return
-            self.ended_by = reason
-        self.finish()
 
     def cancel(self) -> None:
         """The client went away: stop at once and free everything."""
@@ -299,8 +292,9 @@ class StreamSession:
                 if not self._submit_lock.acquire(blocking=False):
                     continue
                 try:
-                    if self._backlog.empty() and (self._idle() or self._expired()):
-                        if self._expired():  # the client is told, as when a frame arrives past the limit
+                    expired = self._expired()
+                    if self._backlog.empty() and (expired or self._idle()):
+                        if expired:  # the client is told, as when a frame arrives past the limit
                             self.ended_by = self._duration_limit()
                         self._finishing.set()
                         held = self._take_held()  # answered: analysed here, or SKIPPED by the cap
