@@ -459,12 +459,13 @@ _MODEL_READY = re.compile(r"model process ready \(metrics :(-?\d+)\)")
 def _read_ports(process: subprocess.Popen, workers: int, timeout_s: float) -> tuple[str, list[str], list[str]]:
     """The gRPC target, the workers' /metrics URLs and the model process's, as the started server
     prints them on stdout, once each of its `workers` has; an error naming what it printed if it ends
-    or `timeout_s` passes first."""
-    from .config import reachable_host
+    or `timeout_s` passes first. With several workers each process's own /metrics listens on the
+    loopback of the server's address family (the supervisor's sum is on --host)."""
+    from .config import loopback_of, reachable_host
 
     lines = _lines_of(process)
     printed: list[str] = []
-    target, metrics_urls, model_ports, serving = "", [], [], 0
+    target, metrics_urls, model_ports, serving, metrics_host = "", [], [], 0, ""
     deadline = time.monotonic() + timeout_s
     while serving < workers:  # each worker reports the shared port and a metrics port of its own
         try:
@@ -482,10 +483,10 @@ def _read_ports(process: subprocess.Popen, workers: int, timeout_s: float) -> tu
         elif match := _SERVING.search(line):
             host, port, metrics = reachable_host(match.group(1)), match.group(2), int(match.group(3))
             target, serving = f"{host}:{port}", serving + 1
+            metrics_host = reachable_host(loopback_of(match.group(1))) if workers > 1 else host
             if metrics >= 0:
-                metrics_urls.append(f"http://{host}:{metrics}/metrics")
-    host = target.rsplit(":", 1)[0]
-    return target, metrics_urls, [f"http://{host}:{port}/metrics" for port in model_ports]
+                metrics_urls.append(f"http://{metrics_host}:{metrics}/metrics")
+    return target, metrics_urls, [f"http://{metrics_host}:{port}/metrics" for port in model_ports]
 
 
 def _lines_of(process: subprocess.Popen) -> queue.Queue[str | None]:

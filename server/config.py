@@ -29,6 +29,7 @@ class Settings:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 or [::] in containers)")
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = _setting("", "address the /metrics HTTP server listens on (empty: the same as --host)")
     model: Path | None = _setting(None, "weights file (.safetensors); default: the shipped demo weights")
     allow_untrained: bool = _setting(False, "serve random weights when no weights file is available")
     device: str = _setting("cpu", "where the model runs: cpu or cuda")
@@ -155,6 +156,10 @@ class Settings:
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
 
+    def metrics_address(self) -> str:
+        """Where /metrics listens, as an HTTP server takes it."""
+        return http_address(self.metrics_host or self.host)
+
     def quality_thresholds(self) -> dict[str, float]:
         """The quality_* settings without their prefix: the fields of runtime.quality.QualitySettings."""
         prefix = "quality_"
@@ -164,6 +169,12 @@ class Settings:
 def http_address(host: str) -> str:
     """The listening host as an HTTP server takes it: an IPv6 literal without gRPC's brackets ([::] → ::)."""
     return host.strip("[]")
+
+
+def loopback_of(host: str) -> str:
+    """The loopback address of the family `host` is in: what a process's internal listeners bind,
+    so that only this machine reaches them."""
+    return "::1" if ":" in http_address(host) else "127.0.0.1"
 
 
 def reachable_host(host: str) -> str:
@@ -214,14 +225,17 @@ def parse_annotated(type_name: str, raw: str) -> Any:
     if kind == "float":
         return float(raw)
     if kind == "Path":
-        return Path(raw) if raw else None
+        if not raw.strip():
+            # An empty value is no file: reading it as "unset" would turn mutual TLS or the token
+            # check off without a word when a deployment's variable comes out empty.
+            raise ValueError("set but empty: name a file, or leave it unset")
+        return Path(raw)
     return raw
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     try:
         return parse_annotated(str(f.type), raw)
-    except ValueError:
-        raise ValueError(
-            f"{ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}: cannot read {raw!r} as {f.type}"
-        ) from None
+    except ValueError as error:
+        why = str(error) if not raw.strip() else f"cannot read {raw!r} as {f.type}"
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}: {why}") from None

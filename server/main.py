@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from . import logs
-from .config import Settings, http_address, reachable_host
+from .config import Settings, http_address, loopback_of, reachable_host
 from .errors import AcroscreenError, ConfigurationError, ModelError, NotReady
 from .metrics import Metrics, ProcessesSum
 from .runtime.card import ModelCard
@@ -79,7 +79,7 @@ def start(
     metrics_port = -1
     closers: list = []
     if settings.metrics_port >= 0:
-        httpd, _thread = start_http_server(settings.metrics_port, addr=http_address(settings.host), registry=metrics.registry)
+        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_address(), registry=metrics.registry)
         metrics_port = httpd.server_port
         closers.append(httpd.shutdown)
         closers.append(httpd.server_close)
@@ -348,7 +348,7 @@ def _serve_model(settings: Settings, links: list[ModelLink], ready: Connection) 
     metrics = Metrics()
     metrics_port = -1
     if settings.metrics_port >= 0:
-        httpd, _thread = start_http_server(settings.metrics_port, addr=http_address(settings.host), registry=metrics.registry)
+        httpd, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_address(), registry=metrics.registry)
         metrics_port = httpd.server_port
     try:
         served, batcher = _load_model(settings, metrics)
@@ -395,11 +395,13 @@ def _supervise(settings: Settings) -> int:
     ready_in, ready_out = multiprocessing.Pipe(duplex=False)
     reports_in, reports_out = multiprocessing.Pipe(duplex=False)  # workers → here: their metrics ports
     own_metrics = -1 if settings.metrics_port < 0 else 0  # each process on a port of its own; the sum here
+    # Each process's own /metrics is for the supervisor, on this machine's loopback, not wherever --host listens.
+    own_metrics_host = loopback_of(settings.metrics_address())
     # Scraped from the start, so a pod still loading shows acroscreen_model_ready 0 rather than no target.
     metrics = _MetricsSum(settings) if settings.metrics_port >= 0 else None
     listening = [metrics.socket] if metrics is not None else []  # the children leave it to this process
 
-    model_settings = dataclasses.replace(settings, metrics_port=own_metrics,
+    model_settings = dataclasses.replace(settings, metrics_port=own_metrics, metrics_host=own_metrics_host,
                                          torch_threads=settings.torch_threads or max(1, cores // 2))
     model_pid = _fork(lambda: _serve_model(model_settings, links, ready_out),
                       close=[ready_in, reports_in, reports_out, *listening,
@@ -418,7 +420,7 @@ def _supervise(settings: Settings) -> int:
     shared_fitter(_landmark_points(settings, served.card))
     run = WorkerIdentity.new_instance(settings.workers)
     for index in range(settings.workers):
-        worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics)
+        worker = dataclasses.replace(settings, port=port, metrics_port=own_metrics, metrics_host=own_metrics_host)
         others = [end for other in links if other is not links[index] for end in (*other.worker_ends, *other.model_ends)]
         remote = RemoteModel(links[index], served)
         identity = dataclasses.replace(run, index=index)
@@ -517,10 +519,10 @@ class _MetricsSum:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 — the stdlib's name
                 pass
 
-        listening = http_address(settings.host)
+        listening = settings.metrics_address()
         server_class = type("Server", (wsgiref.simple_server.WSGIServer,),
                             {"address_family": socket.AF_INET6 if ":" in listening else socket.AF_INET})
-        self._host = reachable_host(settings.host)
+        self._host = reachable_host(loopback_of(listening))  # where each process's own /metrics listens
         self._urls: list[str] = []
         registry = CollectorRegistry()
         registry.register(ProcessesSum(lambda: tuple(self._urls), expected=settings.workers + 1))

@@ -415,16 +415,21 @@ def test_a_port_another_server_listens_on_is_refused() -> None:
 
 def test_the_supervisor_serves_every_process_metrics_added_up(portrait_jpeg: bytes) -> None:
     """One scrape target with `--workers`: frames counted by the workers, batches by the model process.
-    On IPv6's loopback where the machine has one: an IPv6 literal in gRPC's brackets ([::1], [::])
-    made the metrics servers fail to start."""
+    On IPv6 where the machine has it: an IPv6 literal in gRPC's brackets ([::1], [::]) made the
+    metrics servers fail to start. Listening on every address, each process's own /metrics (for the
+    supervisor alone) is on the loopback: it was on every address too, unauthenticated."""
     from acroscreen.client import FrameData, ImageKind, ScreenOptions
 
-    host = "[::1]" if socket.has_ipv6 and _can_bind(socket.AF_INET6, "::1") else "127.0.0.1"
-    with socket.socket(socket.AF_INET6 if host == "[::1]" else socket.AF_INET) as probe:
+    ipv6 = socket.has_ipv6 and _can_bind(socket.AF_INET6, "::1")
+    wildcard, host = ("[::]", "[::1]") if ipv6 else ("0.0.0.0", "127.0.0.1")
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as probe:
         probe.bind((host.strip("[]"), 0))
         metrics_port = probe.getsockname()[1]
     env = {"ACROSCREEN_ALLOW_UNTRAINED": "1"}
-    with serving("--workers", "2", "--host", host, "--metrics-port", str(metrics_port), env=env) as (process, port, _):
+    flags = ("--workers", "2", "--host", wildcard, "--insecure", "--metrics-port", str(metrics_port))
+    with serving(*flags, env=env) as (process, port, own_metrics_port):
+        assert _listening_on(metrics_port) == ("::" if ipv6 else "0.0.0.0")
+        assert _listening_on(own_metrics_port) == ("::1" if ipv6 else "127.0.0.1")
         url = f"http://{host}:{metrics_port}/metrics"
         deadline = time.monotonic() + 60
         while _ready(url) != 1.0:  # 1 once both workers have reported
@@ -440,6 +445,19 @@ def test_the_supervisor_serves_every_process_metrics_added_up(portrait_jpeg: byt
         assert _metric(url, "acroscreen_active_streams") == 0.0
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def _listening_on(port: int) -> str:
+    """The address a TCP socket of this machine listens on at `port`, from /proc/net/tcp and tcp6."""
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # the kernel's words, each in host (little-endian) order
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                return socket.inet_ntop(family, packed)
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def _can_bind(family: socket.AddressFamily, address: str) -> bool:

@@ -72,12 +72,19 @@ def test_server_ports_are_read_whatever_the_host_and_without_metrics() -> None:
     process, _ = _printing("acroscreen model process ready (metrics :-1)\n"
                            "acroscreen serving on localhost:5001 (metrics :6001)\n"
                            "acroscreen serving on localhost:5001 (metrics :-1)\n")
-    assert bench._read_ports(process, 2, 10) == ("localhost:5001", ["http://localhost:6001/metrics"], [])
+    assert bench._read_ports(process, 2, 10) == ("localhost:5001", ["http://127.0.0.1:6001/metrics"], [])
     process, _ = _printing("acroscreen model process ready (metrics :7001)\n"
                            "acroscreen serving on ::1:5001 (metrics :6001)\n")
     assert bench._read_ports(process, 1, 10) == ("[::1]:5001", ["http://[::1]:6001/metrics"], ["http://[::1]:7001/metrics"])
     for host, reached in (("[::1]", "[::1]"), ("::", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("10.0.0.2", "10.0.0.2")):
         assert bench._read_ports(_printing(f"acroscreen serving on {host}:1 (metrics :2)\n")[0], 1, 10)[0] == f"{reached}:1"
+    # With several workers each process's own /metrics is on the loopback, whatever --host is.
+    process, _ = _printing("acroscreen model process ready (metrics :7001)\n"
+                           "acroscreen serving on 10.0.0.2:5001 (metrics :6001)\n"
+                           "acroscreen serving on 10.0.0.2:5001 (metrics :6002)\n")
+    assert bench._read_ports(process, 2, 10) == (
+        "10.0.0.2:5001", ["http://127.0.0.1:6001/metrics", "http://127.0.0.1:6002/metrics"], ["http://127.0.0.1:7001/metrics"]
+    )
 
 
 def test_several_servers_are_named_in_one_target_of_their_address_family() -> None:

@@ -57,6 +57,15 @@ def test_bad_values_name_the_variable() -> None:
         Settings.load({"ACROSCREEN_DEVICE": "tpu"})
 
 
+@pytest.mark.parametrize("name", ["ACROSCREEN_TLS_CLIENT_CA", "ACROSCREEN_AUTH_TOKENS_FILE", "ACROSCREEN_MODEL"])
+def test_an_empty_file_setting_is_refused_not_read_as_unset(name: str) -> None:
+    """A deployment whose variable comes out empty (a missing secret's path) silently served
+    without mutual TLS or without the token check: an empty path is now an error naming it."""
+    environ = {name: "", "ACROSCREEN_TLS_CERT": "server.pem", "ACROSCREEN_TLS_KEY": "server.key"}
+    with pytest.raises(ValueError, match=f"{name} / .*set but empty"):
+        Settings.load(environ)
+
+
 def test_every_setting_has_an_env_name() -> None:
     assert "ACROSCREEN_METRICS_PORT" in env_names()
     assert len(env_names()) == len(set(env_names()))
