@@ -5,7 +5,8 @@ chosen by status code (never by message text), with the RpcError as __cause__, a
     AcroscreenClientError
     ├── InvalidRequestError      INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION; also raised
     │                            before sending a ScreenImages request over the message limit
-    ├── ServerBusyError          RESOURCE_EXHAUSTED (retry_after_s from the server's pushback)
+    ├── ServerBusyError          RESOURCE_EXHAUSTED (retry_after_s from the server's pushback;
+    │                            None for a stream's own limit, which a retry meets again)
     ├── UnavailableError         UNAVAILABLE (server down, starting or draining; safe to retry)
     ├── DeadlineExceededError    DEADLINE_EXCEEDED
     ├── AuthenticationError      UNAUTHENTICATED, PERMISSION_DENIED
@@ -41,7 +42,8 @@ class InvalidRequestError(AcroscreenClientError):
 
 
 class ServerBusyError(AcroscreenClientError):
-    """A server limit was reached; retry after `retry_after_s`."""
+    """A server limit was reached; retry after `retry_after_s`, or, when it is None (a stream's
+    frame or duration limit), not with the same input."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message, code)

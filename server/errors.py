@@ -13,9 +13,10 @@ class InvalidRequest(AcroscreenError):
 
 
 class Overloaded(AcroscreenError):
-    """A limit was reached; the caller may retry later."""
+    """A limit was reached; the caller may retry after `retry_after_s` (None: the same request
+    would meet the same limit, so no retry hint is sent)."""
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import AcroscreenError, Overloaded
 from ..logs import in_this_call
-from ..metrics import Metrics
+from ..metrics import SKIPPED_AT_CAP, SKIPPED_BACKLOG_FULL, SKIPPED_FOR_INTERVAL, SKIPPED_STREAM_ENDED, Metrics
 from .aggregator import SubjectAggregator
 from .pipeline import FrameAnalyzer
 from .priority import lower_current_thread_priority
@@ -51,7 +51,11 @@ UNREAD_ANSWERS_HIGH_WATER = 4096
 
 
 class StreamLimitReached(Overloaded):
-    """A per-stream limit was reached: the stream is finished with its final result."""
+    """A per-stream limit was reached: the stream is finished with its final result. No retry
+    hint: the same video sent again meets the same limit (a live source opens a new stream)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +154,7 @@ class StreamSession:
         if offered.held and self.options.acknowledge_frames:
             self._events.put(FrameAck(index=frame.index, timestamp_us=frame.timestamp_us))
         if offered.passed_over is not None:
-            self._skip(offered.passed_over, "analysis_interval")
+            self._skip(offered.passed_over, SKIPPED_FOR_INTERVAL)
         if offered.released is not None:
             self._select(offered.released, acknowledged=self.options.acknowledge_frames)
 
@@ -161,7 +165,7 @@ class StreamSession:
         waits_for_room = self.options.analyze_every_frame or self.options.still_images
         if not waits_for_room and self._backlog.full():
             self._selected -= 1
-            self._skip(frame, "backlog_full")
+            self._skip(frame, SKIPPED_BACKLOG_FULL)
             return
         # The ack is queued before the frame: once queued, a frame may be answered at once (a
         # rejection) by the worker, and that answer must not overtake its ack.
@@ -172,7 +176,7 @@ class StreamSession:
     def _admit(self, frame: FrameInput) -> bool:
         """Count a frame against the stream's analysis cap; False (answered SKIPPED) once it is reached."""
         if self._cap_reached():
-            self._skip(frame, "max_analyzed_frames")
+            self._skip(frame, SKIPPED_AT_CAP)
             return False
         self._selected += 1
         return True
@@ -347,7 +351,7 @@ class StreamSession:
         """Received frames a cancelled stream will not answer: skipped as ``stream_ended``, so the
         server's counters still add up (received = analysed + rejected + skipped)."""
         if frames:
-            self._metrics.frames_skipped.labels(policy="stream_ended").inc(frames)
+            self._metrics.frames_skipped.labels(policy=SKIPPED_STREAM_ENDED).inc(frames)
 
     def _forget(self, future: Future) -> None:
         with self._outstanding_done:

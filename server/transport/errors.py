@@ -52,7 +52,7 @@ def status_code(error: AcroscreenError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     trailing = [(REQUEST_ID_KEY, request_id)] if (request_id := current_request_id()) else []
-    if isinstance(error, Overloaded):
+    if isinstance(error, Overloaded) and error.retry_after_s is not None:
         trailing.append((RETRY_PUSHBACK_KEY, str(int(error.retry_after_s * 1000))))
     context.set_trailing_metadata(tuple(trailing))
     if isinstance(error, AcroscreenError):

@@ -223,6 +223,7 @@ def test_frame_limit_ends_the_stream_with_its_final_result(
         final = caught.value.final_result
         assert isinstance(final, SubjectResult) and final.status == "final"
         assert final.frames_received == 3 and final.frames_analyzed == 3
+        assert caught.value.retry_after_s is None  # the same frames would meet the same limit: no retry hint
 
         # The CLI printed only the error and threw the result away: now the result, then the error.
         video = shared_data / "videos" / "retalking_face1.mp4"
