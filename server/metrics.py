@@ -12,6 +12,11 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Values of acroscreen_frames_skipped's `policy` label: why an acknowledged frame was not analysed.
+SKIPPED_FOR_INTERVAL = "analysis_interval"  # another frame of its analysis interval looked sharper
+SKIPPED_BACKLOG_FULL = "backlog_full"  # analysis was behind on a live stream
+SKIPPED_AT_CAP = "max_analyzed_frames"  # the stream's own cap on analysed frames was reached
+SKIPPED_STREAM_ENDED = "stream_ended"  # the stream was cancelled before the frame was analysed
 STAGES = ("preview", "scene_check", "decode", "detect", "landmarks", "quality", "face_analysis", "warp", "queue_wait", "infer", "end_to_end")
 
 

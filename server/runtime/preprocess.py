@@ -188,6 +188,7 @@ class FaceAnalysis:
     keyframe: bool = True  # False when the face was tracked rather than detected
     stage_seconds: tuple[tuple[str, float], ...] = ()  # detect / landmarks / warp / quality time, for metrics
     aligned: np.ndarray | None = field(default=None, repr=False, compare=False)  # the BGR crop quality was judged on
+    upside_down: bool = False  # rejected as a face on its head: explains a search better than "no face"
 
     @property
     def accepted(self) -> bool:
@@ -380,7 +381,7 @@ class FacePreprocessor:
             )
         if not verified:
             # Too few pixels to verify and to use, or a face on its head: say so rather than "no face".
-            explained = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL or a.detail == UPSIDE_DOWN]
+            explained = [a for a, _ in results if a.rejection is RejectReason.FACE_TOO_SMALL or a.upside_down]
             detail = "no face found" if not faces else f"{len(faces)} detector hit(s), none is a face when aligned"
             missed = explained[0] if explained else _rejected(RejectReason.NO_FACE, detail)
             if tracker is not None:
@@ -531,7 +532,10 @@ class FacePreprocessor:
             if evidence is None:
                 seen = self._hog.evidence(grey)
                 if seen.upside_down:  # not a face to analyse or follow: the fit sits on the wrong features
-                    return FaceAnalysis(detection, landmarks, pose, None, RejectReason.POSE, UPSIDE_DOWN, None, keyframe), -math.inf
+                    upside_down = FaceAnalysis(
+                        detection, landmarks, pose, None, RejectReason.POSE, UPSIDE_DOWN, None, keyframe, upside_down=True
+                    )
+                    return upside_down, -math.inf
                 evidence = seen.face
             quality, reason, detail = assess(
                 QualityInputs(

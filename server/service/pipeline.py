@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import INFERENCE_FAILED, AcroscreenError, ModelError, Overloaded
-from ..metrics import Metrics
+from ..metrics import SKIPPED_STREAM_ENDED, Metrics
 from ..runtime.decode import PREVIEW_SCALE, DecodeLimits, decode_preview_grey, decode_scaled
 from ..runtime.preprocess import FaceAnalysis, FacePreprocessor, scene_thumbnail
 from ..runtime.quality import preview_sharpness
@@ -136,7 +136,7 @@ class FrameAnalyzer:
         self, frame: FrameInput, aggregator: SubjectAggregator, analysis: FaceAnalysis, done: Future[Probabilities]
     ) -> FramePrediction:
         if done.cancelled():  # its stream ended (client gone, deadline): no one waits for it, and the model did not fail
-            self._metrics.frames_skipped.labels(policy="stream_ended").inc()
+            self._metrics.frames_skipped.labels(policy=SKIPPED_STREAM_ENDED).inc()
             return self._rejected(frame, aggregator, RejectReason.INFERENCE_FAILED, "cancelled", analysis, counted=False)
         error = done.exception()
         if isinstance(error, Overloaded):  # shed from the full inference queue
