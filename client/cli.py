@@ -241,11 +241,13 @@ def _screen(args: argparse.Namespace) -> int:
     capture = _WebcamCapture(args.max_frames)
     try:
         with _connect(args, args.timeout) as client:
-            frames = sources.frames(source, jpeg_quality=args.jpeg_quality, stop=capture.stop)
+            frames = sources.frames(
+                source, jpeg_quality=args.jpeg_quality, stop=capture.stop,
+                on_open=lambda: print(f"acroscreen: webcam {source.location}: Ctrl-C ends the capture and prints the result", file=sys.stderr),
+            )
             if source.kind == "images":  # one request if they fit, else a stream of still images
                 result = client.screen_photos(frames, options, on_event=progress.update)
             elif source.kind == "webcam":
-                print(f"acroscreen: webcam {source.location}: Ctrl-C ends the capture and prints the result", file=sys.stderr)
                 with capture.ended_by_ctrl_c():
                     result = client.screen(frames, options, on_event=capture.counting(progress.update))
             else:

@@ -7,7 +7,7 @@ Photo files already in JPEG or PNG are sent byte for byte, without re-encoding.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +50,15 @@ def describe(spec: str) -> Source:
     raise ValueError(f"unsupported file type {suffix!r}: use a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or JPEG/PNG")
 
 
-def frames(source: Source, jpeg_quality: int = 85, stop: threading.Event | None = None) -> Iterator[FrameData]:
-    """The source's frames; a webcam's until `stop` is set."""
+def frames(
+    source: Source, jpeg_quality: int = 85, stop: threading.Event | None = None, on_open: Callable[[], None] | None = None
+) -> Iterator[FrameData]:
+    """The source's frames; a webcam's until `stop` is set, calling `on_open` once its camera opened."""
     if source.kind == "video":
         return video_frames(Path(source.location), jpeg_quality)
     if source.kind == "images":
         return image_frames(Path(source.location))
-    return webcam_frames(int(source.location), jpeg_quality, stop=stop)
+    return webcam_frames(int(source.location), jpeg_quality, stop=stop, on_open=on_open)
 
 
 def image_paths(path: Path) -> list[Path]:
@@ -133,10 +135,12 @@ def video_frames(path: Path, jpeg_quality: int = 85) -> Iterator[FrameData]:
 
 
 def webcam_frames(
-    device: int, jpeg_quality: int = 85, max_frames: int = 0, stop: threading.Event | None = None
+    device: int, jpeg_quality: int = 85, max_frames: int = 0, stop: threading.Event | None = None,
+    on_open: Callable[[], None] | None = None,
 ) -> Iterator[FrameData]:
     """Captures until `stop` is set, the camera gives no more frames, or `max_frames` were
-    captured (0: no cap). OSError when the camera cannot be opened."""
+    captured (0: no cap). OSError when the camera cannot be opened; `on_open` is called once it
+    did (to tell the user how to end the capture only when there is one)."""
     import itertools
     import time
 
@@ -145,6 +149,8 @@ def webcam_frames(
     capture = cv2.VideoCapture(device)
     if not capture.isOpened():
         raise OSError(f"cannot open webcam {device}")
+    if on_open is not None:
+        on_open()
     started = time.monotonic()
     try:
         for index in range(max_frames) if max_frames else itertools.count():

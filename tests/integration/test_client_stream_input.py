@@ -106,3 +106,4 @@ def test_the_cli_says_which_webcam_it_cannot_open(server: RunningServer, capsys:
     err = capsys.readouterr().err
     assert "acroscreen: cannot open webcam 97" in err
     assert "UNKNOWN" not in err and "Traceback" not in err
+    assert "Ctrl-C" not in err  # how to end a capture is said only once there is one
