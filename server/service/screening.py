@@ -18,7 +18,7 @@ from .types import FrameInput, FramePrediction, ModelInfo, SessionOptions, Subje
 MAX_SUBJECT_ID_LENGTH = 128
 
 
-class _CallSlots:
+class CallSlots:
     """Calls of one kind under way, in all and per caller, capped at `limit` and `per_caller`
     (0: no per-caller cap); a refusal is Overloaded with the wait a client should retry after.
     Not locked itself: the service's lock guards it."""
@@ -70,11 +70,11 @@ class ScreeningService:
         self._model_info = model_info
         self._metrics = metrics
         self._limits = limits
-        self._stream_slots = _CallSlots(noun="streams", state="open", limit=max_streams,
+        self._stream_slots = CallSlots(noun="streams", state="open", limit=max_streams,
                                         per_caller=max_streams_per_principal, retry_after_s=2.0,
                                         caller_retry_after_s=5.0)
         # A ScreenImages call lasts seconds, not minutes like a stream: its refusals say retry sooner.
-        self._image_slots = _CallSlots(noun="ScreenImages calls", state="under way", limit=max_streams,
+        self._image_slots = CallSlots(noun="ScreenImages calls", state="under way", limit=max_streams,
                                        per_caller=max_streams_per_principal, retry_after_s=1.0,
                                        caller_retry_after_s=1.0)
         self._backlog = analysis_backlog

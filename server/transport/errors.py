@@ -10,6 +10,7 @@ interceptor, it also opens each call's request-id scope (`logs.request_scope`; f
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -71,26 +72,19 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        parse = _tolerant(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=parse,
-                response_serializer=handler.response_serializer,
+        streaming = handler.request_streaming
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if not handler.response_streaming:
+            wrapped, make = _wrap_unary(behaviour, request_streaming=streaming), (
+                grpc.stream_unary_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
             )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream, request_streaming=True),
-                request_deserializer=parse,
-                response_serializer=handler.response_serializer,
+        else:
+            wrap = _wrap_non_blocking if getattr(behaviour, "experimental_non_blocking", False) else _wrap_streaming
+            wrapped, make = wrap(behaviour, request_streaming=streaming), (
+                grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_stream_rpc_method_handler
             )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream, request_streaming=False),
-                request_deserializer=parse,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return make(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
+                    response_serializer=handler.response_serializer)
 
 
 class _Malformed:
@@ -126,11 +120,12 @@ def _checked(requests: Iterator[Any]) -> Iterator[Any]:
         yield _well_formed(request)
 
 
-def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+def _wrap_unary(behaviour: Callable[..., Any], *, request_streaming: bool) -> Callable[..., Any]:
+    @functools.wraps(behaviour)  # keeps gRPC's experimental_* attributes (a thread pool of its own)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         with request_scope(new_request_id()):
             try:
-                return behaviour(_well_formed(request), context)
+                return behaviour(_checked(request) if request_streaming else _well_formed(request), context)
             except Exception as error:  # noqa: BLE001 — every error is mapped here, once
                 if _is_abort(error):
                     raise
@@ -139,9 +134,23 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
     return wrapped
 
 
-def _wrap_streaming(
-    behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]], *, request_streaming: bool
-) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+def _wrap_non_blocking(behaviour: Callable[..., Any], *, request_streaming: bool) -> Callable[..., Any]:
+    """A behaviour that answers through gRPC's callback and returns at once (a health Watch)."""
+
+    @functools.wraps(behaviour)
+    def wrapped(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> None:
+        with request_scope(new_request_id()):
+            try:
+                behaviour(_checked(request) if request_streaming else _well_formed(request), context, send_response_callback)
+            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+                if _is_abort(error):
+                    raise
+                _abort(context, error)
+
+    return wrapped
+
+
+def _wrap_streaming(behaviour: Callable[..., Iterator[Any]], *, request_streaming: bool) -> Callable[..., Iterator[Any]]:
     def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from behaviour(_checked(request) if request_streaming else _well_formed(request), context)
@@ -150,6 +159,7 @@ def _wrap_streaming(
                 raise
             _abort(context, error)
 
+    @functools.wraps(behaviour)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         return request_scoped(new_request_id(), mapped(request, context))
 

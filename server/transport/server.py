@@ -20,6 +20,7 @@ from .auth import (
     server_credentials,
     warn_about_exposure,
 )
+from .admission import CallAdmission
 from .errors import ErrorMappingInterceptor
 from .servicer import ScreeningServicer
 from .workers import WorkerIdentity
@@ -27,11 +28,12 @@ from .workers import WorkerIdentity
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Screening"].full_name
+METHODS = tuple(method.name for method in pb.DESCRIPTOR.services_by_name["Screening"].methods)
 # Handler threads: the service admits up to --max-streams streams and as many ScreenImages calls
-# (refusing the rest at once), each holding one, and as many streams may wait for their options
-# (the servicer refuses more, and cancels a silent one); spare threads keep health checks, model
-# info and those refusals from queueing behind them.
-_CAPPED_CALL_KINDS = 3
+# (refusing the rest at once), each holding one, and as many calls of each method may wait for
+# their first message (admission refuses more, and cancels a silent one); spare threads keep model
+# info and those refusals from queueing behind them. Health and reflection have threads of their own.
+_CAPPED_CALL_KINDS = 2 + len(METHODS)
 _SPARE_THREADS = 8
 
 
@@ -51,21 +53,25 @@ class GrpcServer:
     """Starts NOT_SERVING; `attach()` plugs in the service and flips health to SERVING."""
 
     def __init__(self, settings: Settings, worker: WorkerIdentity) -> None:
-        self._servicer = ScreeningServicer(
-            worker, max_opening=settings.max_streams,
-            max_opening_per_caller=settings.max_streams_per_token or settings.max_streams,
+        self._servicer = ScreeningServicer(worker)
+        self._admission = CallAdmission(
+            main_service=SERVICE_NAME, main_methods=METHODS, max_waiting=settings.max_streams,
+            max_waiting_per_caller=settings.max_streams_per_token or settings.max_streams,
+            large_requests=frozenset({f"/{SERVICE_NAME}/ScreenImages"}),
         )
         self._health = health.HealthServicer()
         credentials = server_credentials(settings)
-        # The error mapping is outermost, so it also maps what the authentication refuses.
+        # The error mapping is outermost, so it also maps what the authentication refuses; admission
+        # is innermost, so a refused caller is refused before its request is awaited or read.
         interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor()]
         tokens = load_tokens(settings)
         if settings.max_streams_per_token and not tokens:  # callers claim unchecked tokens: a fresh one, a fresh quota
             raise ConfigurationError("max_streams_per_token is a quota per bearer token: it needs tokens to check")
         if tokens:
             interceptors.append(TokenAuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth))
+        interceptors.append(self._admission)
         # No maximum_concurrent_rpcs: it would refuse health checks too (a flood of calls would fail the
-        # liveness probe); the service caps streams and ScreenImages calls itself, with retry pushback.
+        # liveness probe); admission and the service cap calls themselves, with retry pushback.
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=settings.max_streams * _CAPPED_CALL_KINDS + _SPARE_THREADS),
             interceptors=interceptors,
@@ -109,6 +115,7 @@ class GrpcServer:
 
     def stop(self, grace_s: float) -> None:
         self._server.stop(grace_s).wait()
+        self._admission.stop()
 
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ import grpc
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 
-from ..errors import AcroscreenError, InvalidRequest, NotReady, Overloaded
+from ..errors import AcroscreenError, InvalidRequest, NotReady
 from ..logs import current_request_id, in_this_call, subject_hash
 from ..service.screening import ScreeningService, check_image_count
 from ..service.session import StreamSession
@@ -23,28 +22,14 @@ from .workers import WorkerIdentity
 
 log = logging.getLogger(__name__)
 
-# A stream's first message (its options) comes at once from a working client; a call that sends
-# nothing holds a server thread without a stream slot, so it is cancelled after this long.
-OPTIONS_WAIT_S = 10.0
-
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
-    """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded).
+    """Answers UNAVAILABLE until `attach()` hands it the service (the model is loaded). Calls reach it
+    once their first message came (transport.admission)."""
 
-    max_opening: streams that may wait for their options at once (each holds a server thread
-    before the service admits it), and max_opening_per_caller of them one caller's (its token):
-    more are refused at once, so silent calls cannot take every thread and starve health checks,
-    nor one caller's take the others' turn.
-    """
-
-    def __init__(self, worker: WorkerIdentity, *, max_opening: int, max_opening_per_caller: int) -> None:
+    def __init__(self, worker: WorkerIdentity) -> None:
         self._worker = worker
         self._attached: ScreeningService | None = None
-        self._max_opening = max_opening
-        self._max_opening_per_caller = max_opening_per_caller
-        self._opening: collections.Counter[str] = collections.Counter()
-        self._opening_lock = threading.Lock()
-        self._options_wait_s = OPTIONS_WAIT_S
 
     def attach(self, service: ScreeningService) -> None:
         self._attached = service
@@ -59,7 +44,9 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ScreenResponse]:
         principal = principal_of(context.invocation_metadata())
-        first = self._options_message(request_iterator, context, principal)
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidRequest("empty stream: the first message must carry options")
         options = convert.first_options(first)
         # The session's worker thread starts in a copy of this context, so its log lines name the call.
         session = self._service.open_stream(options, principal)
@@ -67,33 +54,6 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             yield from self._screen(request_iterator, context, session, principal)
         finally:
             session.close()  # a call that ended before its answers were read gives its slot back too
-
-    def _options_message(
-        self, requests: Iterator[pb.ScreenRequest], context: grpc.ServicerContext, principal: str
-    ) -> pb.ScreenRequest:
-        """The stream's first message; a call that does not send it within options_wait_s is cancelled."""
-        with self._opening_lock:
-            if self._opening.total() >= self._max_opening:
-                raise Overloaded(f"{self._max_opening} streams are already waiting to send their options")
-            if self._opening[principal] >= self._max_opening_per_caller:
-                raise Overloaded(f"{self._max_opening_per_caller} of this caller's streams are already waiting to send their options")
-            self._opening[principal] += 1
-        silent = threading.Timer(self._options_wait_s, context.cancel)
-        silent.daemon = True
-        silent.start()
-        try:
-            first = next(requests, None)
-        finally:
-            silent.cancel()
-            with self._opening_lock:
-                self._opening[principal] -= 1
-                if not self._opening[principal]:
-                    del self._opening[principal]
-        if first is None:
-            if not context.is_active():
-                log.info("stream cancelled: no options within %.0f s", self._options_wait_s)
-            raise InvalidRequest("empty stream: the first message must carry options")
-        return first
 
     def _screen(
         self, request_iterator: Iterator[pb.ScreenRequest], context: grpc.ServicerContext, session: StreamSession,

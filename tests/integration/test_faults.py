@@ -29,7 +29,7 @@ from acroscreen.client.errors import ServerBusyError, UnavailableError
 from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
-from acroscreen.server.transport import servicer as servicer_module
+from acroscreen.server.transport import admission
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -673,8 +673,8 @@ def test_streams_that_never_send_their_options_cannot_take_every_server_thread(m
     took every thread of a 32-stream server, and health checks and model info timed out. Now at most
     --max-streams calls wait for their options (more are refused at once), and one silent for
     OPTIONS_WAIT_S is cancelled."""
-    monkeypatch.setattr(servicer_module, "OPTIONS_WAIT_S", 2.0)
-    running = start_server(metrics_port=-1, max_streams=2)  # 3 x 2 + 8 handler threads
+    monkeypatch.setattr(admission, "FIRST_MESSAGE_WAIT_S", 2.0)
+    running = start_server(metrics_port=-1, max_streams=2)  # 5 x 2 + 8 handler threads
     release = threading.Event()
 
     channel, stub = _stub(running)
@@ -700,7 +700,7 @@ def test_streams_that_never_send_their_options_cannot_take_every_server_thread(m
 def test_one_callers_silent_streams_do_not_take_another_callers_turn(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
     """With a per-token quota, one token's streams that never sent options took every waiting place
     (--max-streams) and another token, holding no stream, was refused."""
-    monkeypatch.setattr(servicer_module, "OPTIONS_WAIT_S", 2.0)
+    monkeypatch.setattr(admission, "FIRST_MESSAGE_WAIT_S", 2.0)
     first, second = "silent-caller-token-0123456789", "other-caller-token-0123456789a"
     running = start_server(metrics_port=-1, max_streams=4, auth_tokens=f"{first},{second}", max_streams_per_token=1)
     release = threading.Event()

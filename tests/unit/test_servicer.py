@@ -63,7 +63,7 @@ def test_a_stream_cancelled_before_its_first_answer_gives_its_slot_back(caplog: 
     service = ScreeningService(analyzer=analyzer, model_info=info, metrics=metrics, max_streams=2,
                                max_streams_per_principal=0, limits=StreamLimits(), analysis_backlog=2,
                                update_every_frames=10, min_frames_for_score=1)
-    servicer = ScreeningServicer(WorkerIdentity.new_instance(), max_opening=2, max_opening_per_caller=2)
+    servicer = ScreeningServicer(WorkerIdentity.new_instance())
     servicer.attach(service)
     screen_stream = ErrorMappingInterceptor().intercept_service(
         lambda details: grpc.stream_stream_rpc_method_handler(servicer.ScreenStream), None).stream_stream

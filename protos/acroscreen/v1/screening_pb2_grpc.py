@@ -65,7 +65,9 @@ class ScreeningServicer:
         the FINAL subject result. A stream that does not start with options, or
         that sends options twice, ends with INVALID_ARGUMENT; one that sends no
         options within 10 s is cancelled, and while --max-streams calls wait for
-        their options, more are refused with RESOURCE_EXHAUSTED.
+        their options, more are refused with RESOURCE_EXHAUSTED. (The same holds
+        for every method's request: ScreenImages' within 60 s, GetModelInfo's
+        within 10 s, each method's waiting calls capped at --max-streams.)
         The server sends its initial metadata (`x-request-id`) once it has
         accepted the stream; a refusal (UNAVAILABLE while starting or draining,
         RESOURCE_EXHAUSTED, UNAUTHENTICATED, INVALID_ARGUMENT options) comes
