@@ -39,6 +39,7 @@ import grpc
 from ..errors import Cancelled, InvalidRequest
 from ..service.screening import CallSlots
 from .auth import principal_of
+from .handlers import HandlerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ SIDE_MESSAGE_WAIT_S = 2.0
 REFLECTION_STREAMS = 4
 
 
-class CallAdmission(grpc.ServerInterceptor):
+class CallAdmission(HandlerInterceptor):
     """The innermost interceptor: what it returns is always request-streaming, so the outer ones
     (errors, authentication) refuse a call without waiting for or reading its request."""
 
@@ -73,14 +74,9 @@ class CallAdmission(grpc.ServerInterceptor):
     def stop(self) -> None:
         self._side_threads.shutdown(wait=False, cancel_futures=True)
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        caller = principal_of(handler_call_details.invocation_metadata)
+    def handler_for(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        caller = principal_of(details.invocation_metadata)
         if method.startswith(self._main_prefix):
             wait_s = LARGE_REQUEST_WAIT_S if method in self._large_requests else FIRST_MESSAGE_WAIT_S
             slots = self._waiting[method.removeprefix(self._main_prefix)]

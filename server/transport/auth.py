@@ -12,7 +12,7 @@ import hmac
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from grpc_health.v1 import health
 
 from ..config import Settings
 from ..errors import ConfigurationError, Unauthenticated
+from .handlers import HandlerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def principal_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(HandlerInterceptor):
     def __init__(self, tokens: Sequence[str], *, health_requires_auth: bool) -> None:
         self._tokens = tuple(token.encode() for token in tokens)
         exempt = set(_REFLECTION_SERVICES) if not health_requires_auth else set()
@@ -78,14 +79,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             matched |= hmac.compare_digest(given, accepted)
         return matched
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        service = handler_call_details.method.split("/")[1] if handler_call_details.method.count("/") >= 2 else ""
-        handler = continuation(handler_call_details)
-        if handler is None or service in self._exempt:
-            return handler
-        if self._valid(bearer_token(handler_call_details.invocation_metadata)):
+    def handler_for(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
+        if service in self._exempt or self._valid(bearer_token(details.invocation_metadata)):
             return handler
         return _refusing(handler)
 

@@ -27,6 +27,7 @@ from ..errors import (
     Unauthenticated,
 )
 from ..logs import current_request_id, new_request_id, request_scope, request_scoped
+from .handlers import HandlerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,8 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+class ErrorMappingInterceptor(HandlerInterceptor):
+    def handler_for(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         streaming = handler.request_streaming
         behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         if not handler.response_streaming:
