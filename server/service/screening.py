@@ -32,14 +32,18 @@ class CallSlots:
         self.count = 0
 
     def take(self, principal: str) -> None:
+        self.check(principal)
+        self.count += 1
+        self._callers[principal] += 1
+
+    def check(self, principal: str) -> None:
+        """Overloaded if `take(principal)` would be refused now."""
         if self.count >= self._limit:
             raise Overloaded(f"{self._limit} {self._noun} are {self._state}; try again later",
                              retry_after_s=self._retry_after_s)
         if self._per_caller and self._callers[principal] >= self._per_caller:
             raise Overloaded(f"this caller already has {self._per_caller} {self._noun} {self._state}",
                              retry_after_s=self._caller_retry_after_s)
-        self.count += 1
-        self._callers[principal] += 1
 
     def give_back(self, principal: str) -> None:
         self.count -= 1

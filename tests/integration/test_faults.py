@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 from acroscreen.client import (
-    Credentials,
     FrameData,
     FrameResult,
     ImageKind,
@@ -29,7 +28,6 @@ from acroscreen.client.errors import ServerBusyError, UnavailableError
 from acroscreen.server.errors import INFERENCE_FAILED
 from acroscreen.server.main import RunningServer
 from acroscreen.server.service import pipeline
-from acroscreen.server.transport import admission
 from acroscreen.v1 import screening_pb2 as pb
 from acroscreen.v1 import screening_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -649,75 +647,6 @@ def test_a_stream_that_half_closed_before_the_grace_ran_out_ends_as_usual(monkey
         stream.join(30)
     (result,) = outcome
     assert isinstance(result, SubjectResult) and result.status == "final" and result.frames_analyzed == 3, result
-
-
-def _silent(release: threading.Event) -> Iterator[pb.ScreenRequest]:
-    """A stream call that sends nothing, not even its options, until released (at most 30 s)."""
-    release.wait(30)
-    return
-    yield
-
-
-def _end_codes(calls: list) -> list[grpc.StatusCode]:
-    """The status each call ended with (every one must fail)."""
-    codes = []
-    for call in calls:
-        with pytest.raises(grpc.RpcError) as ended:
-            list(call)
-        codes.append(ended.value.code())
-    return codes
-
-
-def test_streams_that_never_send_their_options_cannot_take_every_server_thread(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
-    """A stream call holds a server thread before its options admit it: 80 calls that sent nothing
-    took every thread of a 32-stream server, and health checks and model info timed out. Now at most
-    --max-streams calls wait for their options (more are refused at once), and one silent for
-    OPTIONS_WAIT_S is cancelled."""
-    monkeypatch.setattr(admission, "FIRST_MESSAGE_WAIT_S", 2.0)
-    running = start_server(metrics_port=-1, max_streams=2)  # 5 x 2 + 8 handler threads
-    release = threading.Event()
-
-    channel, stub = _stub(running)
-    try:
-        with channel:
-            calls = [stub.ScreenStream(_silent(release), timeout=30) for _ in range(20)]
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(5):
-                assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
-                assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=2).model.name
-            started = time.monotonic()
-            codes = _end_codes(calls)
-            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18, codes  # refused at once
-            assert codes.count(grpc.StatusCode.CANCELLED) == 2, codes  # the two waiting ones, after 2 s
-            assert time.monotonic() - started < 10
-        release.set()
-        assert _reference_run(running, portrait_bgr).frames_analyzed == 3  # and streams go on
-    finally:
-        release.set()
-        running.stop(grace_s=1.0)
-
-
-def test_one_callers_silent_streams_do_not_take_another_callers_turn(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
-    """With a per-token quota, one token's streams that never sent options took every waiting place
-    (--max-streams) and another token, holding no stream, was refused."""
-    monkeypatch.setattr(admission, "FIRST_MESSAGE_WAIT_S", 2.0)
-    first, second = "silent-caller-token-0123456789", "other-caller-token-0123456789a"
-    running = start_server(metrics_port=-1, max_streams=4, auth_tokens=f"{first},{second}", max_streams_per_token=1)
-    release = threading.Event()
-
-    channel, stub = _stub(running)
-    try:
-        with channel:
-            calls = [stub.ScreenStream(_silent(release), timeout=30, metadata=(("authorization", f"Bearer {first}"),))
-                     for _ in range(4)]
-            frames = [FrameData(jpeg_bytes(portrait_bgr), ImageKind.JPEG, index=i) for i in range(3)]
-            with ScreeningClient(f"127.0.0.1:{running.port}", timeout_s=60, credentials=Credentials(token=second)) as other:
-                assert other.screen(frames, ScreenOptions(analyze_every_frame=True)).frames_analyzed == 3
-            codes = _end_codes(calls)
-            assert sorted(code.name for code in codes) == ["CANCELLED"] + ["RESOURCE_EXHAUSTED"] * 3, codes
-    finally:
-        release.set()
-        running.stop(grace_s=1.0)
 
 
 def test_a_flood_of_calls_beyond_the_call_limit_is_refused_at_once(monkeypatch: pytest.MonkeyPatch, portrait_bgr) -> None:
