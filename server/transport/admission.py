@@ -300,7 +300,8 @@ def _request_streaming(
         @functools.wraps(inner)
         def non_blocking(requests: Iterator[Any], context: grpc.ServicerContext, send_response_callback: Any) -> None:
             def send_later(response: Any) -> None:  # called under grpc_health's lock: never wait there
-                sender.submit(send_response_callback, response)
+                with contextlib.suppress(RuntimeError):  # the sender is shut down: the server stopped, the call with it
+                    sender.submit(send_response_callback, response)
 
             with admit.for_the_call(context):
                 inner(admit.argument(handler, requests, context), context, send_later)
