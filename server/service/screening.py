@@ -21,7 +21,7 @@ MAX_SUBJECT_ID_LENGTH = 128
 class CallSlots:
     """Calls of one kind under way, in all and per caller, capped at `limit` and `per_caller`
     (0: no per-caller cap); a refusal is Overloaded with the wait a client should retry after.
-    Not locked itself: the service's lock guards it."""
+    Not locked itself: its owner's lock guards it (the service's; admission's in the transport)."""
 
     def __init__(self, *, noun: str, state: str, limit: int, per_caller: int, retry_after_s: float,
                  caller_retry_after_s: float) -> None:

@@ -47,7 +47,7 @@ import grpc
 from ..errors import Cancelled, InvalidRequest, Overloaded
 from ..service.screening import CallSlots
 from .auth import principal_of
-from .handlers import HandlerInterceptor
+from .handlers import HandlerInterceptor, behaviour_of, with_behaviour
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,18 @@ class _Admit:
         self._caller_of, self.grace_s, self.wait_s = caller_of, grace_s, wait_s
 
     def place_silent(self, caller: str) -> None:
-        with self._lock:
-            self._silent.take(caller)  # Overloaded when every place is taken
+        self._take(self._silent, caller)
 
     def release_silent(self, caller: str) -> None:
+        self._give_back(self._silent, caller)
+
+    def _take(self, slots: CallSlots, caller: str) -> None:
         with self._lock:
-            self._silent.give_back(caller)
+            slots.take(caller)  # Overloaded when every place is taken
+
+    def _give_back(self, slots: CallSlots, caller: str) -> None:
+        with self._lock:
+            slots.give_back(caller)
 
     @contextlib.contextmanager
     def for_the_call(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -142,13 +148,11 @@ class _Admit:
             yield
             return
         caller = self._caller_of(context)
-        with self._lock:
-            self._held.take(caller)  # Overloaded when full
+        self._take(self._held, caller)
         try:
             yield
         finally:
-            with self._lock:
-                self._held.give_back(caller)
+            self._give_back(self._held, caller)
 
     def argument(self, handler: grpc.RpcMethodHandler, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """What the inner behaviour takes: its one request, or the requests again from the first."""
@@ -284,21 +288,18 @@ def _request_streaming(
     handler: grpc.RpcMethodHandler, admit: _Admit, pool: ThreadPoolExecutor | None, sender: ThreadPoolExecutor | None
 ) -> grpc.RpcMethodHandler:
     """The same method served request-streaming, its first message awaited under `admit`."""
-    serializers = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    inner = behaviour_of(handler)
     if not handler.response_streaming:
-        inner = handler.unary_unary or handler.stream_unary
 
         @functools.wraps(inner)
-        def unary_response(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        def behaviour(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             with admit.for_the_call(context):
                 return inner(admit.argument(handler, requests, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(_on(pool, unary_response), **serializers)
-    inner = handler.unary_stream or handler.stream_stream
-    if sender is not None and getattr(inner, "experimental_non_blocking", False):  # a health Watch
+    elif sender is not None and getattr(inner, "experimental_non_blocking", False):  # a health Watch
 
         @functools.wraps(inner)
-        def non_blocking(requests: Iterator[Any], context: grpc.ServicerContext, send_response_callback: Any) -> None:
+        def behaviour(requests: Iterator[Any], context: grpc.ServicerContext, send_response_callback: Any) -> None:
             def send_later(response: Any) -> None:  # called under grpc_health's lock: never wait there
                 with contextlib.suppress(RuntimeError):  # the sender is shut down: the server stopped, the call with it
                     sender.submit(send_response_callback, response)
@@ -306,15 +307,16 @@ def _request_streaming(
             with admit.for_the_call(context):
                 inner(admit.argument(handler, requests, context), context, send_later)
 
-        non_blocking.experimental_non_blocking = True  # gRPC then passes the callback, and holds no thread
-        return grpc.stream_stream_rpc_method_handler(_on(pool, non_blocking), **serializers)
+        behaviour.experimental_non_blocking = True  # gRPC then passes the callback, and holds no thread
+    else:
 
-    @functools.wraps(inner)
-    def streaming_response(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        with admit.for_the_call(context):
-            yield from inner(admit.argument(handler, requests, context), context)
+        @functools.wraps(inner)
+        def behaviour(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            with admit.for_the_call(context):
+                yield from inner(admit.argument(handler, requests, context), context)
 
-    return grpc.stream_stream_rpc_method_handler(_on(pool, streaming_response), **serializers)
+    return with_behaviour(handler, _on(pool, behaviour), request_deserializer=handler.request_deserializer,
+                          request_streaming=True)
 
 
 def _on(pool: ThreadPoolExecutor | None, behaviour: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health
 
 from ..config import Settings
 from ..errors import ConfigurationError, Unauthenticated
-from .handlers import HandlerInterceptor
+from .handlers import HandlerInterceptor, with_behaviour
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,8 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
         raise Unauthenticated("missing or invalid bearer token")  # mapped to a status in transport/errors.py
 
-    serializers = {
-        "request_deserializer": _discard,  # a refused caller's bytes are not worth parsing (up to 32 MiB)
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse, **serializers)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serializers)
-    return grpc.stream_stream_rpc_method_handler(refuse, **serializers)
+    # A refused caller's bytes are not worth parsing (up to 32 MiB).
+    return with_behaviour(handler, refuse, request_deserializer=_discard)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

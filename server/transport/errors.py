@@ -10,6 +10,7 @@ interceptor, it also opens each call's request-id scope (`logs.request_scope`; f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from ..errors import (
     Unauthenticated,
 )
 from ..logs import current_request_id, new_request_id, request_scope, request_scoped
-from .handlers import HandlerInterceptor
+from .handlers import HandlerInterceptor, behaviour_of, with_behaviour
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +69,15 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
 
 class ErrorMappingInterceptor(HandlerInterceptor):
     def handler_for(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        streaming = handler.request_streaming
-        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        behaviour = behaviour_of(handler)
         if not handler.response_streaming:
-            wrapped, make = _wrap_unary(behaviour, request_streaming=streaming), (
-                grpc.stream_unary_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
-            )
+            wrap = _wrap_unary
+        elif getattr(behaviour, "experimental_non_blocking", False):
+            wrap = _wrap_non_blocking
         else:
-            wrap = _wrap_non_blocking if getattr(behaviour, "experimental_non_blocking", False) else _wrap_streaming
-            wrapped, make = wrap(behaviour, request_streaming=streaming), (
-                grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_stream_rpc_method_handler
-            )
-        return make(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+            wrap = _wrap_streaming
+        wrapped = wrap(behaviour, request_streaming=handler.request_streaming)
+        return with_behaviour(handler, wrapped, request_deserializer=_tolerant(handler.request_deserializer))
 
 
 class _Malformed:
@@ -116,16 +113,25 @@ def _checked(requests: Iterator[Any]) -> Iterator[Any]:
         yield _well_formed(request)
 
 
+def _argument(request: Any, *, request_streaming: bool) -> Any:
+    return _checked(request) if request_streaming else _well_formed(request)
+
+
+@contextlib.contextmanager
+def _errors_mapped(context: grpc.ServicerContext) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 — every error is mapped here, once
+        if _is_abort(error):
+            raise
+        _abort(context, error)
+
+
 def _wrap_unary(behaviour: Callable[..., Any], *, request_streaming: bool) -> Callable[..., Any]:
     @functools.wraps(behaviour)  # keeps gRPC's experimental_* attributes (a thread pool of its own)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-        with request_scope(new_request_id()):
-            try:
-                return behaviour(_checked(request) if request_streaming else _well_formed(request), context)
-            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-                if _is_abort(error):
-                    raise
-                _abort(context, error)
+        with request_scope(new_request_id()), _errors_mapped(context):
+            return behaviour(_argument(request, request_streaming=request_streaming), context)
 
     return wrapped
 
@@ -135,25 +141,16 @@ def _wrap_non_blocking(behaviour: Callable[..., Any], *, request_streaming: bool
 
     @functools.wraps(behaviour)
     def wrapped(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> None:
-        with request_scope(new_request_id()):
-            try:
-                behaviour(_checked(request) if request_streaming else _well_formed(request), context, send_response_callback)
-            except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-                if _is_abort(error):
-                    raise
-                _abort(context, error)
+        with request_scope(new_request_id()), _errors_mapped(context):
+            behaviour(_argument(request, request_streaming=request_streaming), context, send_response_callback)
 
     return wrapped
 
 
 def _wrap_streaming(behaviour: Callable[..., Iterator[Any]], *, request_streaming: bool) -> Callable[..., Iterator[Any]]:
     def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behaviour(_checked(request) if request_streaming else _well_formed(request), context)
-        except Exception as error:  # noqa: BLE001 — every error is mapped here, once
-            if _is_abort(error):
-                raise
-            _abort(context, error)
+        with _errors_mapped(context):
+            yield from behaviour(_argument(request, request_streaming=request_streaming), context)
 
     @functools.wraps(behaviour)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

@@ -1,4 +1,5 @@
-"""The base of the server's interceptors: each replaces a method's handler by one of its own."""
+"""The base of the server's interceptors, each replacing a method's handler by one of its own, and
+the one way they build the replacement."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+# gRPC's handler factories, by (request streaming, response streaming).
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 class HandlerInterceptor(grpc.ServerInterceptor):
@@ -19,3 +28,18 @@ class HandlerInterceptor(grpc.ServerInterceptor):
 
     def handler_for(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         raise NotImplementedError
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def with_behaviour(
+    handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any], *,
+    request_deserializer: Callable[[bytes], Any] | None, request_streaming: bool | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler` doing `behaviour` instead, its requests read by `request_deserializer` (and as a
+    stream when `request_streaming` says so); its responses as before."""
+    streaming = handler.request_streaming if request_streaming is None else request_streaming
+    make = _FACTORIES[(streaming, handler.response_streaming)]
+    return make(behaviour, request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
